@@ -1,0 +1,174 @@
+"""The ``scnym`` command line: one thin function per subcommand -> Config -> a workflow.
+
+Options are generated from the :class:`~scnym_cli.config.Config` fields, so every config key
+is also a flag with the same name (scNym's spelling, e.g. ``--n_epochs``). Values are parsed
+by the config layer, which is what makes ``--balance_classes False`` mean false.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from . import __version__
+from .config import (ALL_COMMANDS, CONFIG_KEYS, Config, describe, keys_for, load_config, render_key_value)
+from .errors import ScnymError
+
+log = logging.getLogger("scnym_cli")
+
+app = typer.Typer(
+    name="scnym",
+    help="Cell identity classification for single-cell RNA-seq: train on a labeled reference, "
+         "transfer labels to new experiments.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def setup_logging(quiet: bool) -> None:
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    root = logging.getLogger("scnym_cli")
+    root.handlers.clear()
+    handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=True, markup=False)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.propagate = False
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _run(command: str, config_files: Optional[List[Path]], quiet: bool, flags: dict,
+         workflow: Callable[[Config], object]) -> None:
+    setup_logging(quiet)
+    try:
+        config = load_config(command, config_files or [], flags)
+        workflow(config)
+    except ScnymError as e:
+        _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted; no outputs were written", 130)
+
+
+def _options_signature(command: str) -> inspect.Signature:
+    """Keyword-only Typer options: -c/--config, --quiet, then every config key of ``command``."""
+    K = inspect.Parameter.KEYWORD_ONLY
+    parameters = [
+        inspect.Parameter("config", K, annotation=Optional[List[Path]], default=typer.Option(
+            None, "-c", "--config", help="Config file(s): key: value lines, YAML or JSON; later ones win, "
+                                         "flags win over files.", show_default=False)),
+        inspect.Parameter("quiet", K, annotation=bool, default=typer.Option(
+            False, "--quiet", "-q", help="Only warnings and errors.")),
+    ]
+    for key in keys_for(command):
+        info = describe(key)
+        default = "none" if info["default"] is None else str(info["default"])
+        choices = f" [{'|'.join(info['choices'])}]" if info["choices"] else ""
+        parameters.append(inspect.Parameter(key, K, annotation=Optional[str], default=typer.Option(
+            None, f"--{key}", help=f"{info['help']}{choices} (default: {default})", show_default=False,
+            metavar=info["type"].upper().replace(" | NONE", ""), rich_help_panel=info["section"])))
+    return inspect.Signature(parameters)
+
+
+def _register(command: str, help_text: str, workflow: Optional[Callable[[Config], object]]) -> None:
+    def run(**options) -> None:
+        config_files, quiet = options.pop("config"), options.pop("quiet")
+        if workflow is None:
+            _fail(f"{command} is not available yet in scnym {__version__}; use train_tissue_independent "
+                  "and predict_cell_types")
+        _run(command, config_files, quiet, options, workflow)
+
+    signature = _options_signature(command)
+    run.__signature__ = signature
+    run.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+    run.__doc__ = help_text
+    app.command(command, help=help_text)(run)
+
+
+def _train_independent(config: Config) -> None:
+    from .workflows.train import train_tissue_independent
+
+    train_tissue_independent(config)
+
+
+def _predict(config: Config) -> None:
+    from .workflows.predict import predict_cell_types
+
+    predict_cell_types(config)
+
+
+_register("train_tissue_independent",
+          "Train one classifier on all cells (stratified k-fold cross-validation plus a final all_data model).",
+          _train_independent)
+_register("train_tissue_dependent",
+          "Train one classifier conditioned on the upper group (tissue one-hot appended to the input).", None)
+_register("train_tissue_specific",
+          "Train one cross-validated classifier per upper group (tissue) under tissues/<group>/.", None)
+_register("predict_cell_types",
+          "Predict cell types of new data with a trained model (any input format; genes aligned to the model).",
+          _predict)
+_register("find_cell_type_markers",
+          "Find the genes that drive each class: input optimization and expected-gradient attributions.", None)
+
+
+@app.command("print_config")
+def print_config(
+    config: Optional[List[Path]] = typer.Option(None, "-c", "--config", help="Config file(s) to merge."),
+    command: Optional[str] = typer.Option(None, "--command", help=f"Only keys of this command: "
+                                                                  f"{', '.join(sorted(ALL_COMMANDS))}."),
+    json_output: bool = typer.Option(False, "--json", help="JSON instead of key: value lines."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="KEY=VALUE overrides, like command-line flags."),
+) -> None:
+    """Print the effective config (defaults < files < --set): a starting point for a config file."""
+    import json
+
+    setup_logging(quiet=True)
+    try:
+        if command is not None and command not in ALL_COMMANDS:
+            raise ScnymError(f"--command {command!r} is not one of {', '.join(sorted(ALL_COMMANDS))}")
+        flags = {}
+        for item in set_ or []:
+            if "=" not in item:
+                raise ScnymError(f"--set {item!r} must look like KEY=VALUE")
+            key, value = item.split("=", 1)
+            flags[key.strip()] = value
+        effective = load_config(None, config or [], flags)
+        keys = keys_for(command) if command else list(CONFIG_KEYS)
+        if json_output:
+            typer.echo(json.dumps({k: effective.to_dict()[k] for k in keys}, indent=1))
+        else:
+            typer.echo(render_key_value(effective, keys), nl=False)
+    except ScnymError as e:
+        _fail(str(e), e.exit_code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"scnym {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """scnym: semi-supervised adversarial cell-type classification (scNym, rebuilt)."""
+
+
+def main() -> None:
+    app(prog_name="scnym")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,440 @@
+"""One typed configuration object, built and validated once, then passed down read-only.
+
+Precedence, lowest first: built-in defaults < ``-c/--config`` files (in the order given) <
+command-line flags. Config files may be scNym's ``key: value`` lines (``#`` comments), YAML
+or JSON. Every value is parsed and range-checked before any work starts; unknown keys are an
+error that suggests the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import ScnymError
+
+TRAIN_COMMANDS = frozenset({"train_tissue_independent", "train_tissue_dependent", "train_tissue_specific"})
+PREDICT_COMMANDS = frozenset({"predict_cell_types"})
+MARKER_COMMANDS = frozenset({"find_cell_type_markers"})
+ALL_COMMANDS = TRAIN_COMMANDS | PREDICT_COMMANDS | MARKER_COMMANDS
+READS_DATA = ALL_COMMANDS
+
+SECTIONS = ("Inputs", "Labels and groups", "Model", "Training", "Prediction", "Run")
+
+
+def option(
+    default: Any,
+    help: str,
+    section: str,
+    commands: Iterable[str] = ALL_COMMANDS,
+    *,
+    choices: Sequence[str] | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    min_exclusive: bool = False,
+    max_exclusive: bool = False,
+    must_exist: bool = False,
+) -> Any:
+    """Declare a config key: its default, help text and validation rules."""
+    assert section in SECTIONS, section
+    return field(
+        default=default,
+        metadata=dict(
+            help=help,
+            section=section,
+            commands=frozenset(commands),
+            choices=tuple(choices) if choices else None,
+            min=min,
+            max=max,
+            min_exclusive=min_exclusive,
+            max_exclusive=max_exclusive,
+            must_exist=must_exist,
+        ),
+    )
+
+
+_TRAIN = TRAIN_COMMANDS
+_TRAIN_PREDICT = TRAIN_COMMANDS | PREDICT_COMMANDS
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every option of every command. Field names are the config keys and the CLI flags."""
+
+    # ---------------------------------------------------------------- Inputs
+    input_counts: Optional[Path] = option(
+        None, "Expression matrix, cells x genes: .h5ad, .loom, .csv (header optional) or a 10x mtx directory.",
+        "Inputs", must_exist=True)
+    input_gene_names: Optional[Path] = option(
+        None, "Text file, one gene name per line, for matrices without gene names (CSV without header).",
+        "Inputs", must_exist=True)
+    gene_column: Optional[str] = option(
+        None, "h5ad var column / loom row attribute holding gene names (default: var_names / 'Gene').",
+        "Inputs")
+    input_layer: Optional[str] = option(
+        None, "h5ad or loom layer to read instead of the main matrix.", "Inputs")
+    genes_to_use: Optional[Path] = option(
+        None, "Text file, one gene per line: train on this subset of genes only.", "Inputs", _TRAIN, must_exist=True)
+    training_metadata: Optional[Path] = option(
+        None, "CSV with per-cell labels, rows in cell order or matched by a cell-id column "
+        "(default: the h5ad obs / loom column attributes).", "Inputs", _TRAIN_PREDICT, must_exist=True)
+    input_normalization: str = option(
+        "auto", "How X is normalized: auto (detect), counts (-> ln(CPM+1)), log1p (log-normalized at any "
+        "scale, rescaled to ln(CPM+1)), as_is (already ln(CPM+1), used unchanged).",
+        "Inputs", choices=("auto", "counts", "log1p", "as_is"))
+
+    # ---------------------------------------------------------------- Labels and groups
+    lower_group: str = option(
+        "cell_ontology_class", "Label column (cell types). For prediction, used only to report accuracy "
+        "when the query has it.", "Labels and groups", _TRAIN_PREDICT)
+    upper_group: str = option(
+        "tissue", "Upper group column (e.g. tissue) for tissue-dependent and tissue-specific models.",
+        "Labels and groups", _TRAIN_PREDICT)
+
+    # ---------------------------------------------------------------- Model
+    n_hidden: int = option(256, "Width of each hidden layer.", "Model", _TRAIN, min=1)
+    n_layers: int = option(2, "Number of hidden layers.", "Model", _TRAIN, min=1)
+    init_dropout: float = option(
+        0.0, "Input dropout on counts (expm1 -> dropout -> CPM -> log1p), a technical-dropout augmentation.",
+        "Model", _TRAIN, min=0.0, max=1.0, max_exclusive=True)
+    dropout: float = option(0.5, "Dropout in every hidden layer.", "Model", _TRAIN, min=0.0, max=1.0, max_exclusive=True)
+    residual: bool = option(False, "Use residual hidden blocks (layers after the first).", "Model", _TRAIN)
+    batch_norm: bool = option(True, "Batch normalization in hidden layers.", "Model", _TRAIN)
+    track_running_stats: bool = option(
+        True, "Keep batch-norm running statistics for prediction (else batch statistics are used).", "Model", _TRAIN)
+
+    # ---------------------------------------------------------------- Training
+    n_folds: int = option(
+        5, "Stratified cross-validation folds (0 = no cross-validation, only the all_data model).",
+        "Training", _TRAIN, min=0)
+    val_fraction: float = option(
+        0.1, "Fraction of each training part held out (stratified) to select the best epoch.",
+        "Training", _TRAIN, min=0.0, max=0.5, min_exclusive=True)
+    batch_size: int = option(256, "Cells per training batch.", "Training", _TRAIN, min=2)
+    n_epochs: int = option(100, "Maximum training epochs.", "Training", _TRAIN, min=1)
+    patience: int = option(
+        40, "Stop after this many epochs without improvement of the selection metric (0 = never stop early).",
+        "Training", _TRAIN, min=0)
+    min_epochs: int = option(
+        20, "Epochs before a best model may be kept (and before early stopping).", "Training", _TRAIN, min=0)
+    selection_metric: str = option(
+        "loss", "Model-selection metric on the held-out selection split.", "Training", _TRAIN,
+        choices=("loss", "accuracy", "balanced_accuracy"))
+    optimizer: str = option(
+        "adadelta", "Optimizer (sgd uses momentum 0.9 and a cosine learning-rate schedule).", "Training", _TRAIN,
+        choices=("adadelta", "adam", "adamw", "sgd"))
+    lr: float = option(1.0, "Learning rate.", "Training", _TRAIN, min=0.0, min_exclusive=True)
+    weight_decay: float = option(1e-4, "Weight decay.", "Training", _TRAIN, min=0.0)
+    balance_classes: bool = option(
+        False, "Sample training cells with inverse class frequency (class-balanced batches).", "Training", _TRAIN)
+    weight_classes: bool = option(
+        False, "Weight the loss of each class by its inverse frequency.", "Training", _TRAIN)
+    mixup_alpha: Optional[float] = option(
+        None, "MixUp of labeled cells with lambda ~ Beta(alpha, alpha) (none = off).", "Training", _TRAIN,
+        min=0.0, min_exclusive=True)
+    seed: int = option(0, "Seed for every random choice (splits, sampling, initialization, dropout).",
+                       "Training", _TRAIN, min=0)
+
+    # ---------------------------------------------------------------- Prediction
+    model_path: Optional[Path] = option(
+        None, "Trained model: a training run directory, a fold directory, or a weights file beside its "
+        "model.json.", "Prediction", PREDICT_COMMANDS | MARKER_COMMANDS, must_exist=True)
+    training_gene_names: Optional[Path] = option(
+        None, "Gene list of the model (scNym compatibility); must match the model's manifest.",
+        "Prediction", PREDICT_COMMANDS, must_exist=True)
+    min_gene_overlap: float = option(
+        0.5, "Stop when fewer than this fraction of the model's genes are found in the data.",
+        "Prediction", _TRAIN_PREDICT, min=0.0, max=1.0)
+    unknown_threshold: float = option(
+        0.0, "Call cells 'Unknown' when their confidence is below this (0 = always call a class).",
+        "Prediction", PREDICT_COMMANDS, min=0.0, max=1.0, max_exclusive=True)
+    prediction_key: str = option(
+        "scNym", "obs/obsm key for predictions in the annotated h5ad.", "Prediction", PREDICT_COMMANDS)
+    write_logits: bool = option(False, "Also write logits (logits.csv).", "Prediction", PREDICT_COMMANDS)
+    write_embedding: bool = option(
+        False, "Also write the cell embedding (embedding.csv).", "Prediction", PREDICT_COMMANDS)
+    write_h5ad: bool = option(
+        True, "For h5ad input, also write an annotated copy (annotated.h5ad).", "Prediction", PREDICT_COMMANDS)
+    prediction_chunk_size: int = option(
+        8192, "Cells per prediction chunk (bounds memory).", "Prediction", PREDICT_COMMANDS, min=1)
+
+    # ---------------------------------------------------------------- Run
+    out_path: Optional[Path] = option(None, "Output directory.", "Run")
+    overwrite: bool = option(False, "Replace results already in out_path.", "Run")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N | mps.", "Run")
+    num_threads: Optional[int] = option(
+        None, "CPU threads for torch (default: torch's choice).", "Run", min=1)
+
+    # ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (paths as strings)."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> "Config":
+        """A validated copy with some values changed (the original is never mutated)."""
+        return build_config([ConfigLayer("code", changes)], base=self)
+
+
+CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Config))
+_FIELDS = {f.name: f for f in fields(Config)}
+_HINTS = get_type_hints(Config)
+
+
+def keys_for(command: str) -> list[str]:
+    """Config keys a command uses, in declaration order."""
+    return [f.name for f in fields(Config) if command in f.metadata["commands"]]
+
+
+def describe(key: str) -> dict[str, Any]:
+    """Help text, section and rules of one key (for the CLI and the docs)."""
+    f = _FIELDS[key]
+    return {"default": f.default, "type": _type_name(_HINTS[key]), **f.metadata}
+
+
+# ---------------------------------------------------------------------- reading files
+@dataclass(frozen=True)
+class ConfigLayer:
+    """Values from one source (a file, the command line, code), with the source's name for errors."""
+
+    source: str
+    values: Mapping[str, Any]
+
+
+def read_config_file(path: Union[str, Path]) -> ConfigLayer:
+    """Read ``key: value`` lines, YAML or JSON, chosen by extension or, failing that, by content."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScnymError(f"config file {path} does not exist; check the path given to -c/--config")
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json" or (suffix not in (".yaml", ".yml") and text.lstrip().startswith("{")):
+            values = json.loads(text or "{}")
+        elif suffix in (".yaml", ".yml"):
+            values = yaml.safe_load(text) or {}
+        else:
+            values = _parse_key_value_lines(text, path)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        first = str(e).splitlines()[0]
+        raise ScnymError(f"config file {path} could not be parsed ({first}); fix its syntax") from None
+    if not isinstance(values, dict):
+        raise ScnymError(f"config file {path} must hold key: value pairs, not a {type(values).__name__}")
+    for key, value in values.items():
+        if isinstance(value, (dict, list)):
+            raise ScnymError(f"config key {key!r} in {path} must be a single value, not a {type(value).__name__}")
+    return ConfigLayer(str(path), values)
+
+
+def _parse_key_value_lines(text: str, path: Path) -> dict[str, Any]:
+    """scNym's default_config.txt format: ``key: value`` (or ``key = value``), ``#`` comments."""
+    values: dict[str, Any] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = re.sub(r"(^|\s)#.*$", "", raw).strip()
+        if not line:
+            continue
+        match = re.match(r"^([A-Za-z_][A-Za-z0-9_\-]*)\s*[:=]\s*(.*)$", line)
+        if not match:
+            raise ScnymError(f"config file {path} line {number} is not 'key: value': {raw.strip()!r}")
+        key, value = match.group(1).replace("-", "_"), match.group(2).strip().strip("'\"")
+        values[key] = value
+    return values
+
+
+# ---------------------------------------------------------------------- parsing values
+_TRUE = {"true", "yes", "1", "on", "y", "t"}
+_FALSE = {"false", "no", "0", "off", "n", "f"}
+_NONE = {"", "none", "null", "~"}
+
+
+def parse_bool(value: Any) -> bool:
+    """Booleans as users mean them: ``False``, ``false``, ``0``, ``no`` are false."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _type_name(hint: Any) -> str:
+    base, optional = _unwrap_optional(hint)
+    name = {bool: "bool", int: "int", float: "float", str: "text", Path: "path"}[base]
+    return f"{name} | none" if optional else name
+
+
+def _unwrap_optional(hint: Any) -> tuple[type, bool]:
+    if get_origin(hint) is Union:
+        args = [a for a in get_args(hint) if a is not type(None)]
+        return args[0], True
+    return hint, False
+
+
+def _parse_value(key: str, value: Any) -> Any:
+    base, optional = _unwrap_optional(_HINTS[key])
+    if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
+        if optional:
+            return None
+        if base is str and value == "":
+            return ""
+        raise ValueError(f"a value is required ({_type_name(_HINTS[key])})")
+    if base is bool:
+        return parse_bool(value)
+    if base is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            try:
+                as_float = float(str(value).strip())
+            except ValueError:
+                as_float = None
+            if as_float is not None and as_float.is_integer():
+                return int(as_float)
+            raise ValueError(f"expected an integer, got {value!r}") from None
+    if base is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        try:
+            number = float(str(value).strip())
+        except ValueError:
+            raise ValueError(f"expected a number, got {value!r}") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        return number
+    if base is Path:
+        return Path(str(value).strip()).expanduser()
+    return str(value).strip()
+
+
+def _check_rules(key: str, value: Any) -> None:
+    rules = _FIELDS[key].metadata
+    if value is None:
+        return
+    if rules["choices"] and value not in rules["choices"]:
+        suggestion = difflib.get_close_matches(str(value), rules["choices"], n=1)
+        hint = f" (did you mean {suggestion[0]!r}?)" if suggestion else ""
+        raise ValueError(f"must be one of {', '.join(rules['choices'])}; got {value!r}{hint}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        low, high = rules["min"], rules["max"]
+        if low is not None and (value < low or (rules["min_exclusive"] and value == low)):
+            raise ValueError(f"must be {'>' if rules['min_exclusive'] else '>='} {low}; got {value}")
+        if high is not None and (value > high or (rules["max_exclusive"] and value == high)):
+            raise ValueError(f"must be {'<' if rules['max_exclusive'] else '<='} {high}; got {value}")
+    if key == "device" and not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps; got {value!r}")
+
+
+def suggest_key(key: str) -> str:
+    """' (did you mean X?)' for a misspelt key, or ''."""
+    match = difflib.get_close_matches(key, CONFIG_KEYS, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+# ---------------------------------------------------------------------- building
+def build_config(
+    layers: Sequence[ConfigLayer],
+    command: str | None = None,
+    *,
+    base: Config | None = None,
+) -> Config:
+    """Merge layers over the defaults (or ``base``), parse and validate every value.
+
+    Parameters
+    ----------
+    layers
+        Sources in increasing precedence (config files, then command-line flags).
+    command
+        The subcommand about to run: its required keys and input paths are checked.
+    """
+    # Keys absent from every layer keep the dataclass defaults (valid by construction).
+    merged: dict[str, Any] = base.to_dict() if base else {}
+    sources: dict[str, str] = {}
+    for layer in layers:
+        for raw_key, value in layer.values.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in _FIELDS:
+                raise ScnymError(f"unknown config key {raw_key!r} in {layer.source}{suggest_key(key)}")
+            merged[key] = value
+            sources[key] = layer.source
+    parsed: dict[str, Any] = {}
+    for key, value in merged.items():
+        where = sources.get(key, "defaults")
+        try:
+            parsed[key] = _parse_value(key, value)
+            _check_rules(key, parsed[key])
+        except ValueError as e:
+            raise ScnymError(f"config key {key!r} (from {where}): {e}") from None
+    config = Config(**parsed)
+    _check_combinations(config)
+    if command is not None:
+        _check_for_command(config, command)
+    return config
+
+
+def _check_combinations(config: Config) -> None:
+    if config.n_folds == 1:
+        raise ScnymError("config key 'n_folds' must be 0 (no cross-validation) or at least 2; got 1")
+    if config.balance_classes and config.weight_classes:
+        raise ScnymError("balance_classes and weight_classes both correct class imbalance; turn one of them off")
+
+
+_REQUIRED = {
+    "train": ("input_counts", "out_path"),
+    "predict": ("input_counts", "model_path", "out_path"),
+    "markers": ("model_path", "out_path"),
+}
+
+
+def _check_for_command(config: Config, command: str) -> None:
+    if command not in ALL_COMMANDS:
+        return
+    kind = "train" if command in TRAIN_COMMANDS else "predict" if command in PREDICT_COMMANDS else "markers"
+    for key in _REQUIRED[kind]:
+        if getattr(config, key) is None:
+            raise ScnymError(f"{command} needs --{key} (on the command line or in a config file)")
+    for key in keys_for(command):
+        value = getattr(config, key)
+        if _FIELDS[key].metadata["must_exist"] and value is not None and not Path(value).exists():
+            raise ScnymError(f"--{key} {value} does not exist; check the path")
+
+
+def load_config(command: str | None, config_files: Sequence[Union[str, Path]] = (),
+                flags: Mapping[str, Any] | None = None) -> Config:
+    """Defaults < config files (in order) < flags: the effective, validated config."""
+    layers = [read_config_file(p) for p in config_files]
+    if flags:
+        layers.append(ConfigLayer("the command line", {k: v for k, v in flags.items() if v is not None}))
+    return build_config(layers, command)
+
+
+def render_key_value(config: Config, keys: Iterable[str] | None = None, with_help: bool = True) -> str:
+    """The config as scNym-style ``key: value`` lines grouped by section (default_config.txt)."""
+    wanted = list(keys) if keys is not None else list(CONFIG_KEYS)
+    lines = ["# scnym configuration: key: value lines; '#' starts a comment; empty value = none.",
+             "# Precedence: built-in defaults < these files (-c, in order) < command-line flags."]
+    for section in SECTIONS:
+        in_section = [k for k in wanted if _FIELDS[k].metadata["section"] == section]
+        if not in_section:
+            continue
+        lines += ["", f"# ---- {section}"]
+        for key in in_section:
+            value = getattr(config, key)
+            text = "" if value is None else str(value)
+            if with_help:
+                lines.append(f"# {describe(key)['help']}")
+            lines.append(f"{key}: {text}".rstrip())
+    return "\n".join(lines) + "\n"

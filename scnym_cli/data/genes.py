@@ -1,0 +1,122 @@
+"""Gene names: de-duplication, subsetting and alignment to a model's gene order.
+
+Alignment reorders columns to the model's genes, fills missing genes with zeros and drops
+extra genes by rewriting CSR column indices (no densification), and always reports the
+overlap. Below a minimum overlap it stops and says what matched.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..errors import ScnymError
+from .readers import CellMatrix
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GeneOverlap:
+    """How the data's genes cover the model's genes."""
+
+    n_model_genes: int
+    n_found: int
+    n_missing: int
+    n_extra: int
+    fraction_found: float
+    missing_examples: tuple[str, ...]
+
+    def describe(self) -> str:
+        return (f"found {self.n_found} of {self.n_model_genes} model genes ({self.fraction_found:.1%}); "
+                f"{self.n_missing} missing (set to 0), {self.n_extra} extra genes ignored")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def drop_duplicate_genes(cells: CellMatrix) -> CellMatrix:
+    """Keep the first column of each duplicated gene name (with a warning)."""
+    duplicated = cells.genes.duplicated()
+    if not duplicated.any():
+        return cells
+    examples = ", ".join(pd.unique(cells.genes[duplicated])[:5])
+    log.warning("%s: %d duplicated gene names (e.g. %s); keeping the first column of each",
+                cells.source, int(duplicated.sum()), examples)
+    keep = np.flatnonzero(~duplicated)
+    return cells.with_(X=cells.X[:, keep], genes=cells.genes[keep])
+
+
+def subset_genes(cells: CellMatrix, genes: Sequence[str], what: str = "--genes_to_use") -> CellMatrix:
+    """Restrict to ``genes`` in that order; every one must be present."""
+    wanted = pd.Index([str(g) for g in genes])
+    if wanted.has_duplicates:
+        wanted = wanted.drop_duplicates()
+    positions = cells.genes.get_indexer(wanted)
+    missing = wanted[positions < 0]
+    if len(missing):
+        raise ScnymError(
+            f"{len(missing)} of {len(wanted)} genes in {what} are not in {cells.source} "
+            f"(e.g. {', '.join(missing[:5])}); remove them or check the gene naming")
+    return cells.with_(X=cells.X[:, positions], genes=wanted)
+
+
+def reindex_columns(X: sp.csr_matrix, source_genes: pd.Index, target_genes: pd.Index) -> sp.csr_matrix:
+    """Columns of X (named ``source_genes``) rearranged to ``target_genes``; absent genes are 0.
+
+    Only the CSR index arrays are rewritten: cost is O(nnz), memory one copy of the kept entries.
+    """
+    target_position = pd.Index(target_genes).get_indexer(pd.Index(source_genes))
+    if pd.Index(source_genes).has_duplicates:
+        # the first occurrence of a duplicated source gene wins
+        target_position[pd.Index(source_genes).duplicated()] = -1
+    new_columns = target_position[X.indices]
+    keep = new_columns >= 0
+    kept_before = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+    indptr = kept_before[X.indptr].astype(X.indptr.dtype)
+    out = sp.csr_matrix((X.data[keep], new_columns[keep].astype(X.indices.dtype), indptr),
+                        shape=(X.shape[0], len(target_genes)))
+    out.has_sorted_indices = False
+    out.sort_indices()
+    return out
+
+
+def measure_overlap(data_genes: pd.Index, model_genes: pd.Index) -> GeneOverlap:
+    found = pd.Index(model_genes).isin(pd.Index(data_genes))
+    n_found = int(found.sum())
+    return GeneOverlap(
+        n_model_genes=len(model_genes),
+        n_found=n_found,
+        n_missing=len(model_genes) - n_found,
+        n_extra=int((~pd.Index(data_genes).isin(pd.Index(model_genes))).sum()),
+        fraction_found=n_found / max(len(model_genes), 1),
+        missing_examples=tuple(pd.Index(model_genes)[~found][:10]),
+    )
+
+
+def align_genes(cells: CellMatrix, model_genes: Sequence[str], *, min_overlap: float = 0.5,
+                what: str = "data") -> tuple[CellMatrix, GeneOverlap]:
+    """Reorder ``cells`` to the model's genes, report the overlap, stop below ``min_overlap``."""
+    model_genes = pd.Index([str(g) for g in model_genes])
+    overlap = measure_overlap(cells.genes, model_genes)
+    if overlap.fraction_found < min_overlap or overlap.n_found == 0:
+        data_examples = ", ".join(cells.genes[:3])
+        model_examples = ", ".join(model_genes[:3])
+        raise ScnymError(
+            f"only {overlap.n_found} of {overlap.n_model_genes} model genes ({overlap.fraction_found:.1%}) are in "
+            f"the {what} ({cells.source}; minimum {min_overlap:.0%}); data genes look like '{data_examples}', "
+            f"model genes like '{model_examples}': check the gene naming (symbols vs Ensembl ids, species) "
+            "or lower --min_gene_overlap")
+    log.info("%s: %s", what, overlap.describe())
+    if overlap.n_missing and overlap.fraction_found < 0.9:
+        log.warning("%s: %d model genes are missing and were set to 0 (e.g. %s)", what, overlap.n_missing,
+                    ", ".join(overlap.missing_examples[:5]))
+    if cells.genes.equals(model_genes):
+        return cells, overlap
+    X = reindex_columns(cells.X, cells.genes, model_genes)
+    return cells.with_(X=X, genes=model_genes), overlap

@@ -1,0 +1,95 @@
+"""Per-cell labels and groups: from a metadata CSV or from the file's own obs / column attributes."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ScnymError
+from .readers import CellMatrix
+
+log = logging.getLogger(__name__)
+
+UNLABELED = "Unlabeled"
+UNKNOWN = "Unknown"
+
+
+def attach_metadata(cells: CellMatrix, metadata_path: Path) -> CellMatrix:
+    """Join a metadata CSV onto the cells: by a column of cell ids when one matches, else by row order.
+
+    Columns of the CSV replace obs columns of the same name.
+    """
+    try:
+        metadata = pd.read_csv(metadata_path, dtype=str, keep_default_na=False, na_values=[""])
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise ScnymError(f"could not read --training_metadata {metadata_path} ({str(e).splitlines()[0]})") from None
+    ids = cells.cell_ids
+    id_column = next((c for c in metadata.columns
+                      if metadata[c].notna().all() and pd.Index(ids).isin(metadata[c]).all()
+                      and not metadata[c].duplicated().any()), None)
+    if id_column is not None and not ids.has_duplicates:
+        matched = metadata.set_index(id_column).reindex(ids)
+        log.info("--training_metadata: matched %d cells by the id column %r", len(ids), id_column)
+    elif len(metadata) == cells.n_cells:
+        matched = metadata.set_axis(ids, axis=0)
+        log.info("--training_metadata: rows taken in cell order (no column matches the cell ids)")
+    else:
+        raise ScnymError(
+            f"--training_metadata has {len(metadata)} rows but {cells.source} has {cells.n_cells} cells and no "
+            "column of the CSV holds every cell id; give one row per cell in cell order, or a cell-id column")
+    matched = matched.drop(columns=[c for c in matched.columns if str(c).startswith("Unnamed:")])
+    obs = cells.obs.drop(columns=[c for c in matched.columns if c in cells.obs.columns])
+    return cells.with_(obs=pd.concat([obs, matched], axis=1))
+
+
+def require_column(obs: pd.DataFrame, column: str, option: str, source: str) -> pd.Series:
+    """obs[column], or a one-line error that lists the columns and suggests the closest."""
+    if column not in obs.columns:
+        close = difflib.get_close_matches(column, [str(c) for c in obs.columns], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        available = ", ".join(map(str, obs.columns[:20])) or "none"
+        raise ScnymError(f"{option} column {column!r} is not in the metadata of {source}{hint}; "
+                         f"available columns: {available}")
+    return obs[column]
+
+
+def read_labels(cells: CellMatrix, column: str, option: str = "--lower_group") -> np.ndarray:
+    """Labels as strings; missing values are an error (mark target cells 'Unlabeled' instead)."""
+    series = require_column(cells.obs, column, option, cells.source)
+    missing = series.isna() | (series.astype(str).str.strip() == "")
+    if missing.any():
+        raise ScnymError(
+            f"{int(missing.sum())} cells have no value in {option} column {column!r} of {cells.source}; "
+            f"label them {UNLABELED!r} to use them as unlabeled target data, or remove them")
+    return series.astype(str).str.strip().to_numpy()
+
+
+@dataclass(frozen=True)
+class LabelEncoding:
+    """Class names <-> integer codes, in a stable (sorted) order."""
+
+    classes: tuple[str, ...]
+
+    @classmethod
+    def fit(cls, labels: Sequence[str], column: str = "labels") -> "LabelEncoding":
+        classes = tuple(sorted(set(map(str, labels)) - {UNLABELED}))
+        if len(classes) < 2:
+            found = f"only {classes[0]!r}" if classes else "none"
+            raise ScnymError(f"training needs at least 2 classes in column {column!r}; found {found}")
+        if UNKNOWN in classes:
+            raise ScnymError(f"{UNKNOWN!r} is reserved for low-confidence predictions; rename that class in {column!r}")
+        return cls(classes)
+
+    def encode(self, labels: Sequence[str]) -> np.ndarray:
+        """Integer codes; cells labelled 'Unlabeled' (or unknown classes) get -1."""
+        codes = pd.Index(self.classes).get_indexer(pd.Index(np.asarray(labels, dtype=str)))
+        return codes.astype(np.int64)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        return np.asarray(self.classes, dtype=object)[codes]

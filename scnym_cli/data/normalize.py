@@ -1,0 +1,106 @@
+"""Check and bring expression to the model's scale: ln(CPM + 1).
+
+Raw integer counts are normalized; log-normalized input at any per-cell target sum
+(CP10k, CPM, ...) is rescaled to CPM; negative (scaled), NaN/infinite and linear
+(CPM/TPM without the log) values are refused with a message that says what to pass instead.
+All work is on the CSR ``data`` array, row block by row block, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..errors import ScnymError
+
+log = logging.getLogger(__name__)
+
+TARGET_SUM = 1e6
+# ln(1e8 + 1) ~ 18.4: log-normalized values above this are implausible for any target sum.
+MAX_LOG_VALUE = 20.0
+ROW_BLOCK = 65_536
+
+Kind = Literal["counts", "log1p"]
+
+
+def detect_kind(X: sp.csr_matrix, source: str = "input") -> Kind:
+    """Say whether stored values are raw counts or log-normalized; refuse anything else."""
+    values = X.data
+    if values.size == 0:
+        return "counts"
+    finite = np.isfinite(values)
+    if not finite.all():
+        n_nan = int(np.isnan(values).sum())
+        n_inf = int((~finite).sum()) - n_nan
+        raise ScnymError(
+            f"{source} has {n_nan} NaN and {n_inf} infinite values; remove or impute them before running scnym")
+    low = float(values.min())
+    if low < 0:
+        raise ScnymError(
+            f"{source} has negative values (min {low:.3g}): it looks scaled or centered; give raw counts or "
+            "log-normalized values instead (for h5ad: --input_layer raw or a counts layer)")
+    if np.array_equal(values, np.round(values)):
+        return "counts"
+    high = float(values.max())
+    if high > MAX_LOG_VALUE:
+        raise ScnymError(
+            f"{source} has non-integer values up to {high:.3g}: it looks normalized but not log-transformed "
+            "(CPM/TPM); give raw counts or log1p-transformed values")
+    return "log1p"
+
+
+def _scale_rows(X: sp.csr_matrix, factors: np.ndarray) -> None:
+    """Multiply each row of X in place, one block of rows at a time."""
+    for start in range(0, X.shape[0], ROW_BLOCK):
+        stop = min(start + ROW_BLOCK, X.shape[0])
+        lo, hi = X.indptr[start], X.indptr[stop]
+        per_entry = np.repeat(factors[start:stop], np.diff(X.indptr[start:stop + 1]))
+        X.data[lo:hi] *= per_entry.astype(X.data.dtype, copy=False)
+
+
+def _row_sums(X: sp.csr_matrix) -> np.ndarray:
+    return np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+
+
+def to_log1p_cpm(X: sp.csr_matrix, kind: Kind, *, copy: bool = True) -> sp.csr_matrix:
+    """ln(CPM + 1) of counts or of log-normalized values (any target sum)."""
+    X = X.copy() if copy else X
+    if kind == "log1p":
+        np.expm1(X.data, out=X.data)
+    sums = _row_sums(X)
+    factors = np.divide(TARGET_SUM, sums, out=np.zeros_like(sums), where=sums > 0)
+    _scale_rows(X, factors)
+    np.log1p(X.data, out=X.data)
+    return X
+
+
+def normalize(X: sp.csr_matrix, mode: str = "auto", *, source: str = "input", copy: bool = True
+              ) -> tuple[sp.csr_matrix, str]:
+    """Bring X to ln(CPM + 1) according to ``input_normalization``.
+
+    Parameters
+    ----------
+    X
+        float32 CSR, cells x genes, over all genes of the file (before any gene subsetting,
+        so that CPM means what it says).
+    mode
+        ``auto`` (detect), ``counts``, ``log1p`` or ``as_is`` (trusted, used unchanged).
+
+    Returns
+    -------
+    The normalized matrix and the kind that was found or declared.
+    """
+    detected = detect_kind(X, source)  # NaN / negative checks apply in every mode
+    kind = detected if mode == "auto" else mode
+    if mode == "log1p" and detected == "counts" and X.nnz:
+        log.warning("%s: --input_normalization log1p was given but the values are integers", source)
+    empty = int((np.diff(X.indptr) == 0).sum())
+    if empty:
+        log.warning("%s: %d cells have no expression at all; their predictions are meaningless", source, empty)
+    if kind == "as_is":
+        return (X.copy() if copy else X), kind
+    log.info("%s: %s detected -> ln(CPM+1)", source, "raw counts" if kind == "counts" else "log-normalized data")
+    return to_log1p_cpm(X, kind, copy=copy), kind

@@ -1,0 +1,17 @@
+"""The one exception type users see.
+
+Every problem caused by the user's input (files, columns, config values, gene overlap ...)
+is raised as :class:`ScnymError` with a single line that names the problem and the fix.
+The CLI prints it without a traceback and exits non-zero; anything else that escapes is a
+bug and keeps its traceback.
+"""
+
+
+class ScnymError(Exception):
+    """A problem with the user's input, explained in one line."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        # One line, always: callers may build messages from file contents.
+        super().__init__(" ".join(str(message).split()))

@@ -1,0 +1,75 @@
+"""Plots and tables people look at: training curves and confusion matrices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_curve(history: pd.DataFrame, path: Path, title: str, best_epoch: int | None = None) -> None:
+    """Loss and accuracy per epoch, on the fitting cells and on the model-selection split."""
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    epochs = history["epoch"]
+    ax_loss.plot(epochs, history["train_loss"], label="training (fit) loss")
+    ax_loss.plot(epochs, history["select_loss"], label="selection-split loss")
+    ax_acc.plot(epochs, history["train_accuracy"], label="training accuracy")
+    ax_acc.plot(epochs, history["select_accuracy"], label="selection accuracy")
+    ax_acc.plot(epochs, history["select_balanced_accuracy"], label="selection balanced accuracy")
+    for ax, ylabel in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        if best_epoch:
+            ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch ({best_epoch})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def confusion_table(truth: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> pd.DataFrame:
+    """Counts, rows = true class, columns = predicted class (classes + any extra predicted labels)."""
+    predicted_classes = list(classes) + sorted(set(map(str, predicted)) - set(classes))
+    table = pd.crosstab(pd.Categorical(np.asarray(truth, dtype=str), categories=list(classes)),
+                        pd.Categorical(np.asarray(predicted, dtype=str), categories=predicted_classes),
+                        dropna=False)
+    table.index.name, table.columns.name = "true", "predicted"
+    return table
+
+
+def plot_confusion_matrix(table: pd.DataFrame, path: Path, title: str) -> None:
+    """Row-normalized confusion matrix (recall on the diagonal) with counts in each cell."""
+    plt = _pyplot()
+    counts = table.to_numpy()
+    totals = counts.sum(axis=1, keepdims=True)
+    fractions = np.divide(counts, totals, out=np.zeros_like(counts, dtype=float), where=totals > 0)
+    size = max(4.5, 0.55 * max(counts.shape) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(counts.shape[1]), table.columns, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(counts.shape[0]), table.index, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            if counts[i, j]:
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if fractions[i, j] > 0.6 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of true class")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

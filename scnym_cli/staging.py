@@ -1,0 +1,59 @@
+"""Atomic outputs: everything is written into a hidden staging directory beside ``out_path``
+and moved into place only when the whole job succeeded. A job that fails leaves nothing
+behind that looks like a result."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from .errors import ScnymError
+
+log = logging.getLogger(__name__)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextmanager
+def staged_directory(out_path: Path, *, overwrite: bool, protected: Sequence[str],
+                     last: Sequence[str] = ()) -> Iterator[Path]:
+    """Yield a staging directory; on success move its entries into ``out_path``.
+
+    Parameters
+    ----------
+    protected
+        Entries whose presence in ``out_path`` means a finished result is there: refused
+        (before any work starts) unless ``overwrite``.
+    last
+        Entries moved after all others (completion markers).
+    """
+    out_path = Path(out_path).expanduser().resolve()
+    if out_path.exists() and not out_path.is_dir():
+        raise ScnymError(f"--out_path {out_path} is a file; give a directory")
+    existing = [name for name in protected if (out_path / name).exists()]
+    if existing and not overwrite:
+        raise ScnymError(f"--out_path {out_path} already holds results ({', '.join(existing)}); "
+                         "choose another --out_path or pass --overwrite true")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.partial-", dir=out_path.parent))
+    try:
+        yield stage
+        out_path.mkdir(parents=True, exist_ok=True)
+        entries = sorted(stage.iterdir(), key=lambda p: (p.name in last, p.name))
+        for entry in entries:
+            target = out_path / entry.name
+            _remove(target)
+            os.replace(entry, target)
+        log.info("outputs written to %s", out_path)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -1,0 +1,162 @@
+"""A model directory: weights without pickle (safetensors) plus a JSON manifest.
+
+The manifest is the single source of truth at prediction time: the architecture, the gene
+order, the class names, the normalization and the calibration temperature come from it,
+never from the caller's config. Loading checks the format version, the weights' checksum
+and that weights and manifest agree.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .errors import ScnymError
+from .nn import CellTypeClassifier
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "00_best_model_weights.safetensors"
+MANIFEST_FILE = "model.json"
+ALL_DATA_DIR = "all_data"
+MODEL_CLASSES = {"CellTypeClassifier": CellTypeClassifier}
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_fingerprint(X: sp.csr_matrix, genes: Sequence[str], cell_ids: Sequence[str],
+                     labels: Sequence[str]) -> dict[str, Any]:
+    """A checksum of exactly what the model was trained on (normalized matrix, genes, cells, labels)."""
+    digest = hashlib.sha256()
+    for array in (X.indptr, X.indices, X.data):
+        digest.update(np.ascontiguousarray(array).view(np.uint8))
+    for names in (genes, cell_ids, labels):
+        digest.update("\n".join(map(str, names)).encode())
+    return {"sha256": digest.hexdigest(), "n_cells": int(X.shape[0]), "n_genes": int(X.shape[1]),
+            "nnz": int(X.nnz)}
+
+
+@dataclass
+class LoadedModel:
+    model: CellTypeClassifier
+    manifest: dict[str, Any]
+    directory: Path
+
+    @property
+    def genes(self) -> list[str]:
+        return self.manifest["genes"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest["classes"]
+
+    @property
+    def temperature(self) -> float:
+        return float(self.manifest.get("temperature", 1.0))
+
+
+def save_model(directory: Path, model: CellTypeClassifier, *, genes: Sequence[str], classes: Sequence[str],
+               config: dict, extra: Optional[dict] = None) -> Path:
+    """Write the weights and a manifest describing them into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    weights_path = directory / WEIGHTS_FILE
+    save_file(state, str(weights_path), metadata={"format": "pt", "scnym_format_version": str(FORMAT_VERSION)})
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "package": "scnym_cli",
+        "package_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"class": type(model).__name__, "kwargs": model.hyperparameters},
+        "genes": [str(g) for g in genes],
+        "classes": [str(c) for c in classes],
+        "normalization": "log1p_cpm",
+        "temperature": 1.0,
+        "seed": config.get("seed"),
+        "weights_file": WEIGHTS_FILE,
+        "weights_sha256": _sha256_file(weights_path),
+        **(extra or {}),
+        "config": config,
+    }
+    manifest_path = directory / MANIFEST_FILE
+    manifest_path.write_text(json.dumps(manifest, indent=1, default=str))
+    return manifest_path
+
+
+def resolve_model_path(path: Path) -> tuple[Path, Path]:
+    """(weights, manifest) of a run directory (-> all_data/), a fold directory, a weights file or a manifest."""
+    path = Path(path)
+    if not path.exists():
+        raise ScnymError(f"--model_path {path} does not exist")
+    if path.is_dir():
+        for directory in (path, path / ALL_DATA_DIR):
+            if (directory / MANIFEST_FILE).is_file():
+                manifest = directory / MANIFEST_FILE
+                break
+        else:
+            raise ScnymError(f"--model_path {path} holds no {MANIFEST_FILE} (nor {ALL_DATA_DIR}/{MANIFEST_FILE}); "
+                             "give a training run directory, a fold directory or a weights file")
+    elif path.name == MANIFEST_FILE:
+        manifest = path
+    else:
+        manifest = path.parent / MANIFEST_FILE
+        if not manifest.is_file():
+            raise ScnymError(f"no {MANIFEST_FILE} beside the weights file {path}; the manifest is needed to "
+                             "rebuild the model")
+    try:
+        weights_name = json.loads(manifest.read_text()).get("weights_file", WEIGHTS_FILE)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ScnymError(f"{manifest} is not valid JSON ({e}); the model directory is damaged") from None
+    weights = path if path.is_file() and path.name != MANIFEST_FILE else manifest.parent / weights_name
+    return weights, manifest
+
+
+def load_model(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Rebuild a model from its manifest and load its weights (no pickle)."""
+    weights_path, manifest_path = resolve_model_path(path)
+    manifest = json.loads(manifest_path.read_text())
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ScnymError(f"{manifest_path} has model format version {version!r}; this scnym reads up to "
+                         f"{FORMAT_VERSION}: upgrade scnym")
+    for key in ("model", "genes", "classes"):
+        if key not in manifest:
+            raise ScnymError(f"{manifest_path} lacks {key!r}; the model directory is damaged")
+    if not weights_path.is_file():
+        raise ScnymError(f"weights file {weights_path} is missing; the model directory is incomplete")
+    expected = manifest.get("weights_sha256")
+    if expected and _sha256_file(weights_path) != expected:
+        raise ScnymError(f"weights file {weights_path} does not match the checksum in {manifest_path}; "
+                         "the file is damaged or from another model")
+    model_class = MODEL_CLASSES.get(manifest["model"].get("class"))
+    if model_class is None:
+        raise ScnymError(f"{manifest_path} names an unknown model class {manifest['model'].get('class')!r}")
+    kwargs = manifest["model"]["kwargs"]
+    if kwargs.get("n_genes") != len(manifest["genes"]) or kwargs.get("n_classes") != len(manifest["classes"]):
+        raise ScnymError(f"{manifest_path}: the model's sizes do not match its gene and class lists")
+    model = model_class(**kwargs)
+    try:
+        state = load_file(str(weights_path))
+        model.load_state_dict(state, strict=True)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        first = str(e).splitlines()[0]
+        raise ScnymError(f"could not load weights {weights_path} ({first}); the file is damaged or does not "
+                         "match its manifest") from None
+    model.to(device).eval()
+    return LoadedModel(model, manifest, manifest_path.parent)

@@ -1,0 +1,52 @@
+"""Devices and precision, resolved in one place."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ScnymError
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ScnymError(f"--device {spec} was requested but no CUDA GPU is available; use --device cpu or auto")
+        index = int(spec.split(":")[1]) if ":" in spec else 0
+        if index >= torch.cuda.device_count():
+            raise ScnymError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return torch.device(spec)
+    if spec == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise ScnymError("--device mps was requested but MPS is not available; use --device cpu or auto")
+        return torch.device("mps")
+    if spec == "cpu":
+        return torch.device("cpu")
+    raise ScnymError(f"--device {spec!r} is not one of auto, cpu, cuda, cuda:N, mps")
+
+
+@dataclass
+class Precision:
+    """Mixed precision on CUDA (bfloat16 where supported, else float16 with loss scaling)."""
+
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        self.enabled = self.device.type == "cuda"
+        self.dtype = (torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
+
+    def autocast(self):
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.dtype)

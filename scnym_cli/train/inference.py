@@ -1,0 +1,52 @@
+"""Batched forward passes over CSR rows, one chunk densified at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from ..data.batches import batch_tensor, chunks
+from .device import Precision
+
+
+@dataclass
+class Outputs:
+    logits: np.ndarray
+    embedding: Optional[np.ndarray] = None
+
+    def probabilities(self, temperature: float = 1.0) -> np.ndarray:
+        return torch.softmax(torch.from_numpy(self.logits) / temperature, dim=1).numpy()
+
+
+@torch.no_grad()
+def forward_rows(model: torch.nn.Module, X: sp.csr_matrix, rows: Optional[np.ndarray], device: torch.device,
+                 *, chunk_size: int = 8192, covariates: Optional[np.ndarray] = None,
+                 with_embedding: bool = False) -> Outputs:
+    """Logits (and embeddings) of ``rows`` of X in eval mode; the model's mode is restored after."""
+    rows = np.arange(X.shape[0]) if rows is None else np.asarray(rows)
+    was_training = model.training
+    model.eval()
+    precision = Precision(device)
+    logits, embeddings = [], []
+    try:
+        for positions in chunks(len(rows), chunk_size):
+            chunk_rows = rows[positions]
+            x = batch_tensor(X, chunk_rows, device)
+            c = None if covariates is None else torch.from_numpy(covariates[chunk_rows]).to(device)
+            with precision.autocast():
+                out, embedding = model(x, c, return_embedding=True)
+            logits.append(out.float().cpu().numpy())
+            if with_embedding:
+                embeddings.append(embedding.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    n_classes = model.n_classes
+    return Outputs(
+        logits=np.concatenate(logits) if logits else np.zeros((0, n_classes), np.float32),
+        embedding=(np.concatenate(embeddings) if embeddings else np.zeros((0, model.n_hidden), np.float32))
+        if with_embedding else None,
+    )

@@ -1,0 +1,241 @@
+"""The one trainer shared by every command and the Python API.
+
+It owns the loop: seeded batches from CSR rows, the optimizer and its schedule, mixed
+precision on CUDA, per-epoch evaluation on the model-selection split, best-epoch tracking
+with patience, the per-epoch CSV log and the progress bar. What a step minimizes is the
+objective's business (:mod:`.objectives`).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..config import Config
+from ..errors import ScnymError
+from ..data.batches import EpochSampler, batch_tensor
+from ..data.splits import Split
+from .device import Precision
+from .inference import forward_rows
+from .losses import inverse_frequency_weights
+from .metrics import classification_metrics
+from .objectives import LabeledBatch, SupervisedObjective
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS: dict[str, Callable] = {
+    "adadelta": torch.optim.Adadelta,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=0.9),
+}
+
+
+@dataclass
+class TrainingData:
+    """What a model trains on: the full normalized matrix and which rows play which part.
+
+    Attributes
+    ----------
+    X
+        ln(CPM + 1), cells x model genes, CSR.
+    codes
+        Class code of every row; -1 for cells without a label.
+    split
+        Rows to fit on, to select the best epoch on, and to hold out.
+    covariates
+        Optional one-hot per row appended to the input (tissue-dependent models).
+    """
+
+    X: sp.csr_matrix
+    codes: np.ndarray
+    split: Split
+    n_classes: int
+    covariates: Optional[np.ndarray] = None
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_score: float
+    epochs_run: int
+    stopped_early: bool
+    seconds: float
+    history: pd.DataFrame = field(repr=False)
+
+
+def make_progress(enabled: bool) -> Progress:
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"), console=console, transient=True,
+        disable=not (enabled and console.is_terminal),
+    )
+
+
+class EpochLog:
+    """One CSV row per epoch, flushed as it is written so a running job can be watched."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path, self.rows, self._writer, self._handle = path, [], None, None
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.path is None:
+            return
+        if self._writer is None:
+            self._handle = open(self.path, "w", newline="")
+            self._writer = csv.DictWriter(self._handle, fieldnames=list(row))
+            self._writer.writeheader()
+        self._writer.writerow(row)
+        self._handle.flush()
+
+    def close(self) -> pd.DataFrame:
+        if self._handle is not None:
+            self._handle.close()
+        return pd.DataFrame(self.rows)
+
+
+class Trainer:
+    """Fit a model on :class:`TrainingData` according to the training keys of a :class:`Config`."""
+
+    def __init__(self, config: Config, device: torch.device, *, log_path: Optional[Path] = None,
+                 name: str = "model", show_progress: bool = True):
+        self.config, self.device, self.log_path, self.name = config, device, log_path, name
+        self.show_progress = show_progress
+
+    # ------------------------------------------------------------------ pieces
+    def _optimizer(self, model: torch.nn.Module):
+        c = self.config
+        optimizer = OPTIMIZERS[c.optimizer](model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        scheduler = None
+        if c.optimizer == "sgd":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=c.n_epochs, eta_min=c.lr / 1e4)
+        return optimizer, scheduler
+
+    def _objective(self, data: TrainingData) -> SupervisedObjective:
+        class_weight = None
+        if self.config.weight_classes:
+            class_weight = inverse_frequency_weights(data.codes[data.split.fit], data.n_classes)
+        return SupervisedObjective(class_weight=class_weight, mixup_alpha=self.config.mixup_alpha)
+
+    def _labeled_batch(self, data: TrainingData, rows: np.ndarray) -> LabeledBatch:
+        x = batch_tensor(data.X, rows, self.device)
+        target = F.one_hot(torch.from_numpy(data.codes[rows]), data.n_classes).float().to(self.device)
+        covariates = None if data.covariates is None else torch.from_numpy(data.covariates[rows]).to(self.device)
+        return LabeledBatch(x, target, covariates)
+
+    def _evaluate(self, model: torch.nn.Module, data: TrainingData) -> dict[str, float]:
+        rows = data.split.select
+        if len(rows) == 0:
+            return {"select_loss": float("nan"), "select_accuracy": float("nan"),
+                    "select_balanced_accuracy": float("nan")}
+        outputs = forward_rows(model, data.X, rows, self.device, covariates=data.covariates)
+        truth = data.codes[rows]
+        logits = torch.from_numpy(outputs.logits)
+        loss = float(F.cross_entropy(logits, torch.from_numpy(truth)))
+        metrics = classification_metrics(truth, outputs.logits.argmax(1))
+        return {"select_loss": loss, "select_accuracy": metrics["accuracy"],
+                "select_balanced_accuracy": metrics["balanced_accuracy"]}
+
+    def _score(self, evaluation: dict[str, float]) -> float:
+        """Higher is better, whatever the metric."""
+        metric = self.config.selection_metric
+        value = evaluation["select_loss"] if metric == "loss" else evaluation[f"select_{metric}"]
+        if math.isnan(value):
+            return -math.inf
+        return -value if metric == "loss" else value
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, model: torch.nn.Module, data: TrainingData) -> FitResult:
+        """Train ``model`` in place; on return it holds the weights of the best epoch.
+
+        Every random choice (sampling order, dropout, MixUp) comes from ``config.seed``; the
+        caller's global torch RNG state is left as it was.
+        """
+        c = self.config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.seed)
+            return self._fit(model, data)
+
+    def _fit(self, model: torch.nn.Module, data: TrainingData) -> FitResult:
+        c = self.config
+        model.to(self.device)
+        optimizer, scheduler = self._optimizer(model)
+        objective = self._objective(data)
+        precision = Precision(self.device)
+        sampler = EpochSampler(data.split.fit, c.batch_size, codes=data.codes,
+                               balance_classes=c.balance_classes, seed=c.seed)
+        min_epochs = min(c.min_epochs, c.n_epochs)
+        best_score, best_epoch, best_state = -math.inf, 0, None
+        epoch_log = EpochLog(self.log_path)
+        started = time.perf_counter()
+        stopped_early, epoch = False, 0
+        try:
+            with make_progress(self.show_progress) as progress:
+                task = progress.add_task(self.name, total=c.n_epochs, status="")
+                for epoch in range(1, c.n_epochs + 1):
+                    epoch_started = time.perf_counter()
+                    model.train()
+                    totals: dict[str, float] = {}
+                    n_seen, n_correct = 0, 0
+                    for rows in sampler.epoch():
+                        batch = self._labeled_batch(data, rows)
+                        optimizer.zero_grad(set_to_none=True)
+                        with precision.autocast():
+                            loss, terms, logits = objective(model, batch, epoch)
+                        precision.scaler.scale(loss).backward()
+                        precision.scaler.step(optimizer)
+                        precision.scaler.update()
+                        n = len(rows)
+                        n_seen += n
+                        n_correct += int((logits.argmax(1) == batch.target.argmax(1)).sum())
+                        totals["train_loss"] = totals.get("train_loss", 0.0) + float(loss.detach()) * n
+                        for key, value in terms.items():
+                            totals[key] = totals.get(key, 0.0) + value * n
+                    learning_rate = optimizer.param_groups[0]["lr"]
+                    if scheduler is not None:
+                        scheduler.step()
+                    evaluation = self._evaluate(model, data)
+                    score = self._score(evaluation)
+                    is_best = epoch >= min_epochs and score > best_score
+                    if is_best:
+                        best_score, best_epoch = score, epoch
+                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    row = {"epoch": epoch, "lr": learning_rate,
+                           **{k: v / max(n_seen, 1) for k, v in totals.items()},
+                           "train_accuracy": n_correct / max(n_seen, 1), **evaluation,
+                           "is_best": is_best, "seconds": time.perf_counter() - epoch_started}
+                    epoch_log.write(row)
+                    progress.update(task, advance=1, status=(
+                        f"loss {row['train_loss']:.3f} select acc {evaluation['select_accuracy']:.3f} "
+                        f"best epoch {best_epoch}"))
+                    if not math.isfinite(row["train_loss"]):
+                        raise ScnymError(f"{self.name}: the training loss became {row['train_loss']} at epoch "
+                                         f"{epoch}; lower --lr or check the input values")
+                    if c.patience and epoch >= min_epochs and best_epoch and epoch - best_epoch >= c.patience:
+                        stopped_early = True
+                        break
+        finally:
+            history = epoch_log.close()
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        else:  # no epoch could be scored (no selection split): keep the last one
+            best_epoch = epoch
+        seconds = time.perf_counter() - started
+        log.info("%s: best epoch %d of %d (%s %.4f)%s, %.1f s", self.name, best_epoch, epoch,
+                 c.selection_metric, abs(best_score), ", stopped early" if stopped_early else "", seconds)
+        return FitResult(best_epoch, best_score, epoch, stopped_early, seconds, history)

@@ -1,0 +1,123 @@
+"""Predict cell types of new data with a trained model.
+
+The model (architecture, genes, classes, temperature) comes from its manifest. The query is
+normalized over its own genes, aligned to the model's genes (overlap reported, too little
+overlap is an error), and predicted chunk by chunk.
+
+Outputs (``out_path``): ``predictions.csv`` (cell_id, predicted_label, confidence, prob_<class>),
+``gene_overlap.json``, ``prediction_summary.json``, optionally ``logits.csv`` and
+``embedding.csv``, and for h5ad input ``annotated.h5ad``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..config import Config
+from ..data import UNKNOWN, align_genes, read_gene_list
+from ..data.labels import require_column
+from ..errors import ScnymError
+from ..staging import staged_directory
+from ..store import LoadedModel, load_model
+from ..train.inference import forward_rows
+from ..train.metrics import classification_metrics
+from .inputs import load_cells, setup_runtime
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "predictions.csv"
+PROTECTED_OUTPUTS = (PREDICTIONS_FILE, "prediction_summary.json", "annotated.h5ad")
+
+
+def _check_training_gene_names(config: Config, loaded: LoadedModel) -> None:
+    if config.training_gene_names is None:
+        return
+    given = read_gene_list(config.training_gene_names, "--training_gene_names")
+    if given != list(loaded.genes):
+        raise ScnymError(
+            f"--training_gene_names ({len(given)} genes) differs from the genes the model was trained on "
+            f"({len(loaded.genes)}, in {loaded.directory}/model.json); omit it: the model's own list is used")
+
+
+def annotate(adata, *, key: str, labels: np.ndarray, confidence: np.ndarray, probabilities: np.ndarray,
+             embedding: np.ndarray, classes: list[str]) -> None:
+    """Write predictions into an AnnData (in place), scanpy style."""
+    adata.obs[key] = pd.Categorical(labels)
+    adata.obs[f"{key}_confidence"] = confidence
+    adata.obsm[f"{key}_probabilities"] = probabilities.astype(np.float32)
+    adata.obsm["X_scnym"] = embedding.astype(np.float32)
+    adata.uns[f"{key}_classes"] = list(classes)
+
+
+def predict_cell_types(config: Config) -> dict:
+    """Run prediction as configured; returns the summary (also in prediction_summary.json)."""
+    device = setup_runtime(config)
+    loaded = load_model(config.model_path, device)
+    _check_training_gene_names(config, loaded)
+    with staged_directory(config.out_path, overwrite=config.overwrite, protected=PROTECTED_OUTPUTS,
+                          last=(PREDICTIONS_FILE,)) as stage:
+        is_h5ad = str(config.input_counts).lower().endswith(".h5ad")
+        adata = None
+        if is_h5ad and config.write_h5ad:
+            import anndata
+
+            try:
+                adata = anndata.read_h5ad(config.input_counts)
+            except Exception as e:
+                raise ScnymError(f"could not read {config.input_counts} as h5ad ({type(e).__name__}: {e})") from None
+        cells, kind = load_cells(config, config.input_counts, metadata=config.training_metadata, adata=adata)
+        cells, overlap = align_genes(cells, loaded.genes, min_overlap=config.min_gene_overlap, what="query")
+        (stage / "gene_overlap.json").write_text(json.dumps(overlap.to_dict(), indent=1))
+
+        need_embedding = config.write_embedding or adata is not None
+        outputs = forward_rows(loaded.model, cells.X, None, device, chunk_size=config.prediction_chunk_size,
+                               with_embedding=need_embedding)
+        probabilities = outputs.probabilities(loaded.temperature)
+        classes = list(loaded.classes)
+        confidence = probabilities.max(axis=1)
+        labels = np.asarray(classes, dtype=object)[probabilities.argmax(axis=1)]
+        if config.unknown_threshold > 0:
+            labels = np.where(confidence < config.unknown_threshold, UNKNOWN, labels)
+
+        table = pd.DataFrame({"cell_id": cells.cell_ids, "predicted_label": labels, "confidence": confidence})
+        table = pd.concat([table, pd.DataFrame(probabilities, columns=[f"prob_{c}" for c in classes])], axis=1)
+        if config.write_logits:
+            pd.concat([table[["cell_id"]], pd.DataFrame(outputs.logits, columns=[f"logit_{c}" for c in classes])],
+                      axis=1).to_csv(stage / "logits.csv", index=False)
+        if config.write_embedding:
+            embedding = pd.DataFrame(outputs.embedding,
+                                     columns=[f"scnym_{i}" for i in range(outputs.embedding.shape[1])])
+            pd.concat([table[["cell_id"]], embedding], axis=1).to_csv(stage / "embedding.csv", index=False)
+
+        counts = pd.Series(labels).value_counts()
+        summary: dict = {
+            "model": str(loaded.directory), "input": str(config.input_counts), "n_cells": int(cells.n_cells),
+            "input_normalization": kind, "gene_overlap": overlap.to_dict(), "temperature": loaded.temperature,
+            "unknown_threshold": config.unknown_threshold,
+            "predicted_counts": {str(k): int(v) for k, v in counts.items()},
+            "mean_confidence": float(confidence.mean()) if len(confidence) else float("nan"),
+        }
+        if config.lower_group in cells.obs.columns:
+            truth = require_column(cells.obs, config.lower_group, "--lower_group", cells.source).astype(str)
+            known = truth.isin(classes).to_numpy()
+            if not known.all():
+                log.info("%d query cells have labels the model does not know (%s); they count as errors",
+                         int((~known).sum()), ", ".join(sorted(set(truth[~known]))[:5]))
+            summary["metrics_vs_" + config.lower_group] = classification_metrics(truth.to_numpy(), labels)
+            m = summary["metrics_vs_" + config.lower_group]
+            log.info("vs query column %r: accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f",
+                     config.lower_group, m["accuracy"], m["balanced_accuracy"], m["macro_f1"])
+        (stage / "prediction_summary.json").write_text(json.dumps(summary, indent=1))
+
+        if adata is not None:
+            annotate(adata, key=config.prediction_key, labels=labels, confidence=confidence,
+                     probabilities=probabilities, embedding=outputs.embedding, classes=classes)
+            adata.write_h5ad(stage / "annotated.h5ad")
+        table.to_csv(stage / PREDICTIONS_FILE, index=False)
+        log.info("predicted %d cells: %s", cells.n_cells, ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return summary

@@ -1,0 +1,193 @@
+"""Cross-validated training: k stratified folds plus a final all_data model, written atomically.
+
+Output layout (``out_path``)::
+
+    celltype_label.csv, fold_eval_acc.csv, fold_eval_losses.csv, confusion_matrix.{csv,png},
+    scnym_config.json, run_summary.json (written last: the run is complete)
+    fold00/ ... foldNN/, all_data/   one model directory each (see :func:`train_one_model`)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .. import __version__
+from ..config import Config
+from ..data.splits import Split, all_data_split, cross_validation_splits
+from ..errors import ScnymError
+from ..nn import CellTypeClassifier
+from ..report import confusion_table, plot_confusion_matrix, plot_training_curve
+from ..staging import staged_directory
+from ..store import ALL_DATA_DIR, data_fingerprint, save_model
+from ..train import Trainer, TrainingData
+from ..train.inference import forward_rows
+from ..train.metrics import classification_metrics
+from .inputs import TrainingInputs, load_training_inputs, setup_runtime
+
+log = logging.getLogger(__name__)
+
+RUN_MARKER = "run_summary.json"
+PROTECTED_OUTPUTS = (RUN_MARKER, ALL_DATA_DIR, "fold_eval_acc.csv")
+
+
+@dataclass
+class ModelResult:
+    name: str
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    metrics: dict[str, float]          # on the held-out cells (empty for all_data)
+    held_out_loss: float
+    predictions: pd.DataFrame          # cell_id, split, true_label, predicted_label, confidence, prob_*
+
+
+def build_model(config: Config, n_genes: int, n_classes: int, n_covariates: int = 0) -> CellTypeClassifier:
+    """The classifier with weights initialized from ``config.seed`` (global RNG state untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return CellTypeClassifier(
+            n_genes=n_genes, n_classes=n_classes, n_hidden=config.n_hidden, n_layers=config.n_layers,
+            dropout=config.dropout, init_dropout=config.init_dropout, residual=config.residual,
+            batch_norm=config.batch_norm, track_running_stats=config.track_running_stats, n_covariates=n_covariates,
+        )
+
+
+def _write_ids(path: Path, cell_ids: pd.Index, rows: np.ndarray) -> None:
+    pd.DataFrame({"cell_id": cell_ids[rows]}).to_csv(path, index=False)
+
+
+def prediction_table(cell_ids: pd.Index, rows: np.ndarray, split: str, truth: np.ndarray,
+                     probabilities: np.ndarray, classes: tuple[str, ...]) -> pd.DataFrame:
+    table = pd.DataFrame({
+        "cell_id": cell_ids[rows], "split": split, "true_label": truth,
+        "predicted_label": np.asarray(classes, dtype=object)[probabilities.argmax(1)] if len(rows) else [],
+        "confidence": probabilities.max(1) if len(rows) else [],
+    })
+    probability_columns = pd.DataFrame(probabilities, columns=[f"prob_{c}" for c in classes])
+    return pd.concat([table, probability_columns], axis=1)
+
+
+def train_one_model(directory: Path, config: Config, inputs: TrainingInputs, data: TrainingData,
+                    device: torch.device, fingerprint: dict) -> ModelResult:
+    """Train one model on ``data.split`` and write its directory.
+
+    Files: ``00_best_model_weights.safetensors``, ``model.json``, ``<name>_log.csv``,
+    ``<name>_parameters.json``, ``train_idx.csv`` (fit), ``test_idx.csv`` (model selection),
+    ``val_idx.csv`` (held out), ``predictions.csv``, ``labels.csv``, ``training_curve.png``.
+    """
+    name = directory.name
+    directory.mkdir(parents=True)
+    cell_ids = inputs.cells.cell_ids
+    split = data.split
+    for file_name, rows in (("train_idx.csv", split.fit), ("test_idx.csv", split.select),
+                            ("val_idx.csv", split.held_out)):
+        _write_ids(directory / file_name, cell_ids, rows)
+    (directory / f"{name}_parameters.json").write_text(json.dumps(config.to_dict(), indent=1))
+
+    model = build_model(config, data.X.shape[1], data.n_classes,
+                        0 if data.covariates is None else data.covariates.shape[1])
+    trainer = Trainer(config, device, log_path=directory / f"{name}_log.csv", name=name)
+    fit = trainer.fit(model, data)
+
+    # held-out cells for a fold; the model-selection cells for all_data (it has no held-out part)
+    rows, kind = (split.held_out, "held_out") if len(split.held_out) else (split.select, "model_selection")
+    outputs = forward_rows(model, data.X, rows, device, covariates=data.covariates)
+    probabilities = outputs.probabilities()
+    truth_codes = data.codes[rows]
+    classes = inputs.encoding.classes
+    predictions = prediction_table(cell_ids, rows, kind, inputs.labels[rows], probabilities, classes)
+    predictions.to_csv(directory / "predictions.csv", index=False)
+    predictions[["cell_id", "true_label"]].rename(columns={"true_label": "label"}).to_csv(
+        directory / "labels.csv", index=False)
+    metrics = classification_metrics(truth_codes, probabilities.argmax(1)) if len(rows) else {}
+    loss = float(F.cross_entropy(torch.from_numpy(outputs.logits), torch.from_numpy(truth_codes))) \
+        if len(rows) else float("nan")
+
+    plot_training_curve(fit.history, directory / "training_curve.png", f"{name}: training curve", fit.best_epoch)
+    save_model(directory, model, genes=list(inputs.cells.genes), classes=classes, config=config.to_dict(),
+               extra={"training": {
+                   "name": name, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
+                   "stopped_early": fit.stopped_early, "seconds": round(fit.seconds, 2),
+                   "n_fit": int(len(split.fit)), "n_select": int(len(split.select)),
+                   "n_held_out": int(len(split.held_out)), f"{kind}_metrics": metrics,
+                   "input_normalization": inputs.input_kind,
+               }, "data_fingerprint": fingerprint})
+    return ModelResult(name, fit.best_epoch, fit.epochs_run, fit.seconds, metrics if kind == "held_out" else {},
+                       loss, predictions)
+
+
+def _check_enough_cells(config: Config, inputs: TrainingInputs) -> None:
+    labeled = inputs.labeled_rows
+    if config.n_folds and len(labeled) < 2 * config.n_folds:
+        raise ScnymError(f"{len(labeled)} labeled cells are too few for {config.n_folds}-fold cross-validation; "
+                         "lower --n_folds (0 skips cross-validation)")
+    counts = np.bincount(inputs.codes[labeled])
+    if config.n_folds and counts.max() < config.n_folds:
+        raise ScnymError(f"every class has fewer than {config.n_folds} cells; lower --n_folds")
+
+
+def train_tissue_independent(config: Config) -> dict:
+    """Cross-validate and train the final model; returns the run summary (also in run_summary.json)."""
+    started = time.perf_counter()
+    device = setup_runtime(config)
+    with staged_directory(config.out_path, overwrite=config.overwrite, protected=PROTECTED_OUTPUTS,
+                          last=(RUN_MARKER,)) as stage:
+        inputs = load_training_inputs(config)
+        _check_enough_cells(config, inputs)
+        cells, classes = inputs.cells, inputs.encoding.classes
+        fingerprint = data_fingerprint(cells.X, cells.genes, cells.cell_ids, inputs.labels)
+        (stage / "scnym_config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        pd.DataFrame({"index": range(len(classes)), "label": classes}).to_csv(stage / "celltype_label.csv",
+                                                                              index=False)
+        labeled = inputs.labeled_rows
+        splits: list[tuple[str, Split]] = []
+        if config.n_folds:
+            splits = [(f"fold{k:02d}", s) for k, s in enumerate(
+                cross_validation_splits(labeled, inputs.codes, config.n_folds, config.val_fraction, config.seed))]
+        splits.append((ALL_DATA_DIR, all_data_split(labeled, inputs.codes, config.val_fraction, config.seed)))
+
+        results: list[ModelResult] = []
+        for name, split in splits:
+            data = TrainingData(cells.X, inputs.codes, split, len(classes))
+            results.append(train_one_model(stage / name, config, inputs, data, device, fingerprint))
+            if name != ALL_DATA_DIR:
+                m = results[-1].metrics
+                log.info("%s held-out: accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f", name,
+                         m["accuracy"], m["balanced_accuracy"], m["macro_f1"])
+
+        folds = [r for r in results if r.name != ALL_DATA_DIR]
+        summary: dict = {
+            "command": "train_tissue_independent", "package_version": __version__,
+            "n_cells": int(cells.n_cells), "n_labeled": int(len(labeled)), "n_genes": int(len(cells.genes)),
+            "classes": list(classes), "device": str(device), "n_folds": config.n_folds,
+        }
+        if folds:
+            fold_table = pd.DataFrame([{"fold": r.name, "n_cells": len(r.predictions), **r.metrics,
+                                        "best_epoch": r.best_epoch, "epochs_run": r.epochs_run}
+                                       for r in folds])
+            fold_table.to_csv(stage / "fold_eval_acc.csv", index=False)
+            pd.DataFrame([{"fold": r.name, "loss": r.held_out_loss} for r in folds]).to_csv(
+                stage / "fold_eval_losses.csv", index=False)
+            pooled = pd.concat([r.predictions for r in folds])
+            table = confusion_table(pooled["true_label"], pooled["predicted_label"], classes)
+            table.to_csv(stage / "confusion_matrix.csv")
+            plot_confusion_matrix(table, stage / "confusion_matrix.png",
+                                  f"held-out predictions, {len(folds)} folds ({len(pooled)} cells)")
+            metric_names = ["accuracy", "balanced_accuracy", "macro_f1"]
+            summary["cross_validation"] = {
+                name: {"mean": float(fold_table[name].mean()), "std": float(fold_table[name].std(ddof=0))}
+                for name in metric_names}
+            log.info("cross-validation (%d folds): accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f",
+                     len(folds), *(summary["cross_validation"][n]["mean"] for n in metric_names))
+        summary["seconds"] = round(time.perf_counter() - started, 2)
+        (stage / RUN_MARKER).write_text(json.dumps(summary, indent=1))
+    return summary

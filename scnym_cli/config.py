@@ -86,9 +86,9 @@ class Config:
         None, "CSV with per-cell labels, rows in cell order or matched by a cell-id column "
         "(default: the h5ad obs / loom column attributes).", "Inputs", _TRAIN_PREDICT, must_exist=True)
     input_normalization: str = option(
-        "auto", "How X is normalized: auto (detect), counts (-> ln(CPM+1)), log1p (log-normalized at any "
-        "scale, rescaled to ln(CPM+1)), as_is (already ln(CPM+1), used unchanged).",
-        "Inputs", choices=("auto", "counts", "log1p", "as_is"))
+        "auto", "How X is normalized: auto (detect), counts (-> ln(CPM+1)), log1p / log2_1p / log10_1p "
+        "(log-normalized at any per-cell total, rescaled to ln(CPM+1)), as_is (already ln(CPM+1), unchanged).",
+        "Inputs", choices=("auto", "counts", "log1p", "log2_1p", "log10_1p", "as_is"))
 
     # ---------------------------------------------------------------- Labels and groups
     lower_group: str = option(

@@ -1,7 +1,8 @@
 """Check and bring expression to the model's scale: ln(CPM + 1).
 
 Raw integer counts are normalized; log-normalized input at any per-cell target sum
-(CP10k, CPM, ...) is rescaled to CPM; negative (scaled), NaN/infinite and linear
+(CP10k, CPM, ...) and log base (e, 2, 10; detected when the cells' totals allow it) is rescaled
+to CPM; negative (scaled), NaN/infinite and linear
 (CPM/TPM without the log) values are refused with a message that says what to pass instead.
 All work is on the CSR ``data`` array, row block by row block, so memory stays bounded.
 """
@@ -23,7 +24,11 @@ TARGET_SUM = 1e6
 MAX_LOG_VALUE = 20.0
 ROW_BLOCK = 65_536
 
-Kind = Literal["counts", "log1p"]
+Kind = Literal["counts", "log1p", "log2_1p", "log10_1p"]
+BASES = {"log1p": np.e, "log2_1p": 2.0, "log10_1p": 10.0}
+# rows whose de-logged values sum to the same total within this relative spread were normalized
+# over exactly these genes with that log base
+CONSTANT_SUM_SPREAD = 1e-3
 
 
 def detect_kind(X: sp.csr_matrix, source: str = "input") -> Kind:
@@ -49,6 +54,27 @@ def detect_kind(X: sp.csr_matrix, source: str = "input") -> Kind:
         raise ScnymError(
             f"{source} has non-integer values up to {high:.3g}: it looks normalized but not log-transformed "
             "(CPM/TPM); give raw counts or log1p-transformed values")
+    return _detect_log_base(X, source)
+
+
+def _detect_log_base(X: sp.csr_matrix, source: str, n_rows: int = 2000) -> Kind:
+    """Natural, base-2 or base-10 log: the base under which every cell sums to one target total.
+
+    When no base gives constant totals (the genes are a subset of those normalized over), the
+    base cannot be told from the data: natural log is assumed (scanpy's log1p) and said.
+    """
+    rows = X[: min(n_rows, X.shape[0])]
+    rows = rows[np.diff(rows.indptr) > 0]
+    for kind, base in BASES.items():
+        totals = np.asarray(sp.csr_matrix((np.power(base, rows.data.astype(np.float64)) - 1.0, rows.indices,
+                                           rows.indptr), shape=rows.shape).sum(axis=1)).ravel()
+        if len(totals) > 1 and totals.std() <= CONSTANT_SUM_SPREAD * totals.mean():
+            if kind != "log1p":
+                log.info("%s: values are %s(x + 1) of data normalized to %.4g per cell", source,
+                         {"log2_1p": "log2", "log10_1p": "log10"}[kind], totals.mean())
+            return kind
+    log.info("%s: log-normalized values over a gene subset; the log base cannot be checked, natural log "
+             "(log1p) is assumed (set --input_normalization log2_1p for log2 data)", source)
     return "log1p"
 
 
@@ -66,10 +92,13 @@ def _row_sums(X: sp.csr_matrix) -> np.ndarray:
 
 
 def to_log1p_cpm(X: sp.csr_matrix, kind: Kind, *, copy: bool = True) -> sp.csr_matrix:
-    """ln(CPM + 1) of counts or of log-normalized values (any target sum)."""
+    """ln(CPM + 1) of counts or of log-normalized values (any target sum, log base e, 2 or 10)."""
     X = X.copy() if copy else X
     if kind == "log1p":
         np.expm1(X.data, out=X.data)
+    elif kind in BASES:
+        np.power(np.float32(BASES[kind]), X.data, out=X.data)
+        X.data -= 1.0
     sums = _row_sums(X)
     factors = np.divide(TARGET_SUM, sums, out=np.zeros_like(sums), where=sums > 0)
     _scale_rows(X, factors)
@@ -87,7 +116,8 @@ def normalize(X: sp.csr_matrix, mode: str = "auto", *, source: str = "input", co
         float32 CSR, cells x genes, over all genes of the file (before any gene subsetting,
         so that CPM means what it says).
     mode
-        ``auto`` (detect), ``counts``, ``log1p`` or ``as_is`` (trusted, used unchanged).
+        ``auto`` (detect), ``counts``, ``log1p``, ``log2_1p``, ``log10_1p`` or ``as_is`` (trusted,
+        used unchanged).
 
     Returns
     -------
@@ -95,12 +125,12 @@ def normalize(X: sp.csr_matrix, mode: str = "auto", *, source: str = "input", co
     """
     detected = detect_kind(X, source)  # NaN / negative checks apply in every mode
     kind = detected if mode == "auto" else mode
-    if mode == "log1p" and detected == "counts" and X.nnz:
-        log.warning("%s: --input_normalization log1p was given but the values are integers", source)
+    if mode in BASES and detected == "counts" and X.nnz:
+        log.warning("%s: --input_normalization %s was given but the values are integers", source, mode)
     empty = int((np.diff(X.indptr) == 0).sum())
     if empty:
         log.warning("%s: %d cells have no expression at all; their predictions are meaningless", source, empty)
     if kind == "as_is":
         return (X.copy() if copy else X), kind
-    log.info("%s: %s detected -> ln(CPM+1)", source, "raw counts" if kind == "counts" else "log-normalized data")
+    log.info("%s: %s -> ln(CPM+1)", source, "raw counts" if kind == "counts" else f"log-normalized data ({kind})")
     return to_log1p_cpm(X, kind, copy=copy), kind

@@ -1,0 +1,133 @@
+"""Every bad input of SPEC section 3 (and friends) through the CLI: a one-line error naming the
+problem, a non-zero exit, no traceback, and no output directory left behind."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from conftest import FAST_FLAGS, assert_one_line_error, invoke, make_counts, write_csv, write_h5ad, write_lines
+
+
+def _modified(tmp_path, change):
+    adata = make_counts(n_cells=60)
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
+    change(adata)
+    return write_h5ad(adata, tmp_path / "bad.h5ad")
+
+
+def _set_value(value):
+    def change(adata):
+        X = adata.X.tolil()
+        X[0, 0] = value
+        adata.X = X.tocsr()
+    return change
+
+
+def _scaled(adata):
+    dense = adata.X.toarray()
+    adata.X = sp.csr_matrix((dense - dense.mean(0)) / (dense.std(0) + 1))
+
+
+def _linear_cpm(adata):
+    dense = adata.X.toarray()
+    adata.X = sp.csr_matrix(dense / dense.sum(1, keepdims=True) * 1e6)
+
+
+def _one_class(adata):
+    adata.obs["cell_type"] = "type_0"
+
+
+def _missing_labels(adata):
+    adata.obs.iloc[:5, adata.obs.columns.get_loc("cell_type")] = np.nan
+
+
+CASES = {
+    "nan values": (lambda t: _modified(t, _set_value(np.nan)), [], ["NaN"]),
+    "infinite values": (lambda t: _modified(t, _set_value(np.inf)), [], ["infinite"]),
+    "negative / scaled values": (lambda t: _modified(t, _scaled), [], ["negative", "scaled"]),
+    "linear CPM without log": (lambda t: _modified(t, _linear_cpm), [], ["not log-transformed"]),
+    "single class": (lambda t: _modified(t, _one_class), [], ["at least 2 classes", "only 'type_0'"]),
+    "missing labels": (lambda t: _modified(t, _missing_labels), [], ["5 cells have no value", "Unlabeled"]),
+    "missing label column": (lambda t: _modified(t, lambda a: None), ["--lower_group", "celltype"],
+                             ["'celltype' is not in", "did you mean 'cell_type'"]),
+    "missing input file": (lambda t: t / "absent.h5ad", [], ["does not exist"]),
+    "unsupported format": (lambda t: write_lines(t / "x.xlsx", ["a"]), [], ["unsupported input format"]),
+    "corrupt h5ad": (lambda t: write_lines(t / "x.h5ad", ["not hdf5"]), [], ["could not read", "h5ad"]),
+    "truncated h5ad": (lambda t: _truncated(t), [], ["could not read"]),
+    "corrupt loom": (lambda t: write_lines(t / "x.loom", ["not hdf5"]), [], ["could not read", "loom"]),
+    "csv without gene names": (lambda t: write_csv(make_counts(n_cells=20), t / "x.csv", header=False), [],
+                               ["no gene names", "--input_gene_names"]),
+    "gene names of the wrong length": (lambda t: write_csv(make_counts(n_cells=20), t / "x.csv", header=False),
+                                       ["--input_gene_names", "GENES3"], ["has 3 names", "60 genes"]),
+    "metadata with wrong row count": (lambda t: write_csv(make_counts(n_cells=20), t / "x.csv", index=False),
+                                      ["--training_metadata", "META10"], ["10 rows", "20 cells"]),
+    "empty csv": (lambda t: write_lines(t / "x.csv", [""]), [], ["empty"]),
+    "genes_to_use not in data": (lambda t: write_h5ad(make_counts(n_cells=20), t / "x.h5ad"),
+                                 ["--genes_to_use", "GENES3"], ["3 of 3 genes in --genes_to_use"]),
+    "missing layer": (lambda t: write_h5ad(make_counts(n_cells=20), t / "x.h5ad"), ["--input_layer", "counts"],
+                      ["layer 'counts' not in"]),
+    "too many folds": (lambda t: write_h5ad(make_counts(n_cells=12), t / "x.h5ad"), ["--n_folds", "7"],
+                       ["too few", "--n_folds"]),
+    "unknown config key": (lambda t: write_h5ad(make_counts(n_cells=20), t / "x.h5ad"), ["-c", "BADCONFIG"],
+                           ["unknown config key 'batchsize'", "did you mean 'batch_size'"]),
+    "bad config value": (lambda t: write_h5ad(make_counts(n_cells=20), t / "x.h5ad"), ["--lr", "fast"],
+                         ["'lr'", "expected a number"]),
+    "missing config file": (lambda t: write_h5ad(make_counts(n_cells=20), t / "x.h5ad"), ["-c", "nothere.yaml"],
+                            ["config file", "does not exist"]),
+    "cuda requested without a GPU": (lambda t: write_h5ad(make_counts(n_cells=20), t / "x.h5ad"),
+                                     ["--device", "cuda:0"], ["no CUDA GPU"]),
+}
+
+
+def _truncated(tmp_path):
+    path = write_h5ad(make_counts(n_cells=60), tmp_path / "full.h5ad")
+    cut = tmp_path / "x.h5ad"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return cut
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_training_input(runner, tmp_path, case):
+    import torch
+
+    if case == "cuda requested without a GPU" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    make_input, extra, fragments = CASES[case]
+    data = make_input(tmp_path)
+    replacements = {
+        "GENES3": str(write_lines(tmp_path / "genes3.txt", ["a", "b", "c"])),
+        "META10": str(_meta(tmp_path, 10)),
+        "BADCONFIG": str(write_lines(tmp_path / "bad.txt", ["batchsize: 12"])),
+    }
+    extra = [replacements.get(e, e) for e in extra]
+    out = tmp_path / "out"
+    args = ["train_tissue_independent", "--input_counts", data, "--lower_group", "cell_type", "--out_path", out,
+            *FAST_FLAGS, *extra]
+    if "--n_folds" in extra:  # the later flag wins; keep FAST_FLAGS' n_folds out of the way
+        index = args.index("--n_folds")
+        del args[index:index + 2]
+    result = invoke(runner, *args)
+    assert_one_line_error(result, *fragments)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
+
+
+def _meta(tmp_path, n):
+    path = tmp_path / "meta.csv"
+    pd.DataFrame({"cell_type": ["type_0", "type_1"] * (n // 2)}).to_csv(path, index=False)
+    return path
+
+
+def test_bad_prediction_input(runner, trained_run, tmp_path):
+    data = _modified(tmp_path, _scaled)
+    result = invoke(runner, "predict_cell_types", "--model_path", trained_run, "--input_counts", data,
+                    "--out_path", tmp_path / "p")
+    assert_one_line_error(result, "negative")
+    assert not (tmp_path / "p").exists()
+
+
+def test_prediction_needs_a_model(runner, tmp_path):
+    data = write_h5ad(make_counts(n_cells=20), tmp_path / "x.h5ad")
+    result = invoke(runner, "predict_cell_types", "--input_counts", data, "--out_path", tmp_path / "p")
+    assert_one_line_error(result, "needs --model_path")

@@ -1,0 +1,147 @@
+"""train_tissue_independent through the CLI: output layout, manifest, atomic outputs."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from scnym_cli.store import load_model
+
+from conftest import FAST_FLAGS, assert_one_line_error, invoke, make_counts, write_h5ad
+
+MODEL_FILES = {"00_best_model_weights.safetensors", "model.json", "train_idx.csv", "test_idx.csv", "val_idx.csv",
+               "predictions.csv", "labels.csv", "training_curve.png"}
+
+
+def test_output_layout(trained_run):
+    top = {p.name for p in trained_run.iterdir()}
+    assert {"celltype_label.csv", "fold_eval_acc.csv", "fold_eval_losses.csv", "fold00", "fold01", "all_data",
+            "confusion_matrix.png", "confusion_matrix.csv", "scnym_config.json", "run_summary.json"} <= top
+    assert not any(name.startswith(".") for name in top)
+    assert not list(trained_run.parent.glob(".run.partial-*"))
+    for name in ("fold00", "fold01", "all_data"):
+        files = {p.name for p in (trained_run / name).iterdir()}
+        assert MODEL_FILES | {f"{name}_log.csv", f"{name}_parameters.json"} <= files, name
+        assert not any(f.endswith((".pkl", ".pt", ".pth")) for f in files)
+
+
+def test_fold_tables(trained_run):
+    folds = pd.read_csv(trained_run / "fold_eval_acc.csv")
+    assert list(folds["fold"]) == ["fold00", "fold01"]
+    assert {"accuracy", "balanced_accuracy", "macro_f1", "n_cells", "best_epoch"} <= set(folds.columns)
+    assert folds["accuracy"].between(0, 1).all() and folds["n_cells"].sum() == 300
+    losses = pd.read_csv(trained_run / "fold_eval_losses.csv")
+    assert list(losses.columns) == ["fold", "loss"] and (losses["loss"] > 0).all()
+    labels = pd.read_csv(trained_run / "celltype_label.csv")
+    assert list(labels["label"]) == ["type_0", "type_1", "type_2"]
+
+
+def test_splits_partition_the_cells_and_predictions_match(trained_run):
+    held = []
+    for fold in ("fold00", "fold01"):
+        d = trained_run / fold
+        ids = {n: set(pd.read_csv(d / f"{n}_idx.csv")["cell_id"]) for n in ("train", "test", "val")}
+        assert not ids["train"] & ids["test"] and not ids["train"] & ids["val"] and not ids["test"] & ids["val"]
+        assert len(ids["train"] | ids["test"] | ids["val"]) == 300
+        predictions = pd.read_csv(d / "predictions.csv")
+        assert set(predictions["cell_id"]) == ids["val"]
+        probabilities = predictions.filter(like="prob_").to_numpy()
+        np.testing.assert_allclose(probabilities.sum(1), 1, atol=1e-5)
+        np.testing.assert_allclose(predictions["confidence"], probabilities.max(1), rtol=1e-6)
+        # the reported fold accuracy is recomputable from the written predictions
+        accuracy = (predictions["predicted_label"] == predictions["true_label"]).mean()
+        folds = pd.read_csv(trained_run / "fold_eval_acc.csv").set_index("fold")
+        assert accuracy == pytest.approx(folds.loc[fold, "accuracy"])
+        held += list(ids["val"])
+    assert sorted(held) == sorted(f"cell{i:04d}" for i in range(300))
+
+
+def test_manifest_and_weights(trained_run):
+    manifest = json.loads((trained_run / "all_data" / "model.json").read_text())
+    assert manifest["format_version"] == 1 and manifest["package_version"]
+    assert manifest["genes"] == [f"gene{j:03d}" for j in range(60)]
+    assert manifest["classes"] == ["type_0", "type_1", "type_2"]
+    assert manifest["model"]["class"] == "CellTypeClassifier"
+    assert manifest["model"]["kwargs"]["n_hidden"] == 32 and manifest["model"]["kwargs"]["n_genes"] == 60
+    assert manifest["config"]["n_epochs"] == 4 and manifest["seed"] == 0
+    assert len(manifest["data_fingerprint"]["sha256"]) == 64 and manifest["data_fingerprint"]["n_cells"] == 300
+    assert manifest["training"]["n_held_out"] == 0
+    fold = json.loads((trained_run / "fold00" / "model.json").read_text())
+    assert fold["data_fingerprint"] == manifest["data_fingerprint"]
+    state = load_file(str(trained_run / "all_data" / "00_best_model_weights.safetensors"))
+    assert state["encoder.0.linear.weight"].shape == (32, 60)
+    loaded = load_model(trained_run)
+    assert loaded.directory.name == "all_data" and loaded.classes == manifest["classes"]
+    parameters = json.loads((trained_run / "all_data" / "all_data_parameters.json").read_text())
+    assert parameters == manifest["config"] == json.loads((trained_run / "scnym_config.json").read_text())
+
+
+def test_epoch_log(trained_run):
+    log = pd.read_csv(trained_run / "fold00" / "fold00_log.csv")
+    assert list(log["epoch"]) == [1, 2, 3, 4]
+    assert {"train_loss", "supervised_loss", "train_accuracy", "select_loss", "select_accuracy",
+            "select_balanced_accuracy", "lr", "is_best", "seconds"} <= set(log.columns)
+
+
+def test_refuses_to_overwrite_a_finished_run_and_overwrites_when_asked(runner, trained_run, tmp_path):
+    data = write_h5ad(make_counts(n_cells=120), tmp_path / "x.h5ad")
+    before = (trained_run / "run_summary.json").read_text()
+    result = invoke(runner, "train_tissue_independent", "--input_counts", data, "--lower_group", "cell_type",
+                    "--out_path", trained_run, *FAST_FLAGS)
+    assert_one_line_error(result, "already holds results", "--overwrite")
+    assert (trained_run / "run_summary.json").read_text() == before
+    out = tmp_path / "run"
+    for _ in range(2):
+        result = invoke(runner, "train_tissue_independent", "--input_counts", data, "--lower_group", "cell_type",
+                        "--out_path", out, "--overwrite", "true", *FAST_FLAGS)
+        assert result.exit_code == 0, result.output
+    assert json.loads((out / "run_summary.json").read_text())["n_cells"] == 120
+
+
+def test_a_failed_run_leaves_nothing(runner, tmp_path, monkeypatch):
+    data = write_h5ad(make_counts(n_cells=120), tmp_path / "x.h5ad")
+    import scnym_cli.workflows.train as train_module
+
+    def explode(*args, **kwargs):
+        raise train_module.ScnymError("simulated failure in the middle of training")
+
+    original = train_module.train_one_model
+    calls = []
+
+    def fail_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            explode()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_model", fail_on_second)
+    result = invoke(runner, "train_tissue_independent", "--input_counts", data, "--lower_group", "cell_type",
+                    "--out_path", tmp_path / "run", *FAST_FLAGS)
+    assert_one_line_error(result, "simulated failure")
+    assert not (tmp_path / "run").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_no_cross_validation(runner, tmp_path):
+    data = write_h5ad(make_counts(n_cells=120), tmp_path / "x.h5ad")
+    result = invoke(runner, "train_tissue_independent", "--input_counts", data, "--lower_group", "cell_type",
+                    "--out_path", tmp_path / "run", *FAST_FLAGS, "--n_folds", "0")
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {
+        "all_data", "celltype_label.csv", "scnym_config.json", "run_summary.json"}
+
+
+@pytest.mark.parametrize("command", ["train_tissue_dependent", "train_tissue_specific", "find_cell_type_markers"])
+def test_commands_not_available_yet_fail_loudly(runner, command):
+    result = invoke(runner, command, "--out_path", "x")
+    assert_one_line_error(result, "not available yet")
+
+
+def test_python_dash_m(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "scnym_cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("scnym ")

@@ -1,0 +1,149 @@
+"""Configuration: precedence, formats, validation and the effective config."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from scnym_cli.config import Config, ConfigLayer, build_config, load_config, parse_bool, render_key_value
+from scnym_cli.errors import ScnymError
+
+from conftest import assert_one_line_error, invoke
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_match_the_2021_configs():
+    c = Config()
+    assert (c.n_epochs, c.patience, c.lr, c.optimizer, c.weight_decay, c.batch_size) == \
+        (100, 40, 1.0, "adadelta", 1e-4, 256)
+    assert (c.n_hidden, c.n_layers, c.min_epochs, c.n_folds) == (256, 2, 20, 5)
+
+
+def test_precedence_defaults_files_flags(tmp_path):
+    first = tmp_path / "a.txt"
+    first.write_text("# scNym style\nn_epochs: 10\nbatch_size: 64  # trailing comment\nlr: 0.5\n")
+    second = tmp_path / "b.yaml"
+    second.write_text("n_epochs: 20\nweight_decay: 1e-3\n")
+    config = load_config(None, [first, second], {"lr": "0.25", "n_hidden": None})
+    assert config.n_epochs == 20          # second file beats first
+    assert config.batch_size == 64        # only in the first file
+    assert config.lr == 0.25              # flag beats files
+    assert config.weight_decay == 1e-3    # YAML's '1e-3' string is parsed as a number
+    assert config.n_hidden == 256         # a flag that was not given (None) does not override
+
+
+@pytest.mark.parametrize("name,text", [
+    ("c.json", '{"n_epochs": 7, "balance_classes": true, "mixup_alpha": null}'),
+    ("c.yml", "n_epochs: 7\nbalance_classes: yes\nmixup_alpha:\n"),
+    ("c.txt", "n_epochs: 7\nbalance_classes: True\nmixup_alpha:\n"),
+    ("c.cfg", "n_epochs = 7\nbalance_classes = 1\n"),
+    ("noext", '{"n_epochs": 7, "balance_classes": "on"}'),
+])
+def test_every_format_reads_the_same(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    config = load_config(None, [path])
+    assert config.n_epochs == 7 and config.balance_classes is True and config.mixup_alpha is None
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("False", False), ("false", False), ("0", False), ("no", False), ("off", False),
+    ("True", True), ("true", True), ("1", True), ("yes", True), (True, True), (False, False),
+])
+def test_booleans_parse_as_users_mean(text, expected):
+    assert parse_bool(text) is expected
+    assert load_config(None, [], {"residual": text}).residual is expected
+
+
+@pytest.mark.parametrize("values,fragments", [
+    ({"n_epoch": "3"}, ["unknown config key 'n_epoch'", "did you mean 'n_epochs'"]),
+    ({"n_epochs": "ten"}, ["'n_epochs'", "expected an integer"]),
+    ({"n_epochs": "0"}, ["'n_epochs'", ">= 1"]),
+    ({"lr": "-1"}, ["'lr'", "> 0"]),
+    ({"lr": "nan"}, ["'lr'", "finite"]),
+    ({"init_dropout": "1.0"}, ["'init_dropout'", "< 1"]),
+    ({"optimizer": "adamm"}, ["'optimizer'", "did you mean 'adam'"]),
+    ({"residual": "maybe"}, ["'residual'", "true or false"]),
+    ({"device": "gpu"}, ["'device'", "cuda"]),
+    ({"n_folds": "1"}, ["n_folds", "at least 2"]),
+    ({"balance_classes": "true", "weight_classes": "true"}, ["balance_classes", "weight_classes"]),
+    ({"n_hidden": ""}, ["'n_hidden'", "value is required"]),
+])
+def test_validation_errors_name_the_key(values, fragments):
+    with pytest.raises(ScnymError) as error:
+        build_config([ConfigLayer("test", values)])
+    message = str(error.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_error_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("batch_size: many\n")
+    with pytest.raises(ScnymError, match="bad.yaml"):
+        load_config(None, [path])
+
+
+@pytest.mark.parametrize("text", ["n_epochs: [1, 2]\n", "just words\n"])
+def test_malformed_config_files(tmp_path, text):
+    path = tmp_path / "bad.txt"
+    path.write_text(text)
+    with pytest.raises(ScnymError):
+        load_config(None, [path])
+
+
+def test_config_is_immutable_and_replace_validates():
+    c = Config()
+    with pytest.raises(Exception):
+        c.n_epochs = 3  # frozen
+    d = c.replace(n_epochs="5")
+    assert d.n_epochs == 5 and c.n_epochs == 100
+    with pytest.raises(ScnymError):
+        c.replace(n_epochs=-1)
+
+
+def test_required_keys_and_paths_are_checked_before_work(tmp_path):
+    with pytest.raises(ScnymError, match="needs --input_counts"):
+        load_config("train_tissue_independent", [], {"out_path": str(tmp_path)})
+    with pytest.raises(ScnymError, match="does not exist"):
+        load_config("train_tissue_independent", [], {"out_path": str(tmp_path),
+                                                      "input_counts": str(tmp_path / "absent.h5ad")})
+
+
+def test_default_config_txt_is_in_sync_with_the_defaults():
+    shipped = (REPO / "default_config.txt").read_text()
+    assert shipped == render_key_value(Config()), "regenerate with: scnym print_config > default_config.txt"
+    assert load_config(None, [REPO / "default_config.txt"]) == Config()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*")), ids=lambda p: p.name)
+def test_shipped_example_configs_are_valid(path):
+    load_config(None, [path])
+
+
+def test_print_config_cli(runner, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("n_epochs: 12\n")
+    result = invoke(runner, "print_config", "-c", path, "--set", "lr=0.3", "--json")
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed["n_epochs"] == 12 and printed["lr"] == 0.3
+    result = invoke(runner, "print_config", "--command", "predict_cell_types")
+    assert "model_path:" in result.stdout and "n_epochs" not in result.stdout
+
+
+def test_cli_rejects_unknown_key_in_file(runner, tmp_path, h5ad_path):
+    path = tmp_path / "c.txt"
+    path.write_text("n_epochz: 3\n")
+    result = invoke(runner, "train_tissue_independent", "-c", path, "--input_counts", h5ad_path,
+                    "--out_path", tmp_path / "out")
+    assert_one_line_error(result, "n_epochz", "did you mean 'n_epochs'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_flag_typo_is_suggested(runner):
+    result = invoke(runner, "train_tissue_independent", "--n_epoch", "3")
+    assert result.exit_code != 0
+    assert "--n_epochs" in result.output

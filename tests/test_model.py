@@ -1,0 +1,62 @@
+"""The classifier module: independent layers, input dropout, covariates, embedding."""
+
+import numpy as np
+import pytest
+import torch
+
+from scnym_cli.nn import CellTypeClassifier, InputDropout
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_every_hidden_layer_has_its_own_weights(residual):
+    model = CellTypeClassifier(n_genes=20, n_classes=3, n_hidden=8, n_layers=4, residual=residual)
+    linears = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == (1 + 3 * 2 if residual else 4)
+    hidden_weights = [m.weight for m in linears[1:]]
+    assert len({id(w) for w in hidden_weights}) == len(hidden_weights)
+    # changing one layer changes no other (the original tied them)
+    with torch.no_grad():
+        hidden_weights[0].add_(1.0)
+    assert not torch.equal(hidden_weights[0], hidden_weights[1])
+    n_params = sum(p.numel() for p in model.parameters())
+    per_hidden = 8 * 8 + 8
+    assert n_params > 20 * 8 + (2 * per_hidden if residual else per_hidden) * 3
+
+
+def test_embedding_is_the_last_hidden_layer():
+    model = CellTypeClassifier(n_genes=10, n_classes=4, n_hidden=6, n_layers=2).eval()
+    x = torch.rand(5, 10)
+    logits, embedding = model(x, return_embedding=True)
+    assert embedding.shape == (5, 6) and logits.shape == (5, 4)
+    torch.testing.assert_close(model.classifier(embedding), logits)
+
+
+def test_input_dropout_keeps_the_log_cpm_scale_and_only_trains():
+    torch.manual_seed(0)
+    counts = torch.poisson(torch.full((16, 200), 3.0))
+    x = torch.log1p(counts / counts.sum(1, keepdim=True) * 1e6)
+    layer = InputDropout(0.3).train()
+    out = layer(x)
+    totals = torch.expm1(out.double()).sum(1)
+    torch.testing.assert_close(totals, torch.full_like(totals, 1e6), rtol=1e-4, atol=1.0)
+    dropped = (out == 0) & (x > 0)
+    assert 0.2 < dropped.float().mean() / (x > 0).float().mean() < 0.4
+    assert torch.equal(layer.eval()(x), x)
+    assert torch.equal(InputDropout(0.0).train()(x), x)
+
+
+def test_covariates_enter_the_model_and_are_checked():
+    model = CellTypeClassifier(n_genes=5, n_classes=2, n_hidden=4, n_covariates=3).eval()
+    x = torch.rand(4, 5)
+    a = model(x, torch.eye(3)[[0, 0, 0, 0]])
+    b = model(x, torch.eye(3)[[1, 1, 1, 1]])
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="covariate one-hot of width 3"):
+        model(x)
+
+
+def test_hyperparameters_rebuild_the_same_architecture():
+    model = CellTypeClassifier(n_genes=7, n_classes=3, n_hidden=5, n_layers=3, residual=True, dropout=0.2)
+    clone = CellTypeClassifier(**model.hyperparameters)
+    assert [k for k in model.state_dict()] == [k for k in clone.state_dict()]
+    clone.load_state_dict(model.state_dict())

@@ -1,0 +1,180 @@
+"""predict_cell_types: model resolution, gene alignment, CSV and h5ad outputs, reproducibility."""
+
+import json
+import shutil
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import FAST_FLAGS, assert_one_line_error, invoke, make_counts, write_csv, write_h5ad, write_lines
+
+
+@pytest.fixture
+def query(tmp_path):
+    return make_counts(n_cells=90, seed=7)
+
+
+def predict(runner, model, data, out, *extra):
+    result = invoke(runner, "predict_cell_types", "--model_path", model, "--input_counts", data,
+                    "--out_path", out, *extra)
+    assert result.exit_code == 0, result.output
+    return pd.read_csv(out / "predictions.csv")
+
+
+def test_prediction_csv(runner, trained_run, tmp_path, query):
+    table = predict(runner, trained_run, write_h5ad(query, tmp_path / "q.h5ad"), tmp_path / "p",
+                    "--lower_group", "cell_type")
+    assert list(table.columns[:3]) == ["cell_id", "predicted_label", "confidence"]
+    assert list(table.columns[3:]) == ["prob_type_0", "prob_type_1", "prob_type_2"]
+    assert list(table["cell_id"]) == list(query.obs_names)
+    probabilities = table.filter(like="prob_").to_numpy()
+    np.testing.assert_allclose(probabilities.sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(table["confidence"], probabilities.max(1), rtol=1e-6)
+    assert (table["predicted_label"] == np.array(["type_0", "type_1", "type_2"])[probabilities.argmax(1)]).all()
+    accuracy = (table["predicted_label"] == query.obs["cell_type"].astype(str).to_numpy()).mean()
+    assert accuracy > 0.8
+    summary = json.loads((tmp_path / "p" / "prediction_summary.json").read_text())
+    assert summary["metrics_vs_cell_type"]["accuracy"] == pytest.approx(accuracy)
+    assert summary["gene_overlap"]["fraction_found"] == 1.0
+
+
+def test_annotated_h5ad(runner, trained_run, tmp_path, query):
+    table = predict(runner, trained_run, write_h5ad(query, tmp_path / "q.h5ad"), tmp_path / "p",
+                    "--prediction_key", "celltype_pred", "--write_embedding", "true", "--write_logits", "yes")
+    annotated = ad.read_h5ad(tmp_path / "p" / "annotated.h5ad")
+    assert list(annotated.obs_names) == list(query.obs_names)
+    assert (annotated.obs["celltype_pred"].astype(str).to_numpy() == table["predicted_label"].to_numpy()).all()
+    np.testing.assert_allclose(annotated.obs["celltype_pred_confidence"], table["confidence"], rtol=1e-6)
+    np.testing.assert_allclose(annotated.obsm["celltype_pred_probabilities"],
+                               table.filter(like="prob_").to_numpy(), rtol=1e-5)
+    assert annotated.obsm["X_scnym"].shape == (90, 32)
+    assert (annotated.X != query.X).nnz == 0  # the data themselves are untouched
+    embedding = pd.read_csv(tmp_path / "p" / "embedding.csv")
+    np.testing.assert_allclose(embedding.iloc[:, 1:].to_numpy(), annotated.obsm["X_scnym"], rtol=1e-5, atol=1e-6)
+    logits = pd.read_csv(tmp_path / "p" / "logits.csv")
+    assert list(logits.columns) == ["cell_id", "logit_type_0", "logit_type_1", "logit_type_2"]
+
+
+def test_model_path_forms_give_the_same_predictions(runner, trained_run, tmp_path, query):
+    data = write_h5ad(query, tmp_path / "q.h5ad")
+    by_run = predict(runner, trained_run, data, tmp_path / "a", "--write_h5ad", "false")
+    by_dir = predict(runner, trained_run / "all_data", data, tmp_path / "b")
+    by_weights = predict(runner, trained_run / "all_data" / "00_best_model_weights.safetensors", data, tmp_path / "c")
+    pd.testing.assert_frame_equal(by_run, by_dir)
+    pd.testing.assert_frame_equal(by_run, by_weights)
+    assert not (tmp_path / "a" / "annotated.h5ad").exists()
+    by_fold = predict(runner, trained_run / "fold01", data, tmp_path / "d")
+    assert not by_fold.equals(by_run)
+
+
+def test_gene_alignment_in_prediction(runner, trained_run, tmp_path, query):
+    reference = predict(runner, trained_run, write_h5ad(query, tmp_path / "q.h5ad"), tmp_path / "ref")
+    # reordered genes + extra genes: identical predictions
+    shuffled = query[:, np.random.default_rng(0).permutation(query.n_vars)].copy()
+    extra = ad.AnnData(X=np.ones((query.n_obs, 3), dtype=np.float32), obs=query.obs[[]],
+                       var=pd.DataFrame(index=["x1", "x2", "x3"]))
+    widened = ad.concat([shuffled, extra], axis=1)
+    widened.obs = query.obs.copy()
+    widened.X = widened.X.astype(np.float32)
+    # CPM is computed over the query's own genes, so extra genes change the scale: drop them from the total
+    # by giving them zero counts
+    widened.X[:, -3:] = 0
+    out = predict(runner, trained_run, write_h5ad(widened, tmp_path / "w.h5ad"), tmp_path / "w")
+    pd.testing.assert_frame_equal(out, reference, rtol=1e-4)
+    summary = json.loads((tmp_path / "w" / "gene_overlap.json").read_text())
+    assert summary["n_extra"] == 3 and summary["n_missing"] == 0
+    # missing genes: reported, still predicted
+    partial = query[:, 10:].copy()
+    out = predict(runner, trained_run, write_h5ad(partial, tmp_path / "m.h5ad"), tmp_path / "m")
+    overlap = json.loads((tmp_path / "m" / "gene_overlap.json").read_text())
+    assert overlap["n_missing"] == 10 and overlap["fraction_found"] == pytest.approx(50 / 60)
+    assert len(out) == 90
+
+
+def test_too_little_overlap(runner, trained_run, tmp_path, query):
+    tiny = query[:, :20].copy()
+    result = invoke(runner, "predict_cell_types", "--model_path", trained_run, "--input_counts",
+                    write_h5ad(tiny, tmp_path / "t.h5ad"), "--out_path", tmp_path / "p")
+    assert_one_line_error(result, "only 20 of 60 model genes", "--min_gene_overlap")
+    assert not (tmp_path / "p").exists()
+    predict(runner, trained_run, tmp_path / "t.h5ad", tmp_path / "p", "--min_gene_overlap", "0.3")
+
+
+def test_csv_query_and_training_gene_names(runner, trained_run, tmp_path, query):
+    genes = write_lines(tmp_path / "genes.txt", query.var_names)
+    csv_path = write_csv(query, tmp_path / "q.csv", header=False)
+    by_csv = predict(runner, trained_run, csv_path, tmp_path / "c", "--input_gene_names", genes,
+                     "--training_gene_names", genes)
+    by_h5ad = predict(runner, trained_run, write_h5ad(query, tmp_path / "q.h5ad"), tmp_path / "h")
+    pd.testing.assert_frame_equal(by_csv, by_h5ad, rtol=1e-5)
+    write_lines(genes, list(query.var_names)[::-1])
+    result = invoke(runner, "predict_cell_types", "--model_path", trained_run, "--input_counts", csv_path,
+                    "--input_gene_names", tmp_path / "genes.txt", "--training_gene_names", genes,
+                    "--out_path", tmp_path / "x")
+    assert_one_line_error(result, "--training_gene_names", "differs")
+
+
+def test_unknown_threshold(runner, trained_run, tmp_path, query):
+    table = predict(runner, trained_run, write_h5ad(query, tmp_path / "q.h5ad"), tmp_path / "p",
+                    "--unknown_threshold", "0.9")
+    low = table["confidence"] < 0.9
+    assert (table.loc[low, "predicted_label"] == "Unknown").all()
+    assert (table.loc[~low, "predicted_label"] != "Unknown").all()
+
+
+def test_same_seed_on_cpu_gives_identical_predictions(runner, tmp_path, query):
+    data = write_h5ad(make_counts(n_cells=150, seed=3), tmp_path / "ref.h5ad")
+    q = write_h5ad(query, tmp_path / "q.h5ad")
+    tables = []
+    for run, seed in (("a", 5), ("b", 5), ("c", 6)):
+        result = invoke(runner, "train_tissue_independent", "--input_counts", data, "--lower_group", "cell_type",
+                        "--out_path", tmp_path / run, "--seed", seed, "--init_dropout", "0.2",
+                        "--mixup_alpha", "0.3", "--balance_classes", "true", *FAST_FLAGS)
+        assert result.exit_code == 0, result.output
+        tables.append(predict(runner, tmp_path / run, q, tmp_path / f"p{run}"))
+    pd.testing.assert_frame_equal(tables[0], tables[1], check_exact=True)
+    assert not np.array_equal(tables[0]["confidence"], tables[2]["confidence"])
+
+
+def test_refuses_to_overwrite_predictions(runner, trained_run, tmp_path, query):
+    data = write_h5ad(query, tmp_path / "q.h5ad")
+    predict(runner, trained_run, data, tmp_path / "p")
+    result = invoke(runner, "predict_cell_types", "--model_path", trained_run, "--input_counts", data,
+                    "--out_path", tmp_path / "p")
+    assert_one_line_error(result, "already holds results")
+    predict(runner, trained_run, data, tmp_path / "p", "--overwrite", "true")
+
+
+def test_damaged_models(runner, trained_run, tmp_path, query):
+    data = write_h5ad(query, tmp_path / "q.h5ad")
+    model = tmp_path / "model"
+    shutil.copytree(trained_run / "all_data", model)
+    weights = model / "00_best_model_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    result = invoke(runner, "predict_cell_types", "--model_path", model, "--input_counts", data,
+                    "--out_path", tmp_path / "p")
+    assert_one_line_error(result, "checksum")
+    manifest = json.loads((model / "model.json").read_text())
+    manifest.pop("weights_sha256")
+    (model / "model.json").write_text(json.dumps(manifest))
+    result = invoke(runner, "predict_cell_types", "--model_path", model, "--input_counts", data,
+                    "--out_path", tmp_path / "p")
+    assert_one_line_error(result, "could not load weights")
+    (model / "model.json").write_text("{not json")
+    result = invoke(runner, "predict_cell_types", "--model_path", model, "--input_counts", data,
+                    "--out_path", tmp_path / "p")
+    assert_one_line_error(result, "not valid JSON")
+    result = invoke(runner, "predict_cell_types", "--model_path", tmp_path, "--input_counts", data,
+                    "--out_path", tmp_path / "p")
+    assert_one_line_error(result, "holds no model.json")
+    assert not (tmp_path / "p").exists()
+
+
+def test_architecture_comes_from_the_manifest_not_the_callers_config(runner, trained_run, tmp_path, query):
+    config = tmp_path / "c.txt"
+    config.write_text("n_hidden: 999\nn_layers: 7\nresidual: true\n")
+    a = predict(runner, trained_run, write_h5ad(query, tmp_path / "q.h5ad"), tmp_path / "a")
+    b = predict(runner, trained_run, tmp_path / "q.h5ad", tmp_path / "b", "-c", config)
+    pd.testing.assert_frame_equal(a, b)

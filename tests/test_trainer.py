@@ -1,0 +1,164 @@
+"""The shared trainer: it learns, it is reproducible, early stopping, sampling, logging."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from scnym_cli.config import Config
+from scnym_cli.data import normalize
+from scnym_cli.data.batches import EpochSampler, dense_rows
+from scnym_cli.data.splits import all_data_split, cross_validation_splits, selection_split
+from scnym_cli.train import Trainer, TrainingData
+from scnym_cli.train.inference import forward_rows
+from scnym_cli.train.losses import inverse_frequency_weights, soft_cross_entropy
+from scnym_cli.train.metrics import classification_metrics, expected_calibration_error
+from scnym_cli.workflows.train import build_model
+
+from conftest import make_counts
+
+FAST = dict(n_epochs=8, min_epochs=1, batch_size=32, n_hidden=32, patience=0, seed=0)
+
+
+def synthetic_training_data(n_cells=300, seed=0):
+    adata = make_counts(n_cells=n_cells, seed=seed)
+    X, _ = normalize(sp.csr_matrix(adata.X))
+    codes = adata.obs["cell_type"].cat.codes.to_numpy().astype(np.int64)
+    folds = cross_validation_splits(np.arange(n_cells), codes, 3, 0.1, seed)
+    return TrainingData(X, codes, folds[0], 3)
+
+
+def fit(config, data, device="cpu"):
+    model = build_model(config, data.X.shape[1], data.n_classes)
+    result = Trainer(config, torch.device(device), show_progress=False).fit(model, data)
+    return model, result
+
+
+def test_it_learns_planted_markers():
+    data = synthetic_training_data()
+    model, result = fit(Config(**FAST), data)
+    outputs = forward_rows(model, data.X, data.split.held_out, torch.device("cpu"))
+    accuracy = (outputs.logits.argmax(1) == data.codes[data.split.held_out]).mean()
+    assert accuracy > 0.9
+    assert list(result.history.columns[:3]) == ["epoch", "lr", "train_loss"]
+    assert result.history["train_loss"].iloc[-1] < result.history["train_loss"].iloc[0]
+
+
+def test_same_seed_same_model_different_seed_different_model():
+    data = synthetic_training_data()
+    a, _ = fit(Config(**FAST), data)
+    b, _ = fit(Config(**FAST), data)
+    c, _ = fit(Config(**{**FAST, "seed": 1}), data)
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    assert any(not torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_fit_leaves_the_callers_rng_alone():
+    data = synthetic_training_data()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    fit(Config(**{**FAST, "n_epochs": 2}), data)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_best_epoch_is_restored_and_respects_min_epochs(tmp_path):
+    data = synthetic_training_data()
+    config = Config(**{**FAST, "n_epochs": 6, "min_epochs": 4})
+    model = build_model(config, data.X.shape[1], 3)
+    result = Trainer(config, torch.device("cpu"), log_path=tmp_path / "log.csv", show_progress=False).fit(model, data)
+    log = pd.read_csv(tmp_path / "log.csv")
+    assert len(log) == 6 and result.best_epoch >= 4
+    eligible = log[log["epoch"] >= 4]
+    assert result.best_epoch == int(eligible.loc[eligible["select_loss"].idxmin(), "epoch"])
+    assert log.loc[log["epoch"] < 4, "is_best"].sum() == 0
+    # the restored weights give the logged selection loss of the best epoch
+    outputs = forward_rows(model, data.X, data.split.select, torch.device("cpu"))
+    loss = torch.nn.functional.cross_entropy(torch.from_numpy(outputs.logits),
+                                             torch.from_numpy(data.codes[data.split.select]))
+    assert float(loss) == pytest.approx(eligible["select_loss"].min(), rel=1e-5)
+
+
+def test_early_stopping_with_patience():
+    data = synthetic_training_data()
+    _, result = fit(Config(**{**FAST, "n_epochs": 60, "patience": 2, "selection_metric": "accuracy"}), data)
+    assert result.stopped_early and result.epochs_run < 60
+    assert result.epochs_run - result.best_epoch == 2
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_other_optimizers_train(optimizer):
+    data = synthetic_training_data()
+    _, result = fit(Config(**{**FAST, "optimizer": optimizer, "lr": 0.01 if optimizer != "sgd" else 0.1}), data)
+    assert result.history["select_accuracy"].max() > 0.8
+    if optimizer == "sgd":  # cosine schedule lowers the learning rate
+        assert result.history["lr"].iloc[-1] < result.history["lr"].iloc[0]
+
+
+def test_mixup_and_class_weights_train():
+    data = synthetic_training_data()
+    _, result = fit(Config(**{**FAST, "mixup_alpha": 0.3, "weight_classes": True}), data)
+    assert result.history["select_accuracy"].max() > 0.8
+
+
+def test_balanced_sampler_draws_classes_equally():
+    codes = np.array([0] * 900 + [1] * 90 + [2] * 10)
+    sampler = EpochSampler(np.arange(1000), 100, codes=codes, balance_classes=True, seed=0)
+    drawn = np.concatenate([np.concatenate(list(sampler.epoch())) for _ in range(5)])
+    shares = np.bincount(codes[drawn], minlength=3) / len(drawn)
+    np.testing.assert_allclose(shares, 1 / 3, atol=0.03)
+    plain = np.concatenate(list(EpochSampler(np.arange(1000), 100, seed=0).epoch()))
+    assert sorted(plain) == list(range(1000))
+
+
+def test_sampler_drops_a_last_batch_of_one():
+    batches = list(EpochSampler(np.arange(65), 32, seed=0).epoch())
+    assert [len(b) for b in batches] == [32, 32]
+    assert [len(b) for b in EpochSampler(np.arange(5), 32, seed=0).epoch()] == [5]
+
+
+def test_dense_rows_gathers_exactly_the_rows():
+    X = sp.random(50, 20, density=0.2, format="csr", random_state=0, dtype=np.float32)
+    rows = np.array([49, 0, 7, 7])
+    np.testing.assert_array_equal(dense_rows(X, rows), X.toarray()[rows])
+
+
+def test_splits_are_stratified_disjoint_and_seeded():
+    codes = np.repeat(np.arange(4), [100, 50, 20, 10])
+    rows = np.arange(len(codes))
+    splits = cross_validation_splits(rows, codes, 5, 0.1, seed=3)
+    held = np.concatenate([s.held_out for s in splits])
+    assert sorted(held) == list(rows)
+    for s in splits:
+        assert not set(s.fit) & set(s.select) and not set(s.fit) & set(s.held_out)
+        assert set(s.fit) | set(s.select) | set(s.held_out) == set(rows)
+        np.testing.assert_allclose(np.bincount(codes[s.held_out]), [20, 10, 4, 2])
+    again = cross_validation_splits(rows, codes, 5, 0.1, seed=3)
+    assert all(np.array_equal(a.select, b.select) for a, b in zip(splits, again))
+    fit_rows, select = selection_split(rows, codes, 0.1, seed=0)
+    assert np.bincount(codes[select]).tolist() == [10, 5, 2, 1]
+    assert len(all_data_split(rows, codes, 0.1, 0).held_out) == 0
+
+
+def test_soft_cross_entropy_matches_torch_and_applies_log_softmax_once():
+    logits = torch.randn(6, 4)
+    target = torch.tensor([0, 3, 1, 1, 2, 0])
+    one_hot = torch.nn.functional.one_hot(target, 4).float()
+    torch.testing.assert_close(soft_cross_entropy(logits, one_hot), torch.nn.functional.cross_entropy(logits, target))
+    weights = inverse_frequency_weights(target, 4)
+    torch.testing.assert_close(soft_cross_entropy(logits, one_hot, weights),
+                               (torch.nn.functional.cross_entropy(logits, target, reduction="none")
+                                * weights[target]).mean())
+
+
+def test_metrics():
+    truth = np.array([0, 0, 0, 0, 1, 1])
+    predicted = np.array([0, 0, 0, 0, 0, 1])
+    m = classification_metrics(truth, predicted)
+    assert m["accuracy"] == pytest.approx(5 / 6) and m["balanced_accuracy"] == pytest.approx(0.75)
+    perfect = np.eye(3)[[0, 1, 2]]
+    assert expected_calibration_error(perfect, np.array([0, 1, 2])) == 0.0
+    overconfident = np.array([[0.99, 0.01]] * 10)
+    assert expected_calibration_error(overconfident, np.array([0] * 5 + [1] * 5)) == pytest.approx(0.49)

@@ -438,3 +438,23 @@ def render_key_value(config: Config, keys: Iterable[str] | None = None, with_hel
                 lines.append(f"# {describe(key)['help']}")
             lines.append(f"{key}: {text}".rstrip())
     return "\n".join(lines) + "\n"
+
+
+def render_markdown_table() -> str:
+    """The README's tables of config keys, one per section (kept in sync by a test)."""
+    short = {"train_tissue_independent": "train", "train_tissue_dependent": "train",
+             "train_tissue_specific": "train", "predict_cell_types": "predict",
+             "find_cell_type_markers": "markers"}
+    rows: list[str] = []
+    for section in SECTIONS:
+        rows += [f"**{section}**", "", "| key | default | used by | meaning |", "|---|---|---|---|"]
+        for f in fields(Config):
+            if f.metadata["section"] != section:
+                continue
+            info = describe(f.name)
+            used = ", ".join(sorted({short[c] for c in info["commands"]}))
+            default = "" if info["default"] is None else f"`{info['default']}`"
+            choices = f" One of: {', '.join(info['choices'])}." if info["choices"] else ""
+            rows.append(f"| `{f.name}` | {default} | {used} | {info['help']}{choices} |")
+        rows.append("")
+    return "\n".join(rows)

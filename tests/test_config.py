@@ -114,7 +114,7 @@ def test_required_keys_and_paths_are_checked_before_work(tmp_path):
 
 def test_default_config_txt_is_in_sync_with_the_defaults():
     shipped = (REPO / "default_config.txt").read_text()
-    assert shipped == render_key_value(Config()), "regenerate with: scnym print_config > default_config.txt"
+    assert shipped == render_key_value(Config()), "run: python scripts/update_docs.py"
     assert load_config(None, [REPO / "default_config.txt"]) == Config()
 
 

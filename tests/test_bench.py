@@ -1,0 +1,38 @@
+"""The benchmark scripts run (quick mode: tiny subsample, 2 epochs) so they cannot rot."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import shared_data
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.real_data
+
+
+def load_bench(name):
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accuracy_benchmark_quick(tmp_path, monkeypatch):
+    shared_data("kang2018_ctrl_stim_small.h5ad")
+    accuracy = load_bench("accuracy")
+    rows = accuracy.main(["--quick", "--splits", "kang_ctrl_to_stim", "--seeds", "0", "--out", str(tmp_path / "r"),
+                          "--work", str(tmp_path / "w"), "--tag", "t"])
+    assert len(rows) == len(accuracy.METHODS)
+    table = pd.read_csv(tmp_path / "r" / "t.csv")
+    assert {"balanced_accuracy", "accuracy", "macro_f1", "ece", "train_seconds"} <= set(table.columns)
+    assert table["balanced_accuracy"].between(0, 1).all()
+    payload = json.loads((tmp_path / "r" / "t.json").read_text())
+    assert payload["machine"]["cores"] and "python bench/accuracy.py" in payload["command"]
+    assert (tmp_path / "r" / "t.png").stat().st_size > 0
+    assert "Kang ctrl -> stim" in (tmp_path / "r" / "t.md").read_text()

@@ -25,10 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (PEER_TABLE, RESULTS, SPLITS, WORK, machine, materialize, run_measured,  # noqa: E402
                     scnym_command, write_json)
 
-# method name -> extra training flags; the query is passed as unlabeled target data when
-# a method is semi-supervised (see the semi-supervised issue)
+# method name -> extra training flags; QUERY is replaced by the query file, given as unlabeled
+# target data (transductive, like the peers scNym 0.3.2 and scANVI)
 METHODS: dict[str, list[str]] = {
     "supervised": [],
+    "mixmatch": ["--unlabeled_counts", "QUERY", "--preset", "no_dan"],
+    "mixmatch_dan": ["--unlabeled_counts", "QUERY", "--preset", "default"],
 }
 QUICK_FLAGS = ["--n_epochs", "2", "--min_epochs", "1", "--n_hidden", "32", "--batch_size", "64"]
 
@@ -58,8 +60,7 @@ def run_one(split_name: str, method: str, seed: int, args) -> dict:
     train = [*scnym_command(), "train_tissue_independent", "--input_counts", str(reference),
              "--lower_group", split.label, "--out_path", str(run_dir / "model"), "--n_folds", "0",
              "--seed", str(seed), "--overwrite", "true", "--quiet", *METHODS[method]]
-    if "--unlabeled_counts" in METHODS[method]:
-        train[train.index("--unlabeled_counts") + 1] = str(query)
+    train = [str(query) if a == "QUERY" else a for a in train]
     if args.quick:
         train += QUICK_FLAGS
     if args.n_epochs:

@@ -14,6 +14,7 @@ import json
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 import yaml
@@ -26,7 +27,7 @@ MARKER_COMMANDS = frozenset({"find_cell_type_markers"})
 ALL_COMMANDS = TRAIN_COMMANDS | PREDICT_COMMANDS | MARKER_COMMANDS
 READS_DATA = ALL_COMMANDS
 
-SECTIONS = ("Inputs", "Labels and groups", "Model", "Training", "Prediction", "Run")
+SECTIONS = ("Inputs", "Labels and groups", "Model", "Training", "Semi-supervised", "Prediction", "Run")
 
 
 def option(
@@ -85,6 +86,16 @@ class Config:
     training_metadata: Optional[Path] = option(
         None, "CSV with per-cell labels, rows in cell order or matched by a cell-id column "
         "(default: the h5ad obs / loom column attributes).", "Inputs", _TRAIN_PREDICT, must_exist=True)
+    unlabeled_counts: Optional[Path] = option(
+        None, "Target (unlabeled) data for semi-supervised training, any input format; genes are aligned "
+        "to the training genes.", "Inputs", _TRAIN, must_exist=True)
+    unlabeled_genes: Optional[Path] = option(
+        None, "Gene names of --unlabeled_counts (one per line) when that file has none.", "Inputs", _TRAIN,
+        must_exist=True)
+    gene_map: Optional[Path] = option(
+        None, "CSV of gene-name translations 'from,to' (e.g. mouse -> human orthologs, Ensembl id -> symbol), "
+        "applied to the data aligned to the model: --unlabeled_counts when training, the query when predicting.",
+        "Inputs", _TRAIN_PREDICT, must_exist=True)
     input_normalization: str = option(
         "auto", "How X is normalized: auto (detect), counts (-> ln(CPM+1)), log1p / log2_1p / log10_1p "
         "(log-normalized at any per-cell total, rescaled to ln(CPM+1)), as_is (already ln(CPM+1), unchanged).",
@@ -97,6 +108,9 @@ class Config:
     upper_group: str = option(
         "tissue", "Upper group column (e.g. tissue) for tissue-dependent and tissue-specific models.",
         "Labels and groups", _TRAIN_PREDICT)
+    input_domain_group: Optional[str] = option(
+        None, "Column with each cell's domain (donor, technology, ...) for the domain adversary; target files "
+        "without it form one domain. Default: reference vs target.", "Labels and groups", _TRAIN)
 
     # ---------------------------------------------------------------- Model
     n_hidden: int = option(256, "Width of each hidden layer.", "Model", _TRAIN, min=1)
@@ -137,10 +151,56 @@ class Config:
     weight_classes: bool = option(
         False, "Weight the loss of each class by its inverse frequency.", "Training", _TRAIN)
     mixup_alpha: Optional[float] = option(
-        None, "MixUp of labeled cells with lambda ~ Beta(alpha, alpha) (none = off).", "Training", _TRAIN,
-        min=0.0, min_exclusive=True)
+        0.3, "MixUp with lambda ~ Beta(alpha, alpha), lambda' = max(lambda, 1 - lambda): of labeled cells, and "
+        "in MixMatch of labeled and target cells (none = off).", "Training", _TRAIN, min=0.0, min_exclusive=True)
+    calibrate: bool = option(
+        True, "Fit a softmax temperature on the model-selection split so confidences are calibrated.",
+        "Training", _TRAIN)
     seed: int = option(0, "Seed for every random choice (splits, sampling, initialization, dropout).",
                        "Training", _TRAIN, min=0)
+
+    # ---------------------------------------------------------------- Semi-supervised
+    preset: str = option(
+        "default", "Named settings of the 2021 API, applied below config files and flags: default and "
+        "no_new_identity (MixMatch + domain adversary), new_identity_discovery (only confident target cells "
+        "are pseudolabelled: threshold 0.9), no_dan (MixMatch only), no_ssl (supervised only).",
+        "Semi-supervised", _TRAIN, choices=("default", "no_new_identity", "new_identity_discovery", "no_dan",
+                                             "no_ssl"))
+    unsup_max_weight: float = option(
+        1.0, "Maximum weight of the MixMatch (unsupervised) loss; 0 = no MixMatch.", "Semi-supervised", _TRAIN,
+        min=0.0)
+    unsup_ramp_epochs: int = option(100, "Epochs over which the unsupervised weight ramps up (sigmoid).",
+                                    "Semi-supervised", _TRAIN, min=0)
+    unsup_burn_in_epochs: int = option(0, "Epochs of supervised training before the ramp starts.",
+                                       "Semi-supervised", _TRAIN, min=0)
+    sharpen_temperature: float = option(0.5, "MixMatch sharpening temperature T of the pseudolabels.",
+                                        "Semi-supervised", _TRAIN, min=0.0, min_exclusive=True)
+    pseudolabel_min_confidence: float = option(
+        0.0, "Target cells whose guessed class is less confident than this get no unsupervised loss and are "
+        "not mixed (0.9 in new_identity_discovery).", "Semi-supervised", _TRAIN, min=0.0, max=1.0,
+        max_exclusive=True)
+    augmentation: str = option(
+        "log1p_drop", "Count-space augmentation of MixMatch: drop values, mask genes, Poisson resampling, or none.",
+        "Semi-supervised", _TRAIN, choices=("log1p_drop", "log1p_mask", "poisson", "none"))
+    augmentation_rate: float = option(0.1, "Fraction of values (log1p_drop) or genes (log1p_mask) dropped.",
+                                      "Semi-supervised", _TRAIN, min=0.0, max=1.0, max_exclusive=True)
+    augment_pseudolabels: bool = option(
+        False, "Guess pseudolabels from augmented target cells, averaged over n_augmentations views.",
+        "Semi-supervised", _TRAIN)
+    n_augmentations: int = option(1, "Augmented views averaged per pseudolabel.", "Semi-supervised", _TRAIN,
+                                  min=1)
+    unsup_mean_teacher: bool = option(
+        False, "Guess pseudolabels with a mean teacher (moving average of the weights).", "Semi-supervised", _TRAIN)
+    mean_teacher_decay: float = option(0.999, "Decay of the mean teacher's moving average.", "Semi-supervised",
+                                       _TRAIN, min=0.0, max=1.0, max_exclusive=True)
+    dan_max_weight: float = option(
+        0.1, "Maximum gradient-reversal weight of the domain adversary; 0 = no adversary.", "Semi-supervised",
+        _TRAIN, min=0.0)
+    dan_ramp_epochs: int = option(20, "Epochs over which the adversary's weight ramps up (sigmoid).",
+                                  "Semi-supervised", _TRAIN, min=0)
+    dan_use_conf_pseudolabels: bool = option(
+        False, "Only confidently pseudolabelled target cells enter the domain adversary.", "Semi-supervised", _TRAIN)
+    dan_n_layers: int = option(1, "Hidden layers of the domain classifier.", "Semi-supervised", _TRAIN, min=0)
 
     # ---------------------------------------------------------------- Prediction
     model_path: Optional[Path] = option(
@@ -344,6 +404,37 @@ def suggest_key(key: str) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
+# ---------------------------------------------------------------------- presets
+# The named configurations of scNym's 2021 API, as changes to the built-in defaults (which are
+# the 2021 "default" config). Read-only: no run can change them.
+PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
+    "default": MappingProxyType({}),
+    "no_new_identity": MappingProxyType({"pseudolabel_min_confidence": 0.0, "dan_use_conf_pseudolabels": False}),
+    "new_identity_discovery": MappingProxyType({"pseudolabel_min_confidence": 0.9,
+                                                "dan_use_conf_pseudolabels": True}),
+    "no_dan": MappingProxyType({"dan_max_weight": 0.0}),
+    "no_ssl": MappingProxyType({"unsup_max_weight": 0.0, "dan_max_weight": 0.0}),
+})
+
+
+def _with_preset(layers: Sequence[ConfigLayer]) -> list[ConfigLayer]:
+    """Put the chosen preset's values below every other layer."""
+    chosen = None
+    for layer in layers:
+        for key, value in layer.values.items():
+            if str(key).replace("-", "_") == "preset" and value not in (None, ""):
+                chosen = (str(value).strip(), layer.source)
+    if chosen is None:
+        return list(layers)
+    name, source = chosen
+    if name not in PRESETS:
+        match = difflib.get_close_matches(name, list(PRESETS), n=1)
+        hint = f" (did you mean {match[0]!r}?)" if match else ""
+        raise ScnymError(f"config key 'preset' (from {source}): must be one of {', '.join(PRESETS)}; "
+                         f"got {name!r}{hint}")
+    return [ConfigLayer(f"preset {name!r}", PRESETS[name]), *layers]
+
+
 # ---------------------------------------------------------------------- building
 def build_config(
     layers: Sequence[ConfigLayer],
@@ -363,7 +454,7 @@ def build_config(
     # Keys absent from every layer keep the dataclass defaults (valid by construction).
     merged: dict[str, Any] = base.to_dict() if base else {}
     sources: dict[str, str] = {}
-    for layer in layers:
+    for layer in _with_preset(layers):
         for raw_key, value in layer.values.items():
             key = str(raw_key).replace("-", "_")
             if key not in _FIELDS:
@@ -390,6 +481,8 @@ def _check_combinations(config: Config) -> None:
         raise ScnymError("config key 'n_folds' must be 0 (no cross-validation) or at least 2; got 1")
     if config.balance_classes and config.weight_classes:
         raise ScnymError("balance_classes and weight_classes both correct class imbalance; turn one of them off")
+    if config.unlabeled_genes is not None and config.unlabeled_counts is None:
+        raise ScnymError("--unlabeled_genes names the genes of --unlabeled_counts, which is not given")
 
 
 _REQUIRED = {

@@ -37,8 +37,8 @@ def test_precedence_defaults_files_flags(tmp_path):
     ("c.json", '{"n_epochs": 7, "balance_classes": true, "mixup_alpha": null}'),
     ("c.yml", "n_epochs: 7\nbalance_classes: yes\nmixup_alpha:\n"),
     ("c.txt", "n_epochs: 7\nbalance_classes: True\nmixup_alpha:\n"),
-    ("c.cfg", "n_epochs = 7\nbalance_classes = 1\n"),
-    ("noext", '{"n_epochs": 7, "balance_classes": "on"}'),
+    ("c.cfg", "n_epochs = 7\nbalance_classes = 1\nmixup_alpha = none\n"),
+    ("noext", '{"n_epochs": 7, "balance_classes": "on", "mixup_alpha": "None"}'),
 ])
 def test_every_format_reads_the_same(tmp_path, name, text):
     path = tmp_path / name

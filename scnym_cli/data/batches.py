@@ -53,6 +53,11 @@ class EpochSampler:
         full, rest = divmod(len(self.rows), self.batch_size)
         return full if (self.drop_last or rest == 0) else full + 1
 
+    def forever(self) -> Iterator[np.ndarray]:
+        """Batches epoch after epoch, without end (target cells, drawn alongside labeled batches)."""
+        while True:
+            yield from self.epoch()
+
     def epoch(self) -> Iterator[np.ndarray]:
         if self.probabilities is None:
             order = self.rng.permutation(self.rows)

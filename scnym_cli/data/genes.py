@@ -120,3 +120,50 @@ def align_genes(cells: CellMatrix, model_genes: Sequence[str], *, min_overlap: f
         return cells, overlap
     X = reindex_columns(cells.X, cells.genes, model_genes)
     return cells.with_(X=X, genes=model_genes), overlap
+
+
+@dataclass(frozen=True)
+class GeneMapReport:
+    """What a gene-name translation did to one input."""
+
+    n_genes: int
+    n_mapped: int
+    n_unmapped: int
+    n_collapsed: int  # mapped onto a name another gene already had (first kept)
+
+    def describe(self) -> str:
+        return (f"--gene_map translated {self.n_mapped} of {self.n_genes} gene names; {self.n_unmapped} had no "
+                f"entry and kept their name; {self.n_collapsed} duplicates after translation were dropped")
+
+
+def read_gene_map(path) -> dict[str, str]:
+    """A 'from,to' CSV (header optional; extra columns ignored) as a dict; the first entry of a name wins."""
+    try:
+        table = pd.read_csv(path, header=None, dtype=str, sep=None, engine="python")
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise ScnymError(f"could not read --gene_map {path} ({str(e).splitlines()[0]})") from None
+    if table.shape[1] < 2:
+        raise ScnymError(f"--gene_map {path} needs two columns, 'from' and 'to' (e.g. mouse,human); it has "
+                         f"{table.shape[1]}")
+    table = table.iloc[:, :2].dropna()
+    table = table[(table.iloc[:, 0].str.strip() != "") & (table.iloc[:, 1].str.strip() != "")]
+    mapping = dict(zip(table.iloc[::-1, 0].str.strip(), table.iloc[::-1, 1].str.strip()))
+    if not mapping:
+        raise ScnymError(f"--gene_map {path} holds no 'from,to' pairs")
+    return mapping
+
+
+def apply_gene_map(cells: CellMatrix, mapping: dict[str, str], what: str) -> tuple[CellMatrix, GeneMapReport]:
+    """Translate gene names; unmapped names stay; a map that translates nothing is an error."""
+    translated = cells.genes.map(lambda g: mapping.get(g, g))
+    n_mapped = int(cells.genes.isin(list(mapping)).sum())
+    if n_mapped == 0:
+        raise ScnymError(
+            f"--gene_map translates none of the {len(cells.genes)} gene names of the {what} ({cells.source}; "
+            f"names look like '{', '.join(cells.genes[:3])}', the map's 'from' column like "
+            f"'{', '.join(list(mapping)[:3])}'); check the map's direction and naming")
+    renamed = cells.with_(genes=pd.Index(translated))
+    duplicates = int(renamed.genes.duplicated().sum())
+    report = GeneMapReport(len(cells.genes), n_mapped, len(cells.genes) - n_mapped, duplicates)
+    log.info("%s: %s", what, report.describe())
+    return drop_duplicate_genes(renamed), report

@@ -79,9 +79,11 @@ class LabelEncoding:
     @classmethod
     def fit(cls, labels: Sequence[str], column: str = "labels") -> "LabelEncoding":
         classes = tuple(sorted(set(map(str, labels)) - {UNLABELED}))
+        if not classes:
+            raise ScnymError(f"every cell is {UNLABELED!r} in column {column!r}: training needs labeled reference "
+                             "cells of at least 2 classes")
         if len(classes) < 2:
-            found = f"only {classes[0]!r}" if classes else "none"
-            raise ScnymError(f"training needs at least 2 classes in column {column!r}; found {found}")
+            raise ScnymError(f"training needs at least 2 classes in column {column!r}; found only {classes[0]!r}")
         if UNKNOWN in classes:
             raise ScnymError(f"{UNKNOWN!r} is reserved for low-confidence predictions; rename that class in {column!r}")
         return cls(classes)

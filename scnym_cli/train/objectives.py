@@ -19,6 +19,24 @@ class LabeledBatch:
     x: torch.Tensor                      # cells x genes, ln(CPM + 1)
     target: torch.Tensor                 # cells x classes, one-hot
     covariates: Optional[torch.Tensor] = None
+    domains: Optional[torch.Tensor] = None
+
+
+class Objective:
+    """Hooks the trainer calls around the steps; objectives without extra state keep the defaults."""
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters beyond the model's that the optimizer must update (e.g. a domain head)."""
+        return []
+
+    def to(self, device: torch.device) -> "Objective":
+        return self
+
+    def train(self) -> None:
+        """Put the objective's own modules in training mode (once per epoch)."""
+
+    def after_step(self, model: torch.nn.Module) -> None:
+        """Called after every optimizer step (e.g. to update a mean teacher)."""
 
 
 def mixup(x: torch.Tensor, target: torch.Tensor, covariates: Optional[torch.Tensor], alpha: float):
@@ -32,14 +50,14 @@ def mixup(x: torch.Tensor, target: torch.Tensor, covariates: Optional[torch.Tens
     return mixed_x, mixed_target, mixed_cov
 
 
-class SupervisedObjective:
+class SupervisedObjective(Objective):
     """Cross-entropy on labeled cells, optionally class-weighted and MixUp-ed."""
 
     def __init__(self, class_weight: Optional[torch.Tensor] = None, mixup_alpha: Optional[float] = None):
         self.class_weight = class_weight
         self.mixup_alpha = mixup_alpha
 
-    def __call__(self, model: torch.nn.Module, batch: LabeledBatch, epoch: int
+    def __call__(self, model: torch.nn.Module, batch: LabeledBatch, epoch: int, unlabeled=None
                  ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         x, target, covariates = batch.x, batch.target, batch.covariates
         if self.mixup_alpha:

@@ -9,6 +9,7 @@ objective's business (:mod:`.objectives`).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import time
@@ -32,7 +33,9 @@ from .device import Precision
 from .inference import forward_rows
 from .losses import inverse_frequency_weights
 from .metrics import classification_metrics
-from .objectives import LabeledBatch, SupervisedObjective
+from .calibration import fit_temperature
+from .mixmatch import MixMatchSettings, SemiSupervisedObjective, UnlabeledBatch
+from .objectives import LabeledBatch, Objective, SupervisedObjective
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,10 @@ class TrainingData:
         Rows to fit on, to select the best epoch on, and to hold out.
     covariates
         Optional one-hot per row appended to the input (tissue-dependent models).
+    unlabeled
+        Rows of target cells for semi-supervised training (MixMatch, domain adversary).
+    domains
+        Domain code of every row (for the domain adversary).
     """
 
     X: sp.csr_matrix
@@ -65,6 +72,16 @@ class TrainingData:
     split: Split
     n_classes: int
     covariates: Optional[np.ndarray] = None
+    unlabeled: np.ndarray = field(default_factory=lambda: np.array([], dtype=np.int64))
+    domains: Optional[np.ndarray] = None
+
+    @property
+    def n_domains(self) -> int:
+        return 0 if self.domains is None else int(self.domains.max()) + 1
+
+    def labeled_domains(self) -> int:
+        """Distinct domains among the rows the model is fit on."""
+        return 0 if self.domains is None else len(np.unique(self.domains[self.split.fit]))
 
 
 @dataclass
@@ -75,6 +92,8 @@ class FitResult:
     stopped_early: bool
     seconds: float
     history: pd.DataFrame = field(repr=False)
+    temperature: float = 1.0
+    semi_supervised: bool = False
 
 
 def make_progress(enabled: bool) -> Progress:
@@ -118,25 +137,51 @@ class Trainer:
         self.show_progress = show_progress
 
     # ------------------------------------------------------------------ pieces
-    def _optimizer(self, model: torch.nn.Module):
+    def _optimizer(self, model: torch.nn.Module, extra_parameters=()):
         c = self.config
-        optimizer = OPTIMIZERS[c.optimizer](model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        parameters = list(model.parameters()) + list(extra_parameters)
+        optimizer = OPTIMIZERS[c.optimizer](parameters, lr=c.lr, weight_decay=c.weight_decay)
         scheduler = None
         if c.optimizer == "sgd":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=c.n_epochs, eta_min=c.lr / 1e4)
         return optimizer, scheduler
 
-    def _objective(self, data: TrainingData) -> SupervisedObjective:
+    def _objective(self, model: torch.nn.Module, data: TrainingData) -> Objective:
+        """MixMatch / domain adversary when there is something to adapt to, else supervised."""
+        c = self.config
         class_weight = None
-        if self.config.weight_classes:
+        if c.weight_classes:
             class_weight = inverse_frequency_weights(data.codes[data.split.fit], data.n_classes)
-        return SupervisedObjective(class_weight=class_weight, mixup_alpha=self.config.mixup_alpha)
+        has_target = len(data.unlabeled) > 0
+        mixmatch = has_target and c.unsup_max_weight > 0
+        adversary = c.dan_max_weight > 0 and data.n_domains > 1 and (has_target or data.labeled_domains() > 1)
+        if not (mixmatch or adversary):
+            if has_target:
+                log.info("%s: semi-supervision is off (unsup_max_weight and dan_max_weight are 0): target cells "
+                         "are not used", self.name)
+            return SupervisedObjective(class_weight=class_weight, mixup_alpha=c.mixup_alpha)
+        settings = MixMatchSettings.from_config(c)
+        if not adversary:
+            settings = dataclasses.replace(settings, dan_max_weight=0.0)
+        if not mixmatch:
+            settings = dataclasses.replace(settings, unsup_max_weight=0.0)
+        log.info("%s: %s on %d labeled and %d target cells", self.name,
+                 " + ".join(n for n, on in (("MixMatch", mixmatch), ("domain adversary", adversary)) if on),
+                 len(data.split.fit), len(data.unlabeled))
+        return SemiSupervisedObjective(model, settings, max(data.n_domains, 2), class_weight)
+
+    def _rows_to_device(self, array: Optional[np.ndarray], rows: np.ndarray) -> Optional[torch.Tensor]:
+        return None if array is None else torch.from_numpy(array[rows]).to(self.device)
 
     def _labeled_batch(self, data: TrainingData, rows: np.ndarray) -> LabeledBatch:
         x = batch_tensor(data.X, rows, self.device)
         target = F.one_hot(torch.from_numpy(data.codes[rows]), data.n_classes).float().to(self.device)
-        covariates = None if data.covariates is None else torch.from_numpy(data.covariates[rows]).to(self.device)
-        return LabeledBatch(x, target, covariates)
+        return LabeledBatch(x, target, self._rows_to_device(data.covariates, rows),
+                            self._rows_to_device(data.domains, rows))
+
+    def _unlabeled_batch(self, data: TrainingData, rows: np.ndarray) -> UnlabeledBatch:
+        return UnlabeledBatch(batch_tensor(data.X, rows, self.device), self._rows_to_device(data.domains, rows),
+                              self._rows_to_device(data.covariates, rows))
 
     def _evaluate(self, model: torch.nn.Module, data: TrainingData) -> dict[str, float]:
         rows = data.split.select
@@ -174,11 +219,15 @@ class Trainer:
     def _fit(self, model: torch.nn.Module, data: TrainingData) -> FitResult:
         c = self.config
         model.to(self.device)
-        optimizer, scheduler = self._optimizer(model)
-        objective = self._objective(data)
+        objective = self._objective(model, data).to(self.device)
+        optimizer, scheduler = self._optimizer(model, objective.parameters())
         precision = Precision(self.device)
         sampler = EpochSampler(data.split.fit, c.batch_size, codes=data.codes,
                                balance_classes=c.balance_classes, seed=c.seed)
+        semi_supervised = isinstance(objective, SemiSupervisedObjective)
+        target_batches = None
+        if semi_supervised and len(data.unlabeled):
+            target_batches = EpochSampler(data.unlabeled, c.batch_size, seed=c.seed + 1).forever()
         min_epochs = min(c.min_epochs, c.n_epochs)
         best_score, best_epoch, best_state = -math.inf, 0, None
         epoch_log = EpochLog(self.log_path)
@@ -190,16 +239,19 @@ class Trainer:
                 for epoch in range(1, c.n_epochs + 1):
                     epoch_started = time.perf_counter()
                     model.train()
+                    objective.train()
                     totals: dict[str, float] = {}
                     n_seen, n_correct = 0, 0
                     for rows in sampler.epoch():
                         batch = self._labeled_batch(data, rows)
+                        target = None if target_batches is None else self._unlabeled_batch(data, next(target_batches))
                         optimizer.zero_grad(set_to_none=True)
                         with precision.autocast():
-                            loss, terms, logits = objective(model, batch, epoch)
+                            loss, terms, logits = objective(model, batch, epoch, target)
                         precision.scaler.scale(loss).backward()
                         precision.scaler.step(optimizer)
                         precision.scaler.update()
+                        objective.after_step(model)
                         n = len(rows)
                         n_seen += n
                         n_correct += int((logits.argmax(1) == batch.target.argmax(1)).sum())
@@ -235,7 +287,18 @@ class Trainer:
             model.load_state_dict(best_state)
         else:  # no epoch could be scored (no selection split): keep the last one
             best_epoch = epoch
+        temperature = self._calibrate(model, data) if c.calibrate else 1.0
         seconds = time.perf_counter() - started
-        log.info("%s: best epoch %d of %d (%s %.4f)%s, %.1f s", self.name, best_epoch, epoch,
-                 c.selection_metric, abs(best_score), ", stopped early" if stopped_early else "", seconds)
-        return FitResult(best_epoch, best_score, epoch, stopped_early, seconds, history)
+        log.info("%s: best epoch %d of %d (%s %.4f)%s, temperature %.3f, %.1f s", self.name, best_epoch, epoch,
+                 c.selection_metric, abs(best_score), ", stopped early" if stopped_early else "", temperature,
+                 seconds)
+        return FitResult(best_epoch, best_score, epoch, stopped_early, seconds, history, temperature,
+                         semi_supervised)
+
+    def _calibrate(self, model: torch.nn.Module, data: TrainingData) -> float:
+        """Temperature that makes the best model's confidences calibrated on the selection split."""
+        rows = data.split.select
+        if len(rows) == 0:
+            return 1.0
+        outputs = forward_rows(model, data.X, rows, self.device, covariates=data.covariates)
+        return fit_temperature(outputs.logits, data.codes[rows])

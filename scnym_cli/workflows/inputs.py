@@ -11,8 +11,11 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..data import (CellMatrix, LabelEncoding, attach_metadata, drop_duplicate_genes, normalize, read_expression,
-                    read_gene_list, read_labels, subset_genes)
+from ..data import (UNLABELED, CellMatrix, GeneOverlap, LabelEncoding, align_genes, attach_metadata,
+                    drop_duplicate_genes, normalize, read_expression, read_gene_list, read_labels, subset_genes)
+from ..data.genes import apply_gene_map, read_gene_map
+from ..data.labels import require_column
+from ..errors import ScnymError
 from ..train.device import resolve_device
 
 log = logging.getLogger(__name__)
@@ -27,10 +30,13 @@ def setup_runtime(config: Config) -> torch.device:
     return device
 
 
-def load_cells(config: Config, path: Path, *, metadata: Optional[Path] = None, adata=None) -> tuple[CellMatrix, str]:
+def load_cells(config: Config, path: Path, *, metadata: Optional[Path] = None, adata=None,
+               gene_names_file: Optional[Path] = None, translate_genes: bool = False) -> tuple[CellMatrix, str]:
     """Read one input and bring it to ln(CPM+1) over all of its genes, then drop duplicate genes.
 
     ``adata`` (an AnnData already in memory) replaces reading ``path``; it is never modified.
+    ``gene_names_file`` defaults to ``config.input_gene_names``; ``translate_genes`` applies
+    ``config.gene_map`` (to data that will be aligned to a model's genes).
     """
     if adata is not None:
         from ..data import cells_from_anndata
@@ -39,39 +45,104 @@ def load_cells(config: Config, path: Path, *, metadata: Optional[Path] = None, a
                                    source=str(path))
         copy = True
     else:
-        cells = read_expression(path, gene_names_file=config.input_gene_names, gene_column=config.gene_column,
-                                layer=config.input_layer)
+        cells = read_expression(path, gene_names_file=gene_names_file or config.input_gene_names,
+                                gene_column=config.gene_column, layer=config.input_layer)
         copy = False  # freshly read: normalize in place
     if metadata is not None:
         cells = attach_metadata(cells, metadata)
     X, kind = normalize(cells.X, config.input_normalization, source=cells.source, copy=copy)
     log.info("%s: %d cells x %d genes", cells.source, cells.n_cells, len(cells.genes))
-    return drop_duplicate_genes(cells.with_(X=X)), kind
+    cells = drop_duplicate_genes(cells.with_(X=X))
+    if translate_genes and config.gene_map is not None:
+        cells, _ = apply_gene_map(cells, read_gene_map(config.gene_map), what=cells.source)
+    return cells, kind
 
 
 @dataclass
 class TrainingInputs:
-    """Labeled reference cells, ready for the trainer."""
+    """Reference cells (labeled) and target cells ('Unlabeled'), ready for the trainer.
+
+    Rows are the reference file's cells, then the cells of ``--unlabeled_counts`` if given.
+    """
 
     cells: CellMatrix
-    labels: np.ndarray          # strings, one per cell
+    labels: np.ndarray          # strings, one per cell; 'Unlabeled' for target cells
     encoding: LabelEncoding
     codes: np.ndarray           # class codes, -1 for 'Unlabeled'
-    input_kind: str             # counts / log1p / as_is
+    input_kind: str             # counts / log1p / ... / as_is (of the reference file)
+    domains: np.ndarray         # domain code per cell
+    domain_names: tuple[str, ...]
+    target_overlap: Optional[GeneOverlap] = None
 
     @property
     def labeled_rows(self) -> np.ndarray:
         return np.flatnonzero(self.codes >= 0)
 
+    @property
+    def unlabeled_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.codes < 0)
+
+
+def _load_target(config: Config, genes) -> tuple[CellMatrix, GeneOverlap]:
+    target, _ = load_cells(config, config.unlabeled_counts, gene_names_file=config.unlabeled_genes,
+                           translate_genes=True)
+    return align_genes(target, genes, min_overlap=config.min_gene_overlap, what="unlabeled target data")
+
+
+def _stack(reference: CellMatrix, target: CellMatrix) -> CellMatrix:
+    import pandas as pd
+    import scipy.sparse as sp
+
+    target_obs = target.obs.copy()
+    clashes = target_obs.index.isin(reference.obs.index)
+    if clashes.any():
+        log.warning("%d target cell ids also occur in the reference; target ids get the suffix '-target'",
+                    int(clashes.sum()))
+        target_obs.index = [f"{i}-target" if c else i for i, c in zip(target_obs.index, clashes)]
+    obs = pd.concat([reference.obs, target_obs], axis=0, join="outer")
+    X = sp.vstack([reference.X, target.X], format="csr")
+    return CellMatrix(X, reference.genes, obs, reference.source)
+
+
+def assign_domains(config: Config, cells: CellMatrix, labels: np.ndarray, n_reference_rows: int
+                   ) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Domain of every cell: --input_domain_group where given, else reference vs target.
+
+    Cells of an --unlabeled_counts file without that column form one domain, 'target'.
+    """
+    if config.input_domain_group is None:
+        names = np.where(labels == UNLABELED, "target", "reference")
+    else:
+        column = config.input_domain_group
+        values = require_column(cells.obs, column, "--input_domain_group", str(config.input_counts))
+        missing = (values.isna() | (values.astype(str).str.strip() == "")).to_numpy()
+        in_reference_file = np.arange(cells.n_cells) < n_reference_rows
+        if (missing & in_reference_file).any():
+            raise ScnymError(f"{int((missing & in_reference_file).sum())} cells have no value in "
+                             f"--input_domain_group column {column!r}; give every cell a domain")
+        names = np.where(missing, "target", values.astype(str).to_numpy())
+    domain_names, codes = np.unique(names, return_inverse=True)
+    log.info("domains: %s", ", ".join(f"{n} {c}" for n, c in zip(domain_names, np.bincount(codes))))
+    return codes.astype(np.int64), tuple(map(str, domain_names))
+
 
 def load_training_inputs(config: Config) -> TrainingInputs:
+    """Reference (+ target) cells as configured: normalized, genes subset, labels encoded, domains."""
     cells, kind = load_cells(config, config.input_counts, metadata=config.training_metadata)
     labels = read_labels(cells, config.lower_group)
     if config.genes_to_use is not None:
         cells = subset_genes(cells, read_gene_list(config.genes_to_use, "--genes_to_use"))
     encoding = LabelEncoding.fit(labels, config.lower_group)
+    n_reference = cells.n_cells
+    overlap = None
+    if config.unlabeled_counts is not None:
+        target, overlap = _load_target(config, cells.genes)
+        cells = _stack(cells, target)
+        labels = np.concatenate([labels, np.full(target.n_cells, UNLABELED, dtype=object)]).astype(str)
     codes = encoding.encode(labels)
     counts = np.bincount(codes[codes >= 0], minlength=len(encoding.classes))
-    log.info("%d labeled cells in %d classes: %s", int((codes >= 0).sum()), len(encoding.classes),
-             ", ".join(f"{c} {n}" for c, n in zip(encoding.classes, counts)))
-    return TrainingInputs(cells, labels, encoding, codes, kind)
+    log.info("%d labeled cells in %d classes: %s; %d unlabeled target cells", int((codes >= 0).sum()),
+             len(encoding.classes), ", ".join(f"{c} {n}" for c, n in zip(encoding.classes, counts)),
+             int((codes < 0).sum()))
+    domains, domain_names = assign_domains(config, cells, labels, n_reference)
+    return TrainingInputs(cells, labels, encoding, codes, kind, domains, domain_names, overlap)

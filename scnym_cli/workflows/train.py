@@ -30,7 +30,7 @@ from ..staging import staged_directory
 from ..store import ALL_DATA_DIR, data_fingerprint, save_model
 from ..train import Trainer, TrainingData
 from ..train.inference import forward_rows
-from ..train.metrics import classification_metrics
+from ..train.metrics import classification_metrics, expected_calibration_error
 from .inputs import TrainingInputs, load_training_inputs, setup_runtime
 
 log = logging.getLogger(__name__)
@@ -101,25 +101,32 @@ def train_one_model(directory: Path, config: Config, inputs: TrainingInputs, dat
     # held-out cells for a fold; the model-selection cells for all_data (it has no held-out part)
     rows, kind = (split.held_out, "held_out") if len(split.held_out) else (split.select, "model_selection")
     outputs = forward_rows(model, data.X, rows, device, covariates=data.covariates)
-    probabilities = outputs.probabilities()
+    probabilities = outputs.probabilities(fit.temperature)
     truth_codes = data.codes[rows]
     classes = inputs.encoding.classes
     predictions = prediction_table(cell_ids, rows, kind, inputs.labels[rows], probabilities, classes)
     predictions.to_csv(directory / "predictions.csv", index=False)
     predictions[["cell_id", "true_label"]].rename(columns={"true_label": "label"}).to_csv(
         directory / "labels.csv", index=False)
-    metrics = classification_metrics(truth_codes, probabilities.argmax(1)) if len(rows) else {}
-    loss = float(F.cross_entropy(torch.from_numpy(outputs.logits), torch.from_numpy(truth_codes))) \
-        if len(rows) else float("nan")
+    metrics: dict[str, float] = {}
+    loss = float("nan")
+    if len(rows):
+        metrics = classification_metrics(truth_codes, probabilities.argmax(1))
+        metrics["ece"] = expected_calibration_error(probabilities, truth_codes)
+        metrics["ece_uncalibrated"] = expected_calibration_error(outputs.probabilities(), truth_codes)
+        loss = float(F.cross_entropy(torch.from_numpy(outputs.logits / fit.temperature),
+                                     torch.from_numpy(truth_codes)))
 
     plot_training_curve(fit.history, directory / "training_curve.png", f"{name}: training curve", fit.best_epoch)
     save_model(directory, model, genes=list(inputs.cells.genes), classes=classes, config=config.to_dict(),
-               extra={"training": {
+               extra={"temperature": fit.temperature, "training": {
                    "name": name, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
                    "stopped_early": fit.stopped_early, "seconds": round(fit.seconds, 2),
-                   "n_fit": int(len(split.fit)), "n_select": int(len(split.select)),
-                   "n_held_out": int(len(split.held_out)), f"{kind}_metrics": metrics,
-                   "input_normalization": inputs.input_kind,
+                   "semi_supervised": fit.semi_supervised, "n_fit": int(len(split.fit)),
+                   "n_select": int(len(split.select)), "n_held_out": int(len(split.held_out)),
+                   "n_target": int(len(data.unlabeled)), "domains": list(inputs.domain_names),
+                   f"{kind}_metrics": metrics, "input_normalization": inputs.input_kind,
+                   "target_gene_overlap": inputs.target_overlap.to_dict() if inputs.target_overlap else None,
                }, "data_fingerprint": fingerprint})
     return ModelResult(name, fit.best_epoch, fit.epochs_run, fit.seconds, metrics if kind == "held_out" else {},
                        loss, predictions)
@@ -157,17 +164,20 @@ def train_tissue_independent(config: Config) -> dict:
 
         results: list[ModelResult] = []
         for name, split in splits:
-            data = TrainingData(cells.X, inputs.codes, split, len(classes))
+            data = TrainingData(cells.X, inputs.codes, split, len(classes), unlabeled=inputs.unlabeled_rows,
+                                domains=inputs.domains)
             results.append(train_one_model(stage / name, config, inputs, data, device, fingerprint))
             if name != ALL_DATA_DIR:
                 m = results[-1].metrics
-                log.info("%s held-out: accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f", name,
-                         m["accuracy"], m["balanced_accuracy"], m["macro_f1"])
+                log.info("%s held-out: accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f, ECE %.4f "
+                         "(uncalibrated %.4f)", name, m["accuracy"], m["balanced_accuracy"], m["macro_f1"],
+                         m["ece"], m["ece_uncalibrated"])
 
         folds = [r for r in results if r.name != ALL_DATA_DIR]
         summary: dict = {
             "command": "train_tissue_independent", "package_version": __version__,
-            "n_cells": int(cells.n_cells), "n_labeled": int(len(labeled)), "n_genes": int(len(cells.genes)),
+            "n_cells": int(cells.n_cells), "n_labeled": int(len(labeled)),
+            "n_target": int(len(inputs.unlabeled_rows)), "n_genes": int(len(cells.genes)),
             "classes": list(classes), "device": str(device), "n_folds": config.n_folds,
         }
         if folds:
@@ -182,11 +192,11 @@ def train_tissue_independent(config: Config) -> dict:
             table.to_csv(stage / "confusion_matrix.csv")
             plot_confusion_matrix(table, stage / "confusion_matrix.png",
                                   f"held-out predictions, {len(folds)} folds ({len(pooled)} cells)")
-            metric_names = ["accuracy", "balanced_accuracy", "macro_f1"]
+            metric_names = ["accuracy", "balanced_accuracy", "macro_f1", "ece"]
             summary["cross_validation"] = {
                 name: {"mean": float(fold_table[name].mean()), "std": float(fold_table[name].std(ddof=0))}
                 for name in metric_names}
-            log.info("cross-validation (%d folds): accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f",
+            log.info("cross-validation (%d folds): accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f, ECE %.4f",
                      len(folds), *(summary["cross_validation"][n]["mean"] for n in metric_names))
         summary["seconds"] = round(time.perf_counter() - started, 2)
         (stage / RUN_MARKER).write_text(json.dumps(summary, indent=1))

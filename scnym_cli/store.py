@@ -150,7 +150,8 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
     kwargs = manifest["model"]["kwargs"]
     if kwargs.get("n_genes") != len(manifest["genes"]) or kwargs.get("n_classes") != len(manifest["classes"]):
         raise ScnymError(f"{manifest_path}: the model's sizes do not match its gene and class lists")
-    model = model_class(**kwargs)
+    with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave the caller's RNG alone
+        model = model_class(**kwargs)
     try:
         state = load_file(str(weights_path))
         model.load_state_dict(state, strict=True)

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 
 from ..config import Config
-from ..data import UNKNOWN, align_genes, read_gene_list
+from ..data import UNKNOWN, CellMatrix, GeneOverlap, align_genes, read_gene_list
 from ..data.labels import require_column
 from ..errors import ScnymError
 from ..staging import staged_directory
@@ -54,6 +56,43 @@ def annotate(adata, *, key: str, labels: np.ndarray, confidence: np.ndarray, pro
     adata.uns[f"{key}_classes"] = list(classes)
 
 
+@dataclass
+class Predictions:
+    """Per-cell results of one model on one dataset (rows in the data's cell order)."""
+
+    cell_ids: pd.Index
+    labels: np.ndarray
+    confidence: np.ndarray
+    probabilities: np.ndarray
+    logits: np.ndarray
+    embedding: Optional[np.ndarray]
+    classes: list[str]
+    overlap: GeneOverlap
+
+    def table(self) -> pd.DataFrame:
+        """cell_id, predicted_label, confidence, prob_<class>..."""
+        table = pd.DataFrame({"cell_id": self.cell_ids, "predicted_label": self.labels,
+                              "confidence": self.confidence})
+        return pd.concat([table, pd.DataFrame(self.probabilities, columns=[f"prob_{c}" for c in self.classes])],
+                         axis=1)
+
+
+def predict_cells(loaded: LoadedModel, cells: CellMatrix, config: Config, device, *,
+                  with_embedding: bool = False) -> Predictions:
+    """Align ``cells`` (already ln(CPM+1)) to the model's genes and predict them chunk by chunk."""
+    cells, overlap = align_genes(cells, loaded.genes, min_overlap=config.min_gene_overlap, what="query")
+    outputs = forward_rows(loaded.model, cells.X, None, device, chunk_size=config.prediction_chunk_size,
+                           with_embedding=with_embedding)
+    probabilities = outputs.probabilities(loaded.temperature)
+    classes = list(loaded.classes)
+    confidence = probabilities.max(axis=1)
+    labels = np.asarray(classes, dtype=object)[probabilities.argmax(axis=1)]
+    if config.unknown_threshold > 0:
+        labels = np.where(confidence < config.unknown_threshold, UNKNOWN, labels)
+    return Predictions(cells.cell_ids, labels, confidence, probabilities, outputs.logits, outputs.embedding,
+                       classes, overlap)
+
+
 def predict_cell_types(config: Config) -> dict:
     """Run prediction as configured; returns the summary (also in prediction_summary.json)."""
     device = setup_runtime(config)
@@ -70,28 +109,19 @@ def predict_cell_types(config: Config) -> dict:
                 adata = anndata.read_h5ad(config.input_counts)
             except Exception as e:
                 raise ScnymError(f"could not read {config.input_counts} as h5ad ({type(e).__name__}: {e})") from None
-        cells, kind = load_cells(config, config.input_counts, metadata=config.training_metadata, adata=adata)
-        cells, overlap = align_genes(cells, loaded.genes, min_overlap=config.min_gene_overlap, what="query")
+        cells, kind = load_cells(config, config.input_counts, metadata=config.training_metadata, adata=adata,
+                                 translate_genes=True)
+        result = predict_cells(loaded, cells, config, device,
+                               with_embedding=config.write_embedding or adata is not None)
+        overlap, labels, confidence, classes = result.overlap, result.labels, result.confidence, result.classes
         (stage / "gene_overlap.json").write_text(json.dumps(overlap.to_dict(), indent=1))
-
-        need_embedding = config.write_embedding or adata is not None
-        outputs = forward_rows(loaded.model, cells.X, None, device, chunk_size=config.prediction_chunk_size,
-                               with_embedding=need_embedding)
-        probabilities = outputs.probabilities(loaded.temperature)
-        classes = list(loaded.classes)
-        confidence = probabilities.max(axis=1)
-        labels = np.asarray(classes, dtype=object)[probabilities.argmax(axis=1)]
-        if config.unknown_threshold > 0:
-            labels = np.where(confidence < config.unknown_threshold, UNKNOWN, labels)
-
-        table = pd.DataFrame({"cell_id": cells.cell_ids, "predicted_label": labels, "confidence": confidence})
-        table = pd.concat([table, pd.DataFrame(probabilities, columns=[f"prob_{c}" for c in classes])], axis=1)
+        table = result.table()
         if config.write_logits:
-            pd.concat([table[["cell_id"]], pd.DataFrame(outputs.logits, columns=[f"logit_{c}" for c in classes])],
+            pd.concat([table[["cell_id"]], pd.DataFrame(result.logits, columns=[f"logit_{c}" for c in classes])],
                       axis=1).to_csv(stage / "logits.csv", index=False)
         if config.write_embedding:
-            embedding = pd.DataFrame(outputs.embedding,
-                                     columns=[f"scnym_{i}" for i in range(outputs.embedding.shape[1])])
+            embedding = pd.DataFrame(result.embedding,
+                                     columns=[f"scnym_{i}" for i in range(result.embedding.shape[1])])
             pd.concat([table[["cell_id"]], embedding], axis=1).to_csv(stage / "embedding.csv", index=False)
 
         counts = pd.Series(labels).value_counts()
@@ -116,7 +146,7 @@ def predict_cell_types(config: Config) -> dict:
 
         if adata is not None:
             annotate(adata, key=config.prediction_key, labels=labels, confidence=confidence,
-                     probabilities=probabilities, embedding=outputs.embedding, classes=classes)
+                     probabilities=result.probabilities, embedding=result.embedding, classes=classes)
             adata.write_h5ad(stage / "annotated.h5ad")
         table.to_csv(stage / PREDICTIONS_FILE, index=False)
         log.info("predicted %d cells: %s", cells.n_cells, ", ".join(f"{k} {v}" for k, v in counts.items()))

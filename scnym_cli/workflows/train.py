@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -143,12 +144,22 @@ def _check_enough_cells(config: Config, inputs: TrainingInputs) -> None:
 
 
 def train_tissue_independent(config: Config) -> dict:
-    """Cross-validate and train the final model; returns the run summary (also in run_summary.json)."""
+    """Cross-validate and train the final model from the configured files; returns the run summary."""
+    return run_training(config, lambda: load_training_inputs(config))
+
+
+def run_training(config: Config, get_inputs: Callable[[], TrainingInputs],
+                 command: str = "train_tissue_independent") -> dict:
+    """Cross-validation folds plus all_data, written atomically to ``config.out_path``.
+
+    ``get_inputs`` loads the data once the output directory is known to be writable.
+    Returns the run summary (also in run_summary.json).
+    """
     started = time.perf_counter()
     device = setup_runtime(config)
     with staged_directory(config.out_path, overwrite=config.overwrite, protected=PROTECTED_OUTPUTS,
                           last=(RUN_MARKER,)) as stage:
-        inputs = load_training_inputs(config)
+        inputs = get_inputs()
         _check_enough_cells(config, inputs)
         cells, classes = inputs.cells, inputs.encoding.classes
         fingerprint = data_fingerprint(cells.X, cells.genes, cells.cell_ids, inputs.labels)
@@ -175,7 +186,7 @@ def train_tissue_independent(config: Config) -> dict:
 
         folds = [r for r in results if r.name != ALL_DATA_DIR]
         summary: dict = {
-            "command": "train_tissue_independent", "package_version": __version__,
+            "command": command, "package_version": __version__,
             "n_cells": int(cells.n_cells), "n_labeled": int(len(labeled)),
             "n_target": int(len(inputs.unlabeled_rows)), "n_genes": int(len(cells.genes)),
             "classes": list(classes), "device": str(device), "n_folds": config.n_folds,

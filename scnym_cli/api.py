@@ -1,0 +1,280 @@
+"""scanpy-style Python API over the same core as the command line.
+
+Functions take ``adata`` first; ``copy=False`` writes results into it and returns None,
+``copy=True`` returns an annotated copy and leaves ``adata`` untouched. The expression matrix
+itself is never modified, no global state is read or written, and neither the caller's config
+nor the presets are ever mutated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+import pandas as pd
+
+from .config import Config, ConfigLayer, build_config
+from .data import UNLABELED, LabelEncoding, cells_from_anndata, drop_duplicate_genes, normalize, read_labels
+from .errors import ScnymError
+from .store import load_model
+from .workflows.inputs import TrainingInputs, assign_domains, setup_runtime
+from .workflows.predict import annotate, predict_cells
+from .workflows.train import run_training
+
+log = logging.getLogger(__name__)
+
+__all__ = ["scnym_api", "atlas2target", "resolve_trained_model", "PRETRAINED_MODELS", "UNLABELED"]
+
+#: Named pretrained models and the folder name each is looked up under in the local cache.
+PRETRAINED_MODELS: Mapping[str, str] = {
+    "pretrained_human": "pretrained_human",
+    "pretrained_mouse": "pretrained_mouse",
+    "pretrained_rat": "pretrained_rat",
+}
+CACHE_ENVIRONMENT_VARIABLE = "SCNYM_MODEL_CACHE"
+
+# scNym 0.3 API configs nest some keys; their flat names here
+_NESTED_KEYS = {
+    "ssl_kwargs": {"T": "sharpen_temperature", "ramp_epochs": "unsup_ramp_epochs",
+                   "burn_in_epochs": "unsup_burn_in_epochs", "augment": "augmentation",
+                   "n_augmentations": "n_augmentations", "augment_pseudolabels": "augment_pseudolabels",
+                   "pseudolabel_min_confidence": "pseudolabel_min_confidence", "dan_max_weight": "dan_max_weight",
+                   "dan_ramp_epochs": "dan_ramp_epochs", "dan_use_conf_pseudolabels": "dan_use_conf_pseudolabels",
+                   "min_epochs": "min_epochs"},
+    "model_kwargs": {"n_hidden": "n_hidden", "n_layers": "n_layers", "init_dropout": "init_dropout",
+                     "residual": "residual"},
+}
+_RENAMED_KEYS = {"optimizer_name": "optimizer"}
+_IGNORED_KEYS = {"description", "tensorboard", "ssl_method", "unsup_criterion", "dan_criterion"}
+
+
+def model_cache_dir() -> Path:
+    """Where named pretrained models live: $SCNYM_MODEL_CACHE, else ~/.cache/scnym/models."""
+    return Path(os.environ.get(CACHE_ENVIRONMENT_VARIABLE, Path.home() / ".cache" / "scnym" / "models")).expanduser()
+
+
+def resolve_trained_model(trained_model: Union[str, Path]) -> Path:
+    """A model directory (run, fold or weights file) or a named pretrained model from the local cache."""
+    if str(trained_model) in PRETRAINED_MODELS:
+        folder = model_cache_dir() / PRETRAINED_MODELS[str(trained_model)]
+        if not (folder / "model.json").is_file() and not (folder / "all_data" / "model.json").is_file():
+            raise ScnymError(
+                f"pretrained model {trained_model!r} is not in the local cache {folder}: scnym does not download "
+                f"at run time; put its model directory (model.json and weights) there, set "
+                f"{CACHE_ENVIRONMENT_VARIABLE} to the folder that holds it, or pass trained_model=<path>")
+        return folder
+    path = Path(trained_model).expanduser()
+    if not path.exists():
+        names = ", ".join(PRETRAINED_MODELS)
+        raise ScnymError(f"trained_model {str(trained_model)!r} is neither a model path nor a pretrained model "
+                         f"name ({names})")
+    return path
+
+
+def _flatten(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat config keys from a (possibly scNym-0.3-style nested) dict; the input is not modified."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in _NESTED_KEYS and isinstance(value, Mapping):
+            for inner, inner_value in value.items():
+                if inner in _NESTED_KEYS[key]:
+                    flat[_NESTED_KEYS[key][inner]] = inner_value
+                elif inner not in _IGNORED_KEYS:
+                    raise ScnymError(f"config[{key!r}][{inner!r}] is not a setting scnym knows")
+        elif key in _IGNORED_KEYS:
+            continue
+        else:
+            flat[_RENAMED_KEYS.get(key, key)] = value
+    return flat
+
+
+def make_config(config: Union[str, Mapping[str, Any], Config, None], **settings: Any) -> Config:
+    """A validated Config from a preset name, a dict of settings (flat or scNym-0.3 nested) or a Config.
+
+    ``settings`` (e.g. ``lower_group=...``) take precedence; nothing passed in is modified.
+    """
+    if isinstance(config, Config):
+        return config.replace(**{k: v for k, v in settings.items() if v is not None})
+    layers = []
+    if isinstance(config, str):
+        layers.append(ConfigLayer("config", {"preset": config}))
+    elif isinstance(config, Mapping):
+        layers.append(ConfigLayer("config", _flatten(config)))
+    elif config is not None:
+        raise ScnymError(f"config must be a preset name, a dict or a Config, not {type(config).__name__}")
+    layers.append(ConfigLayer("scnym_api arguments", {k: v for k, v in settings.items() if v is not None}))
+    return build_config(layers)
+
+
+def _training_inputs(adata, config: Config) -> TrainingInputs:
+    cells = cells_from_anndata(adata, gene_column=config.gene_column, layer=config.input_layer, source="adata")
+    X, kind = normalize(cells.X, config.input_normalization, source="adata", copy=True)
+    cells = drop_duplicate_genes(cells.with_(X=X))
+    labels = read_labels(cells, config.lower_group, option="groupby")
+    encoding = LabelEncoding.fit(labels, config.lower_group)
+    domains, names = assign_domains(config, cells, labels, cells.n_cells)
+    return TrainingInputs(cells, labels, encoding, encoding.encode(labels), kind, domains, names)
+
+
+def _h5ad_safe(value: Any) -> Any:
+    """uns values h5ad can store: None dropped from dicts (and spelled 'None' in lists), paths as text."""
+    if isinstance(value, Mapping):
+        return {str(k): _h5ad_safe(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [("None" if v is None else _h5ad_safe(v)) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _write_results(target, result, key_added: str, extra_uns: dict) -> None:
+    annotate(target, key=key_added, labels=result.labels, confidence=result.confidence,
+             probabilities=result.probabilities, embedding=result.embedding, classes=result.classes)
+    target.uns[key_added] = _h5ad_safe({**extra_uns, "classes": list(result.classes),
+                                        "gene_overlap": result.overlap.to_dict()})
+
+
+def scnym_api(
+    adata,
+    task: str = "train",
+    *,
+    groupby: Optional[str] = None,
+    domain_groupby: Optional[str] = None,
+    out_path: Union[str, Path] = "./scnym_outputs",
+    trained_model: Union[str, Path, None] = None,
+    config: Union[str, Mapping[str, Any], Config] = "new_identity_discovery",
+    key_added: str = "scNym",
+    copy: bool = False,
+):
+    """Train a scNym model on an AnnData, or predict cell types with one.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes. ``X`` may hold raw counts or log-normalized values (see the README,
+        Inputs); it is never modified. Use ``config={"input_layer": ...}`` for a layer.
+    task
+        ``"train"``: fit on the cells labelled in ``obs[groupby]``; cells labelled
+        ``"Unlabeled"`` are the target data (MixMatch + domain adversary). After training, every
+        cell of ``adata`` is predicted. ``"predict"``: predict with ``trained_model``.
+    groupby
+        obs column with cell-type labels (train).
+    domain_groupby
+        obs column with each cell's domain (donor, technology, ...) for the domain adversary
+        (train; default: labeled vs unlabeled cells).
+    out_path
+        Where the trained model is written (train): a model directory usable by
+        ``predict_cell_types`` and ``trained_model``.
+    trained_model
+        A model directory, fold directory or weights file, or a pretrained model name
+        (``pretrained_human``, ``pretrained_mouse``, ``pretrained_rat``) found in the local cache
+        (``$SCNYM_MODEL_CACHE`` or ``~/.cache/scnym/models``) (predict).
+    config
+        A preset name (``default``, ``no_new_identity``, ``new_identity_discovery``, ``no_dan``,
+        ``no_ssl``), a dict of config keys (flat, or scNym 0.3's nested ``ssl_kwargs`` /
+        ``model_kwargs``; ``n_folds`` defaults to 0: no cross-validation), or a
+        :class:`~scnym_cli.config.Config`. Never modified.
+    key_added
+        Prefix of the fields written.
+    copy
+        Return an annotated copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    None, or an annotated copy of ``adata`` if ``copy=True``. Fields written:
+
+    - ``obs[key_added]``: predicted cell type (categorical)
+    - ``obs[key_added + "_confidence"]``: calibrated probability of that type
+    - ``obsm[key_added + "_probabilities"]``: probability of every class (cells x classes)
+    - ``obsm["X_scnym"]``: the model's cell embedding
+    - ``uns[key_added + "_classes"]``: class order of the probability columns
+    - ``uns[key_added]``: ``params`` (the effective config), ``model_path``, ``classes``,
+      ``gene_overlap``, and after training ``train_results`` (the run summary)
+    """
+    if task not in ("train", "predict"):
+        raise ScnymError(f"task must be 'train' or 'predict', not {task!r}")
+    target = adata.copy() if copy else adata
+    if task == "train":
+        if groupby is None:
+            raise ScnymError("task='train' needs groupby: the obs column with cell-type labels")
+        settings: dict[str, Any] = {"lower_group": groupby, "input_domain_group": domain_groupby,
+                                    "out_path": str(out_path)}
+        if not (isinstance(config, Mapping) and "n_folds" in config):
+            settings["n_folds"] = 0
+        effective = make_config(config, **settings)
+        summary = run_training(effective, lambda: _training_inputs(adata, effective), command="scnym_api")
+        model_path = Path(effective.out_path)
+        extra = {"params": effective.to_dict(), "model_path": str(model_path), "train_results": summary}
+    else:
+        if trained_model is None:
+            raise ScnymError("task='predict' needs trained_model: a model path or a pretrained model name")
+        model_path = resolve_trained_model(trained_model)
+        effective = make_config(config if not isinstance(config, str) else None)
+        extra = {"params": effective.to_dict(), "model_path": str(model_path)}
+    device = setup_runtime(effective)
+    loaded = load_model(model_path, device)
+    cells = cells_from_anndata(adata, gene_column=effective.gene_column, layer=effective.input_layer,
+                               source="adata")
+    X, _ = normalize(cells.X, effective.input_normalization, source="adata", copy=True)
+    result = predict_cells(loaded, drop_duplicate_genes(cells.with_(X=X)), effective, device, with_embedding=True)
+    _write_results(target, result, key_added, extra)
+    log.info("scnym_api: wrote obs[%r], obs[%r], obsm[%r], obsm['X_scnym'], uns[%r]", key_added,
+             f"{key_added}_confidence", f"{key_added}_probabilities", key_added)
+    return target if copy else None
+
+
+def atlas2target(adata, atlas, *, key_added: str = "annotations", min_gene_overlap: float = 0.5):
+    """Concatenate a labeled reference atlas with your (unlabeled) cells, ready for ``scnym_api``.
+
+    Parameters
+    ----------
+    adata
+        Your cells. They get ``obs[key_added] = "Unlabeled"``.
+    atlas
+        A local h5ad path or an AnnData with labels in ``obs[key_added]``.
+    key_added
+        The label column (read from the atlas, written for your cells).
+    min_gene_overlap
+        Stop when the shared genes are fewer than this fraction of the atlas's genes.
+
+    Returns
+    -------
+    A new AnnData: atlas cells, then your cells, on the genes both share (atlas order). ``X`` is
+    ln(CPM + 1), each dataset normalized over its own genes before they are joined;
+    ``obs["scNym_dataset"]`` is ``atlas_reference`` or ``target_query`` (a domain column for
+    ``domain_groupby``); cell ids are made unique. Neither input is modified.
+    """
+    import anndata
+
+    if isinstance(atlas, (str, Path)):
+        path = Path(atlas).expanduser()
+        if not path.is_file():
+            raise ScnymError(f"atlas {path} does not exist; give a local h5ad path or an AnnData (no downloads)")
+        atlas = anndata.read_h5ad(path)
+    if key_added not in atlas.obs.columns:
+        raise ScnymError(f"the atlas has no labels in obs[{key_added!r}]; columns: {list(atlas.obs.columns)[:20]}")
+    parts = []
+    for name, data in (("atlas_reference", atlas), ("target_query", adata)):
+        cells = cells_from_anndata(data, source=name)
+        X, _ = normalize(cells.X, "auto", source=name, copy=True)
+        cells = drop_duplicate_genes(cells.with_(X=X))
+        part = anndata.AnnData(X=cells.X, obs=pd.DataFrame(index=cells.cell_ids), var=pd.DataFrame(index=cells.genes))
+        part.obs[key_added] = (atlas.obs[key_added].astype(str).to_numpy() if name == "atlas_reference"
+                               else np.full(part.n_obs, UNLABELED))
+        part.obs["scNym_dataset"] = name
+        parts.append(part)
+    shared = parts[0].var_names.intersection(parts[1].var_names, sort=False)
+    fraction = len(shared) / max(parts[0].n_vars, 1)
+    if fraction < min_gene_overlap or len(shared) == 0:
+        raise ScnymError(f"your data share only {len(shared)} of the atlas's {parts[0].n_vars} genes ({fraction:.1%}); "
+                         "check the gene naming (symbols vs Ensembl ids, species)")
+    log.info("atlas2target: %d atlas + %d query cells on %d shared genes (%.1f%% of the atlas's)",
+             parts[0].n_obs, parts[1].n_obs, len(shared), 100 * fraction)
+    joined = anndata.concat([p[:, shared] for p in parts], axis=0, join="inner", index_unique="-",
+                            keys=["atlas", "query"])
+    joined.obs[key_added] = joined.obs[key_added].astype(str)
+    joined.uns["scnym_atlas2target"] = {"n_shared_genes": int(len(shared)), "x": "log1p_cpm"}
+    return joined

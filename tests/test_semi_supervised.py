@@ -1,0 +1,168 @@
+"""MixMatch, the domain adversary, calibration and presets: properties that fail on wrong code."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from scnym_cli.config import PRESETS, Config, load_config
+from scnym_cli.nn.adversary import DomainClassifier, reverse_gradient
+from scnym_cli.train.calibration import fit_temperature
+from scnym_cli.train.metrics import expected_calibration_error
+from scnym_cli.train.mixmatch import (MixMatchSettings, SemiSupervisedObjective, UnlabeledBatch, mix_with_pool,
+                                      sharpen, sigmoid_ramp)
+from scnym_cli.train.objectives import LabeledBatch
+
+
+def test_mixup_keeps_the_dominant_identity():
+    torch.manual_seed(0)
+    n_l, n_u, k = 64, 48, 5
+    y_l = torch.nn.functional.one_hot(torch.randint(k, (n_l,)), k).float()
+    q_u = torch.softmax(torch.randn(n_u, k) * 4, dim=1)
+    # identity-coded inputs: column i of a mix is the share of sample i in it
+    codes = torch.eye(n_l + n_u)
+    xl, yl, xu, yu, _, _ = mix_with_pool(codes[:n_l], y_l, codes[n_l:], q_u, alpha=0.3)
+    own_share = torch.cat([xl, xu]).diagonal()
+    assert (own_share >= 0.5).all() and (own_share < 1).any()
+    assert torch.equal(yl.argmax(1), y_l.argmax(1))          # labeled mixes keep their class
+    torch.testing.assert_close(torch.cat([yl, yu]).sum(1), torch.ones(n_l + n_u))
+    assert (yu - own_share[n_l:, None] * q_u).min() >= -1e-6  # a target mix is dominated by its own guess
+
+
+def test_sharpening_with_small_temperature_is_one_hot():
+    p = torch.softmax(torch.randn(10, 4), dim=1)
+    torch.testing.assert_close(sharpen(p, 1e-4), torch.nn.functional.one_hot(p.argmax(1), 4).float())
+    torch.testing.assert_close(sharpen(p, 1.0), p)
+    sharper = sharpen(p, 0.5)
+    assert (sharper.max(1).values >= p.max(1).values - 1e-6).all()
+    torch.testing.assert_close(sharper.sum(1), torch.ones(10))
+
+
+def test_gradient_reversal_flips_the_embedding_gradient_but_not_the_heads():
+    torch.manual_seed(0)
+    head = DomainClassifier(n_hidden=6, n_domains=3, n_layers=1)
+    embedding = torch.randn(8, 6, requires_grad=True)
+    domains = torch.randint(3, (8,))
+
+    def gradients(weight):
+        head.zero_grad()
+        embedding.grad = None
+        loss = nn.functional.cross_entropy(head(embedding, weight), domains)
+        loss.backward()
+        return embedding.grad.clone(), [p.grad.clone() for p in head.parameters()]
+
+    plain_embedding_grad, plain_head_grads = None, None
+    # the gradient without reversal: run the head directly
+    head.zero_grad()
+    loss = nn.functional.cross_entropy(head.head(embedding), domains)
+    loss.backward()
+    plain_embedding_grad = embedding.grad.clone()
+    plain_head_grads = [p.grad.clone() for p in head.parameters()]
+    for weight in (1.0, 0.1):
+        reversed_grad, head_grads = gradients(weight)
+        torch.testing.assert_close(reversed_grad, -weight * plain_embedding_grad)
+        for got, expected in zip(head_grads, plain_head_grads):
+            torch.testing.assert_close(got, expected)
+    x = torch.randn(3, 2)
+    assert torch.equal(reverse_gradient(x, 0.5), x)
+
+
+class LogitsAreInputs(nn.Module):
+    """A stand-in classifier whose logits are the first k inputs (so confidence is chosen by the test)."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.n_classes, self.n_hidden = k, k
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def embed(self, x, covariates=None):
+        return x[:, : self.n_classes] * self.scale
+
+    def forward(self, x, covariates=None, return_embedding=False):
+        logits = self.embed(x)
+        return (logits, logits) if return_embedding else logits
+
+
+@pytest.mark.parametrize("mixup_alpha", [None, 0.3])
+def test_cells_below_the_confidence_threshold_add_zero_unsupervised_loss(mixup_alpha):
+    torch.manual_seed(0)
+    settings = MixMatchSettings(pseudolabel_min_confidence=0.9, dan_max_weight=0.0, augmentation="none",
+                                mixup_alpha=mixup_alpha, unsup_ramp_epochs=0)
+    model = LogitsAreInputs(3)
+    objective = SemiSupervisedObjective(model, settings, n_domains=2)
+    confident = torch.tensor([[8.0, 0, 0], [0, 9.0, 0]])
+    doubtful = torch.tensor([[0.3, 0.2, 0.0], [0.0, 0.1, 0.2]])
+    x_u = torch.cat([confident, doubtful]).requires_grad_(True)
+    batch = LabeledBatch(torch.tensor([[3.0, 0, 0], [0, 0, 3.0]]), torch.eye(3)[[0, 2]])
+    loss, terms, _ = objective(model, batch, epoch=1, unlabeled=UnlabeledBatch(x_u))
+    assert terms["confident_fraction"] == 0.5
+    loss.backward()
+    assert torch.all(x_u.grad[2:] == 0)            # the doubtful cells take no part at all
+    assert terms["unsup_weight"] == 1.0
+    # without mixing the value is exactly the confident cells' MSE summed over all target cells
+    if mixup_alpha is None:
+        guesses = sharpen(torch.softmax(confident, 1), 0.5)
+        per_cell = ((torch.softmax(confident, 1) - guesses) ** 2).mean(1)
+        assert terms["unsupervised_loss"] == pytest.approx(float(per_cell.sum() / 4), rel=1e-5)
+
+
+def test_domain_adversary_terms_and_confident_only_option():
+    torch.manual_seed(0)
+    model = LogitsAreInputs(3)
+    x_u = torch.tensor([[8.0, 0, 0], [0.1, 0, 0.2]])
+    batch = LabeledBatch(torch.tensor([[3.0, 0, 0], [0, 0, 3.0]]), torch.eye(3)[[0, 2]],
+                         domains=torch.tensor([0, 0]))
+    target = UnlabeledBatch(x_u, domains=torch.tensor([1, 1]))
+    for only_confident, n_cells in ((False, 4), (True, 3)):
+        settings = MixMatchSettings(pseudolabel_min_confidence=0.9, augmentation="none", dan_ramp_epochs=0,
+                                    dan_use_conf_pseudolabels=only_confident)
+        objective = SemiSupervisedObjective(model, settings, n_domains=2)
+        seen = []
+        original = objective.domain_classifier.forward
+        objective.domain_classifier.forward = lambda e, w: seen.append((e.shape[0], w)) or original(e, w)
+        _, terms, _ = objective(model, batch, epoch=1, unlabeled=target)
+        assert seen == [(n_cells, 0.1)]
+        assert {"domain_loss", "domain_accuracy", "dan_weight"} <= set(terms)
+
+
+def test_ramps():
+    assert sigmoid_ramp(0, 100) == pytest.approx(np.exp(-5))
+    assert sigmoid_ramp(50, 100) == pytest.approx(np.exp(-5 * 0.25))
+    assert sigmoid_ramp(100, 100) == sigmoid_ramp(500, 100) == 1.0
+    assert sigmoid_ramp(3, 0) == 1.0
+
+
+def test_temperature_scaling_lowers_ece_of_an_overconfident_model():
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(size=(4000, 4)) * 1.5
+    probabilities = np.exp(true_logits) / np.exp(true_logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(4, p=p) for p in probabilities])
+    overconfident = true_logits * 4
+    before = expected_calibration_error(np.exp(overconfident) / np.exp(overconfident).sum(1, keepdims=True), labels)
+    temperature = fit_temperature(overconfident, labels)
+    scaled = overconfident / temperature
+    after = expected_calibration_error(np.exp(scaled) / np.exp(scaled).sum(1, keepdims=True), labels)
+    assert temperature == pytest.approx(4.0, rel=0.15)
+    assert after < before / 3
+    assert fit_temperature(overconfident[:1], labels[:1]) == 1.0
+
+
+def test_presets_are_read_only_and_unchanged_by_runs():
+    snapshot = {k: dict(v) for k, v in PRESETS.items()}
+    config = load_config(None, [], {"preset": "new_identity_discovery", "pseudolabel_min_confidence": "0.5"})
+    assert config.pseudolabel_min_confidence == 0.5 and config.dan_use_conf_pseudolabels is True
+    assert load_config(None, [], {"preset": "no_ssl"}).unsup_max_weight == 0.0
+    assert load_config(None, [], {"preset": "no_dan"}).dan_max_weight == 0.0
+    with pytest.raises(TypeError):
+        PRESETS["no_ssl"]["unsup_max_weight"] = 1.0
+    with pytest.raises(TypeError):
+        PRESETS["mine"] = {}
+    assert {k: dict(v) for k, v in PRESETS.items()} == snapshot
+    assert Config().unsup_max_weight == 1.0
+
+
+def test_unknown_preset_is_suggested():
+    from scnym_cli.errors import ScnymError
+
+    with pytest.raises(ScnymError, match="did you mean 'no_dan'"):
+        load_config(None, [], {"preset": "no-dan"})

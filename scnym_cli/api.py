@@ -21,7 +21,8 @@ from .data import UNLABELED, LabelEncoding, cells_from_anndata, drop_duplicate_g
 from .errors import ScnymError
 from .store import load_model
 from .workflows.inputs import TrainingInputs, assign_domains, setup_runtime
-from .workflows.predict import annotate, predict_cells
+from .workflows.predict import annotate, predict_cells, predict_routed
+from .workflows.tissues import routing_of
 from .workflows.train import run_training
 
 log = logging.getLogger(__name__)
@@ -215,11 +216,15 @@ def scnym_api(
         effective = make_config(config if not isinstance(config, str) else None)
         extra = {"params": effective.to_dict(), "model_path": str(model_path)}
     device = setup_runtime(effective)
-    loaded = load_model(model_path, device)
     cells = cells_from_anndata(adata, gene_column=effective.gene_column, layer=effective.input_layer,
                                source="adata")
     X, _ = normalize(cells.X, effective.input_normalization, source="adata", copy=True)
-    result = predict_cells(loaded, drop_duplicate_genes(cells.with_(X=X)), effective, device, with_embedding=True)
+    cells = drop_duplicate_genes(cells.with_(X=X))
+    routing = routing_of(model_path)
+    if routing:
+        result = predict_routed(routing, model_path, cells, effective, device, with_embedding=True)
+    else:
+        result = predict_cells(load_model(model_path, device), cells, effective, device, with_embedding=True)
     _write_results(target, result, key_added, extra)
     log.info("scnym_api: wrote obs[%r], obs[%r], obsm[%r], obsm['X_scnym'], uns[%r]", key_added,
              f"{key_added}_confidence", f"{key_added}_probabilities", key_added)

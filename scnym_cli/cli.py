@@ -103,6 +103,18 @@ def _train_independent(config: Config) -> None:
     train_tissue_independent(config)
 
 
+def _train_dependent(config: Config) -> None:
+    from .workflows.tissues import train_tissue_dependent
+
+    train_tissue_dependent(config)
+
+
+def _train_specific(config: Config) -> None:
+    from .workflows.tissues import train_tissue_specific
+
+    train_tissue_specific(config)
+
+
 def _predict(config: Config) -> None:
     from .workflows.predict import predict_cell_types
 
@@ -113,9 +125,10 @@ _register("train_tissue_independent",
           "Train one classifier on all cells (stratified k-fold cross-validation plus a final all_data model).",
           _train_independent)
 _register("train_tissue_dependent",
-          "Train one classifier conditioned on the upper group (tissue one-hot appended to the input).", None)
+          "Train one classifier conditioned on the upper group (tissue one-hot appended to the input).",
+          _train_dependent)
 _register("train_tissue_specific",
-          "Train one cross-validated classifier per upper group (tissue) under tissues/<group>/.", None)
+          "Train one cross-validated classifier per upper group (tissue) under tissues/<group>/.", _train_specific)
 _register("predict_cell_types",
           "Predict cell types of new data with a trained model (any input format; genes aligned to the model).",
           _predict)

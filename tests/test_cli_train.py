@@ -133,7 +133,7 @@ def test_no_cross_validation(runner, tmp_path):
         "all_data", "celltype_label.csv", "scnym_config.json", "run_summary.json"}
 
 
-@pytest.mark.parametrize("command", ["train_tissue_dependent", "train_tissue_specific", "find_cell_type_markers"])
+@pytest.mark.parametrize("command", ["find_cell_type_markers"])
 def test_commands_not_available_yet_fail_loudly(runner, command):
     result = invoke(runner, command, "--out_path", "x")
     assert_one_line_error(result, "not available yet")

@@ -73,6 +73,10 @@ class TrainingInputs:
     domains: np.ndarray         # domain code per cell
     domain_names: tuple[str, ...]
     target_overlap: Optional[GeneOverlap] = None
+    covariates: Optional[np.ndarray] = None         # one-hot of the upper group (tissue-dependent models)
+    covariate_column: Optional[str] = None
+    covariate_categories: tuple[str, ...] = ()
+    covariate_scale: float = 1.0
 
     @property
     def labeled_rows(self) -> np.ndarray:

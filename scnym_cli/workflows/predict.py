@@ -29,6 +29,7 @@ from ..store import LoadedModel, load_model
 from ..train.inference import forward_rows
 from ..train.metrics import classification_metrics
 from .inputs import load_cells, setup_runtime
+from .tissues import covariates_for, read_groups, routing_of
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,10 @@ class Predictions:
 def predict_cells(loaded: LoadedModel, cells: CellMatrix, config: Config, device, *,
                   with_embedding: bool = False) -> Predictions:
     """Align ``cells`` (already ln(CPM+1)) to the model's genes and predict them chunk by chunk."""
+    covariates = covariates_for(loaded.manifest, cells)
     cells, overlap = align_genes(cells, loaded.genes, min_overlap=config.min_gene_overlap, what="query")
     outputs = forward_rows(loaded.model, cells.X, None, device, chunk_size=config.prediction_chunk_size,
-                           with_embedding=with_embedding)
+                           covariates=covariates, with_embedding=with_embedding)
     probabilities = outputs.probabilities(loaded.temperature)
     classes = list(loaded.classes)
     confidence = probabilities.max(axis=1)
@@ -93,11 +95,48 @@ def predict_cells(loaded: LoadedModel, cells: CellMatrix, config: Config, device
                        classes, overlap)
 
 
+def predict_routed(routing: dict, model_path: Path, cells: CellMatrix, config: Config, device, *,
+                   with_embedding: bool = False) -> Predictions:
+    """Tissue-specific models: each cell is predicted by its group's model; classes are the union
+    (a class a group's model does not know has probability 0 for that group's cells)."""
+    column, models = routing["column"], routing["models"]
+    groups = read_groups(cells.obs, column, cells.source)
+    unseen = ~pd.Index(groups).isin(list(models))
+    if unseen.any():
+        names = ", ".join(sorted(set(groups[unseen]))[:5])
+        raise ScnymError(f"{int(unseen.sum())} query cells belong to {column!r} groups without a model ({names}); "
+                         f"models exist for {', '.join(models)}: remove those cells or predict them with a "
+                         "tissue-independent model")
+    loaded = {g: load_model(Path(model_path) / d, device) for g, d in models.items() if (groups == g).any()}
+    classes = sorted(set().union(*(m.classes for m in loaded.values())))
+    n = cells.n_cells
+    probabilities = np.zeros((n, len(classes)), dtype=np.float32)
+    logits = np.full((n, len(classes)), np.nan, dtype=np.float32)
+    labels, confidence = np.empty(n, dtype=object), np.zeros(n, dtype=np.float32)
+    embedding = None
+    overlap = None
+    for group, model in loaded.items():
+        rows = np.flatnonzero(groups == group)
+        part = predict_cells(model, cells.subset_cells(rows), config, device, with_embedding=with_embedding)
+        columns = pd.Index(classes).get_indexer(part.classes)
+        probabilities[np.ix_(rows, columns)] = part.probabilities
+        logits[np.ix_(rows, columns)] = part.logits
+        labels[rows], confidence[rows] = part.labels, part.confidence
+        if with_embedding:
+            embedding = np.zeros((n, part.embedding.shape[1]), np.float32) if embedding is None else embedding
+            embedding[rows] = part.embedding
+        overlap = overlap or part.overlap
+        log.info("%s %r: %d cells predicted by %s", column, group, len(rows), models[group])
+    return Predictions(cells.cell_ids, labels, confidence, probabilities, logits, embedding, classes, overlap)
+
+
 def predict_cell_types(config: Config) -> dict:
     """Run prediction as configured; returns the summary (also in prediction_summary.json)."""
     device = setup_runtime(config)
-    loaded = load_model(config.model_path, device)
-    _check_training_gene_names(config, loaded)
+    routing = routing_of(config.model_path)
+    loaded = None if routing else load_model(config.model_path, device)
+    if loaded is not None:
+        _check_training_gene_names(config, loaded)
     with staged_directory(config.out_path, overwrite=config.overwrite, protected=PROTECTED_OUTPUTS,
                           last=(PREDICTIONS_FILE,)) as stage:
         is_h5ad = str(config.input_counts).lower().endswith(".h5ad")
@@ -111,8 +150,11 @@ def predict_cell_types(config: Config) -> dict:
                 raise ScnymError(f"could not read {config.input_counts} as h5ad ({type(e).__name__}: {e})") from None
         cells, kind = load_cells(config, config.input_counts, metadata=config.training_metadata, adata=adata,
                                  translate_genes=True)
-        result = predict_cells(loaded, cells, config, device,
-                               with_embedding=config.write_embedding or adata is not None)
+        with_embedding = config.write_embedding or adata is not None
+        if routing:
+            result = predict_routed(routing, config.model_path, cells, config, device, with_embedding=with_embedding)
+        else:
+            result = predict_cells(loaded, cells, config, device, with_embedding=with_embedding)
         overlap, labels, confidence, classes = result.overlap, result.labels, result.confidence, result.classes
         (stage / "gene_overlap.json").write_text(json.dumps(overlap.to_dict(), indent=1))
         table = result.table()
@@ -126,8 +168,9 @@ def predict_cell_types(config: Config) -> dict:
 
         counts = pd.Series(labels).value_counts()
         summary: dict = {
-            "model": str(loaded.directory), "input": str(config.input_counts), "n_cells": int(cells.n_cells),
-            "input_normalization": kind, "gene_overlap": overlap.to_dict(), "temperature": loaded.temperature,
+            "model": str(loaded.directory if loaded else config.model_path), "input": str(config.input_counts),
+            "n_cells": int(cells.n_cells), "input_normalization": kind, "gene_overlap": overlap.to_dict(),
+            "temperature": loaded.temperature if loaded else "per tissue model",
             "unknown_threshold": config.unknown_threshold,
             "predicted_counts": {str(k): int(v) for k, v in counts.items()},
             "mean_confidence": float(confidence.mean()) if len(confidence) else float("nan"),

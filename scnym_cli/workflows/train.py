@@ -96,6 +96,10 @@ def train_one_model(directory: Path, config: Config, inputs: TrainingInputs, dat
 
     model = build_model(config, data.X.shape[1], data.n_classes,
                         0 if data.covariates is None else data.covariates.shape[1])
+    covariates = None
+    if inputs.covariate_column:
+        covariates = {"column": inputs.covariate_column, "categories": list(inputs.covariate_categories),
+                      "scale": inputs.covariate_scale}
     trainer = Trainer(config, device, log_path=directory / f"{name}_log.csv", name=name)
     fit = trainer.fit(model, data)
 
@@ -120,7 +124,7 @@ def train_one_model(directory: Path, config: Config, inputs: TrainingInputs, dat
 
     plot_training_curve(fit.history, directory / "training_curve.png", f"{name}: training curve", fit.best_epoch)
     save_model(directory, model, genes=list(inputs.cells.genes), classes=classes, config=config.to_dict(),
-               extra={"temperature": fit.temperature, "training": {
+               extra={"temperature": fit.temperature, "covariates": covariates, "training": {
                    "name": name, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
                    "stopped_early": fit.stopped_early, "seconds": round(fit.seconds, 2),
                    "semi_supervised": fit.semi_supervised, "n_fit": int(len(split.fit)),
@@ -155,60 +159,68 @@ def run_training(config: Config, get_inputs: Callable[[], TrainingInputs],
     ``get_inputs`` loads the data once the output directory is known to be writable.
     Returns the run summary (also in run_summary.json).
     """
-    started = time.perf_counter()
     device = setup_runtime(config)
     with staged_directory(config.out_path, overwrite=config.overwrite, protected=PROTECTED_OUTPUTS,
                           last=(RUN_MARKER,)) as stage:
-        inputs = get_inputs()
-        _check_enough_cells(config, inputs)
-        cells, classes = inputs.cells, inputs.encoding.classes
-        fingerprint = data_fingerprint(cells.X, cells.genes, cells.cell_ids, inputs.labels)
-        (stage / "scnym_config.json").write_text(json.dumps(config.to_dict(), indent=1))
-        pd.DataFrame({"index": range(len(classes)), "label": classes}).to_csv(stage / "celltype_label.csv",
-                                                                              index=False)
-        labeled = inputs.labeled_rows
-        splits: list[tuple[str, Split]] = []
-        if config.n_folds:
-            splits = [(f"fold{k:02d}", s) for k, s in enumerate(
-                cross_validation_splits(labeled, inputs.codes, config.n_folds, config.val_fraction, config.seed))]
-        splits.append((ALL_DATA_DIR, all_data_split(labeled, inputs.codes, config.val_fraction, config.seed)))
+        return train_into(stage, config, get_inputs(), device, command)
 
-        results: list[ModelResult] = []
-        for name, split in splits:
-            data = TrainingData(cells.X, inputs.codes, split, len(classes), unlabeled=inputs.unlabeled_rows,
-                                domains=inputs.domains)
-            results.append(train_one_model(stage / name, config, inputs, data, device, fingerprint))
-            if name != ALL_DATA_DIR:
-                m = results[-1].metrics
-                log.info("%s held-out: accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f, ECE %.4f "
-                         "(uncalibrated %.4f)", name, m["accuracy"], m["balanced_accuracy"], m["macro_f1"],
-                         m["ece"], m["ece_uncalibrated"])
 
-        folds = [r for r in results if r.name != ALL_DATA_DIR]
-        summary: dict = {
-            "command": command, "package_version": __version__,
-            "n_cells": int(cells.n_cells), "n_labeled": int(len(labeled)),
-            "n_target": int(len(inputs.unlabeled_rows)), "n_genes": int(len(cells.genes)),
-            "classes": list(classes), "device": str(device), "n_folds": config.n_folds,
-        }
-        if folds:
-            fold_table = pd.DataFrame([{"fold": r.name, "n_cells": len(r.predictions), **r.metrics,
-                                        "best_epoch": r.best_epoch, "epochs_run": r.epochs_run}
-                                       for r in folds])
-            fold_table.to_csv(stage / "fold_eval_acc.csv", index=False)
-            pd.DataFrame([{"fold": r.name, "loss": r.held_out_loss} for r in folds]).to_csv(
-                stage / "fold_eval_losses.csv", index=False)
-            pooled = pd.concat([r.predictions for r in folds])
-            table = confusion_table(pooled["true_label"], pooled["predicted_label"], classes)
-            table.to_csv(stage / "confusion_matrix.csv")
-            plot_confusion_matrix(table, stage / "confusion_matrix.png",
-                                  f"held-out predictions, {len(folds)} folds ({len(pooled)} cells)")
-            metric_names = ["accuracy", "balanced_accuracy", "macro_f1", "ece"]
-            summary["cross_validation"] = {
-                name: {"mean": float(fold_table[name].mean()), "std": float(fold_table[name].std(ddof=0))}
-                for name in metric_names}
-            log.info("cross-validation (%d folds): accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f, ECE %.4f",
-                     len(folds), *(summary["cross_validation"][n]["mean"] for n in metric_names))
-        summary["seconds"] = round(time.perf_counter() - started, 2)
-        (stage / RUN_MARKER).write_text(json.dumps(summary, indent=1))
+def train_into(directory: Path, config: Config, inputs: TrainingInputs, device: torch.device,
+               command: str) -> dict:
+    """Write one complete run (folds, all_data, tables, plots, run_summary.json) into ``directory``."""
+    started = time.perf_counter()
+    _check_enough_cells(config, inputs)
+    directory.mkdir(parents=True, exist_ok=True)
+    cells, classes = inputs.cells, inputs.encoding.classes
+    fingerprint = data_fingerprint(cells.X, cells.genes, cells.cell_ids, inputs.labels)
+    (directory / "scnym_config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    pd.DataFrame({"index": range(len(classes)), "label": classes}).to_csv(directory / "celltype_label.csv",
+                                                                          index=False)
+    labeled = inputs.labeled_rows
+    splits: list[tuple[str, Split]] = []
+    if config.n_folds:
+        splits = [(f"fold{k:02d}", s) for k, s in enumerate(
+            cross_validation_splits(labeled, inputs.codes, config.n_folds, config.val_fraction, config.seed))]
+    splits.append((ALL_DATA_DIR, all_data_split(labeled, inputs.codes, config.val_fraction, config.seed)))
+
+    results: list[ModelResult] = []
+    for name, split in splits:
+        data = TrainingData(cells.X, inputs.codes, split, len(classes), covariates=inputs.covariates,
+                            unlabeled=inputs.unlabeled_rows, domains=inputs.domains)
+        results.append(train_one_model(directory / name, config, inputs, data, device, fingerprint))
+        if name != ALL_DATA_DIR:
+            m = results[-1].metrics
+            log.info("%s held-out: accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f, ECE %.4f "
+                     "(uncalibrated %.4f)", name, m["accuracy"], m["balanced_accuracy"], m["macro_f1"],
+                     m["ece"], m["ece_uncalibrated"])
+
+    folds = [r for r in results if r.name != ALL_DATA_DIR]
+    summary: dict = {
+        "command": command, "package_version": __version__,
+        "n_cells": int(cells.n_cells), "n_labeled": int(len(labeled)),
+        "n_target": int(len(inputs.unlabeled_rows)), "n_genes": int(len(cells.genes)),
+        "classes": list(classes), "device": str(device), "n_folds": config.n_folds,
+    }
+    if inputs.covariate_column:
+        summary["covariates"] = {"column": inputs.covariate_column, "categories": list(inputs.covariate_categories)}
+    if folds:
+        fold_table = pd.DataFrame([{"fold": r.name, "n_cells": len(r.predictions), **r.metrics,
+                                    "best_epoch": r.best_epoch, "epochs_run": r.epochs_run}
+                                   for r in folds])
+        fold_table.to_csv(directory / "fold_eval_acc.csv", index=False)
+        pd.DataFrame([{"fold": r.name, "loss": r.held_out_loss} for r in folds]).to_csv(
+            directory / "fold_eval_losses.csv", index=False)
+        pooled = pd.concat([r.predictions for r in folds])
+        table = confusion_table(pooled["true_label"], pooled["predicted_label"], classes)
+        table.to_csv(directory / "confusion_matrix.csv")
+        plot_confusion_matrix(table, directory / "confusion_matrix.png",
+                              f"held-out predictions, {len(folds)} folds ({len(pooled)} cells)")
+        metric_names = ["accuracy", "balanced_accuracy", "macro_f1", "ece"]
+        summary["cross_validation"] = {
+            name: {"mean": float(fold_table[name].mean()), "std": float(fold_table[name].std(ddof=0))}
+            for name in metric_names}
+        log.info("cross-validation (%d folds): accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f, ECE %.4f",
+                 len(folds), *(summary["cross_validation"][n]["mean"] for n in metric_names))
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    (directory / RUN_MARKER).write_text(json.dumps(summary, indent=1))
     return summary

@@ -1,0 +1,69 @@
+"""bench/peers.py runs (quick mode: logistic regression on a 200-cell subsample, no peer venvs needed)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import shared_data
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.real_data
+
+
+def load_peers_bench():
+    sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_peers", REPO / "bench" / "peers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peers_benchmark_quick(tmp_path):
+    shared_data("kang2018_ctrl_stim_small.h5ad")
+    peers = load_peers_bench()
+    if not (peers.PEER_SCRIPTS / "run_linear.py").exists():
+        pytest.skip(f"{peers.PEER_SCRIPTS} (../shared/peers) is not available")
+    out, work = tmp_path / "r", tmp_path / "w"
+    rows = peers.main(["--quick", "--out", str(out), "--work", str(work), "--tag", "t"])
+
+    assert len(rows) == 1 and rows["status"].tolist() == ["ok"], rows.get("error")
+    table = pd.read_csv(out / "t.csv")
+    assert table["peer"].tolist() == ["logreg"] and table["split"].tolist() == ["kang_ctrl_to_stim"]
+    assert table["n_scored"].tolist() == [peers.QUICK_CELLS]
+    for column in ("balanced_accuracy", "accuracy", "macro_f1", "ece"):
+        assert table[column].between(0, 1).all(), column
+    assert table["balanced_accuracy"].iloc[0] > 0.5  # five PBMC types: far above chance
+    assert (table["seconds"] > 0).all() and (table["peak_mb"] > 0).all()
+    assert table["runner_train_s"].notna().all()  # the runner's own meta.json was read
+    assert "run_linear.py" in table["command"].iloc[0]
+
+    payload = json.loads((out / "t.json").read_text())
+    assert "python bench/peers.py --quick" in payload["command"]
+    assert payload["machine"]["cores"] and payload["machine"]["nice"] == 19
+    assert payload["rows"][0]["runner_meta"]["peer"] == "logreg"
+
+    report = (out / "t.md").read_text()
+    assert "Kang ctrl -> stim" in report and "logistic regression" in report
+    assert "shared machine" in report
+    # the peer ran on copies that tell run_linear.py the Kang file holds counts
+    assert list((work / "data").glob("*.x_kind_counts.h5ad"))
+
+
+def test_calibration_error_matches_package():
+    import numpy as np
+
+    from scnym_cli.train.metrics import expected_calibration_error
+
+    peers = load_peers_bench()
+    rng = np.random.default_rng(0)
+    probabilities = rng.dirichlet(np.ones(4), size=300)
+    truth = rng.integers(0, 4, size=300)
+    correct = probabilities.argmax(1) == truth
+    assert peers.calibration_error(probabilities.max(1), correct) == pytest.approx(
+        expected_calibration_error(probabilities, truth))
+    assert peers.calibration_error(np.ones(5), np.ones(5, dtype=bool)) == 0.0

@@ -82,12 +82,9 @@ def _options_signature(command: str) -> inspect.Signature:
     return inspect.Signature(parameters)
 
 
-def _register(command: str, help_text: str, workflow: Optional[Callable[[Config], object]]) -> None:
+def _register(command: str, help_text: str, workflow: Callable[[Config], object]) -> None:
     def run(**options) -> None:
         config_files, quiet = options.pop("config"), options.pop("quiet")
-        if workflow is None:
-            _fail(f"{command} is not available yet in scnym {__version__}; use train_tissue_independent "
-                  "and predict_cell_types")
         _run(command, config_files, quiet, options, workflow)
 
     signature = _options_signature(command)
@@ -115,6 +112,12 @@ def _train_specific(config: Config) -> None:
     train_tissue_specific(config)
 
 
+def _markers(config: Config) -> None:
+    from .workflows.markers import find_cell_type_markers
+
+    find_cell_type_markers(config)
+
+
 def _predict(config: Config) -> None:
     from .workflows.predict import predict_cell_types
 
@@ -133,7 +136,8 @@ _register("predict_cell_types",
           "Predict cell types of new data with a trained model (any input format; genes aligned to the model).",
           _predict)
 _register("find_cell_type_markers",
-          "Find the genes that drive each class: input optimization and expected-gradient attributions.", None)
+          "Find the genes that drive each class: input optimization and expected-gradient attributions.",
+          _markers)
 
 
 @app.command("print_config")

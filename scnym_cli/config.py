@@ -27,7 +27,7 @@ MARKER_COMMANDS = frozenset({"find_cell_type_markers"})
 ALL_COMMANDS = TRAIN_COMMANDS | PREDICT_COMMANDS | MARKER_COMMANDS
 READS_DATA = ALL_COMMANDS
 
-SECTIONS = ("Inputs", "Labels and groups", "Model", "Training", "Semi-supervised", "Prediction", "Run")
+SECTIONS = ("Inputs", "Labels and groups", "Model", "Training", "Semi-supervised", "Prediction", "Markers", "Run")
 
 
 def option(
@@ -63,6 +63,8 @@ def option(
 
 _TRAIN = TRAIN_COMMANDS
 _TRAIN_PREDICT = TRAIN_COMMANDS | PREDICT_COMMANDS
+_READS_LABELS = ALL_COMMANDS
+_ALIGNS = PREDICT_COMMANDS | MARKER_COMMANDS
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class Config:
         None, "Text file, one gene per line: train on this subset of genes only.", "Inputs", _TRAIN, must_exist=True)
     training_metadata: Optional[Path] = option(
         None, "CSV with per-cell labels, rows in cell order or matched by a cell-id column "
-        "(default: the h5ad obs / loom column attributes).", "Inputs", _TRAIN_PREDICT, must_exist=True)
+        "(default: the h5ad obs / loom column attributes).", "Inputs", _READS_LABELS, must_exist=True)
     unlabeled_counts: Optional[Path] = option(
         None, "Target (unlabeled) data for semi-supervised training, any input format; genes are aligned "
         "to the training genes.", "Inputs", _TRAIN, must_exist=True)
@@ -95,7 +97,7 @@ class Config:
     gene_map: Optional[Path] = option(
         None, "CSV of gene-name translations 'from,to' (e.g. mouse -> human orthologs, Ensembl id -> symbol), "
         "applied to the data aligned to the model: --unlabeled_counts when training, the query when predicting.",
-        "Inputs", _TRAIN_PREDICT, must_exist=True)
+        "Inputs", ALL_COMMANDS, must_exist=True)
     input_normalization: str = option(
         "auto", "How X is normalized: auto (detect), counts (-> ln(CPM+1)), log1p / log2_1p / log10_1p "
         "(log-normalized at any per-cell total, rescaled to ln(CPM+1)), as_is (already ln(CPM+1), unchanged).",
@@ -104,7 +106,8 @@ class Config:
     # ---------------------------------------------------------------- Labels and groups
     lower_group: str = option(
         "cell_ontology_class", "Label column (cell types). For prediction, used only to report accuracy "
-        "when the query has it.", "Labels and groups", _TRAIN_PREDICT)
+        "when the query has it; for markers, it says which cells belong to which class.", "Labels and groups",
+        _READS_LABELS)
     upper_group: str = option(
         "tissue", "Upper group column (e.g. tissue) for tissue-dependent and tissue-specific models.",
         "Labels and groups", _TRAIN_PREDICT)
@@ -157,7 +160,7 @@ class Config:
         True, "Fit a softmax temperature on the model-selection split so confidences are calibrated.",
         "Training", _TRAIN)
     seed: int = option(0, "Seed for every random choice (splits, sampling, initialization, dropout).",
-                       "Training", _TRAIN, min=0)
+                       "Training", _TRAIN | MARKER_COMMANDS, min=0)
 
     # ---------------------------------------------------------------- Semi-supervised
     preset: str = option(
@@ -211,7 +214,7 @@ class Config:
         "Prediction", PREDICT_COMMANDS, must_exist=True)
     min_gene_overlap: float = option(
         0.5, "Stop when fewer than this fraction of the model's genes are found in the data.",
-        "Prediction", _TRAIN_PREDICT, min=0.0, max=1.0)
+        "Prediction", ALL_COMMANDS, min=0.0, max=1.0)
     unknown_threshold: float = option(
         0.0, "Call cells 'Unknown' when their confidence is below this (0 = always call a class).",
         "Prediction", PREDICT_COMMANDS, min=0.0, max=1.0, max_exclusive=True)
@@ -224,6 +227,32 @@ class Config:
         True, "For h5ad input, also write an annotated copy (annotated.h5ad).", "Prediction", PREDICT_COMMANDS)
     prediction_chunk_size: int = option(
         8192, "Cells per prediction chunk (bounds memory).", "Prediction", PREDICT_COMMANDS, min=1)
+
+    # ---------------------------------------------------------------- Markers
+    marker_methods: str = option(
+        "both", "input_optimization (needs only the model), expected_gradients (needs labeled --input_counts), "
+        "or both.", "Markers", MARKER_COMMANDS, choices=("both", "input_optimization", "expected_gradients"))
+    marker_classes: Optional[str] = option(
+        None, "Comma-separated classes to explain (default: every class of the model).", "Markers",
+        MARKER_COMMANDS)
+    marker_source: str = option(
+        "all", "Reference cells for expected gradients: 'all' (every cell not of the target class, "
+        "Unlabeled included) or a class name.", "Markers", MARKER_COMMANDS)
+    l1_reg: float = option(
+        0.01, "L1 penalty on the optimized input profiles (scNym used 1e-4, which on real data yields "
+        "off-manifold profiles; see the README).", "Markers", MARKER_COMMANDS, min=0.0)
+    n_restarts: int = option(5, "Random starts per class for input optimization.", "Markers", MARKER_COMMANDS,
+                             min=1)
+    optimization_steps: int = option(300, "Adam steps of input optimization.", "Markers", MARKER_COMMANDS, min=1)
+    eg_samples: int = option(64, "Reference samples per target cell for expected gradients.", "Markers",
+                             MARKER_COMMANDS, min=1)
+    eg_max_cells: int = option(
+        500, "Target cells per class used for expected gradients (a seeded random subset; 0 = all).", "Markers",
+        MARKER_COMMANDS, min=0)
+    n_top_markers: int = option(20, "Markers per class in the ranked tables' summary and the heat map.", "Markers",
+                                MARKER_COMMANDS, min=1)
+    write_cell_attributions: bool = option(
+        False, "Also write per-cell attributions (cell_attributions/<class>.h5ad).", "Markers", MARKER_COMMANDS)
 
     # ---------------------------------------------------------------- Run
     out_path: Optional[Path] = option(None, "Output directory.", "Run")

@@ -73,3 +73,38 @@ def plot_confusion_matrix(table: pd.DataFrame, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_marker_heatmap(top_markers: dict[str, list[str]], genes: Sequence[str], cells, labels, path: Path,
+                        title: str, n_top: int = 10) -> None:
+    """Rows: the top markers of each class (in class order); columns: classes.
+
+    With labeled cells, each cell shows the class's mean ln(CPM+1) expression, scaled per gene to
+    [0, 1] (like scanpy's matrixplot); without cells, the marker's rank within its class.
+    """
+    plt = _pyplot()
+    classes = list(top_markers)
+    rows = [(c, g) for c in classes for g in top_markers[c][:n_top]]
+    row_genes = [g for _, g in rows]
+    if cells is not None:
+        positions = pd.Index(genes).get_indexer(row_genes)
+        present = [c for c in classes if (labels == c).any()]
+        means = np.vstack([np.asarray(cells.X[np.flatnonzero(labels == c)][:, positions].mean(axis=0)).ravel()
+                           for c in present]).T
+        span = means.max(axis=1, keepdims=True) - means.min(axis=1, keepdims=True)
+        values = np.divide(means - means.min(axis=1, keepdims=True), span, out=np.zeros_like(means),
+                           where=span > 0)
+        columns, label = present, "mean expression, scaled per gene"
+    else:
+        values = np.array([[1.0 - k / n_top if c == owner else 0.0 for c in classes]
+                           for owner in classes for k in range(min(n_top, len(top_markers[owner])))])
+        columns, label = classes, "marker rank (1 = top)"
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(columns) + 2, 1.5 + 0.16 * len(rows)))
+    image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), [f"{g}  ({c})" for c, g in rows], fontsize=6)
+    fig.colorbar(image, ax=ax, fraction=0.05, label=label)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -67,3 +67,22 @@ def test_calibration_error_matches_package():
     assert peers.calibration_error(probabilities.max(1), correct) == pytest.approx(
         expected_calibration_error(probabilities, truth))
     assert peers.calibration_error(np.ones(5), np.ones(5, dtype=bool)) == 0.0
+
+
+def test_install_runs_the_installer_only_for_missing_venvs(tmp_path, monkeypatch):
+    peers = load_peers_bench()
+    scripts, home = tmp_path / "scripts", tmp_path / "peers"
+    scripts.mkdir()
+    (scripts / "env.sh").write_text('export PIP_CACHE_DIR=${PEERS_DIR:-$HOME/scnym-peers}/.cache/pip\n')
+    # a stand-in installer with the real ones' interface: install_<peer>.sh [VENV], sourcing $PEERS_DIR/env.sh
+    (scripts / "install_celltypist.sh").write_text(
+        'set -eu\nsource "$PEERS_DIR/env.sh"\nmkdir -p "$1/bin"\necho "$PIP_CACHE_DIR" > "$1/cache"\n'
+        f'ln -s {sys.executable} "$1/bin/python"\n')
+    monkeypatch.setattr(peers, "PEER_SCRIPTS", scripts)
+    monkeypatch.setattr(peers, "PEERS_DIR", home)
+    celltypist = peers.Peer("celltypist", "CellTypist", "run_celltypist.py", "celltypist-venv",
+                            "install_celltypist.sh", None, None, "")
+    outcome = peers.install([celltypist, peers.PEERS["logreg"]])  # logreg needs no venv
+    assert list(outcome) == ["celltypist"] and outcome["celltypist"].startswith("exit 0")
+    assert (home / "celltypist-venv" / "cache").read_text().strip() == str(home / ".cache" / "pip")
+    assert peers.install([celltypist]) == {}  # present now: not installed again

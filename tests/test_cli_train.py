@@ -133,12 +133,6 @@ def test_no_cross_validation(runner, tmp_path):
         "all_data", "celltype_label.csv", "scnym_config.json", "run_summary.json"}
 
 
-@pytest.mark.parametrize("command", ["find_cell_type_markers"])
-def test_commands_not_available_yet_fail_loudly(runner, command):
-    result = invoke(runner, command, "--out_path", "x")
-    assert_one_line_error(result, "not available yet")
-
-
 def test_python_dash_m(tmp_path):
     import subprocess
     import sys

@@ -102,3 +102,25 @@ def test_chemistry_transfer_on_log_normalized_input(runner, tmp_path):
     summary = json.loads((tmp_path / "p" / "prediction_summary.json").read_text())
     assert summary["input_normalization"] == "log1p"
     assert summary["metrics_vs_cell_type_broad"]["accuracy"] >= 0.85, summary
+
+
+KNOWN_MARKERS = {
+    "B cells": {"CD79A"},
+    "CD14+ Monocytes": {"LYZ", "S100A8", "S100A9", "CD14"},
+    "NK cells": {"GNLY", "NKG7", "GZMB"},
+    "FCGR3A+ Monocytes": {"FCGR3A", "MS4A7"},
+}
+
+
+def test_expected_gradients_find_known_pbmc_markers(runner, kang_split, kang_model):
+    """Kang control PBMCs: each class's top 20 (of 1,287 genes) holds a textbook marker."""
+    out = kang_split / "markers"
+    result = invoke(runner, "find_cell_type_markers", "--model_path", kang_model, "--input_counts",
+                    kang_split / "reference.h5ad", "--lower_group", "cluster_id", "--out_path", out,
+                    "--marker_methods", "expected_gradients", "--marker_classes", ",".join(KNOWN_MARKERS),
+                    "--eg_max_cells", "200", "--eg_samples", "32")
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "expected_gradients_markers.csv")
+    for name, markers in KNOWN_MARKERS.items():
+        top = set(table[(table["class"] == name) & (table["rank"] <= 20)]["gene"])
+        assert top & markers, (name, sorted(top))

@@ -10,7 +10,7 @@ import scipy.sparse as sp
 import torch
 
 from ..data.batches import batch_tensor, chunks
-from .device import Precision
+from .device import Precision, flush_denormals
 
 
 @dataclass
@@ -23,6 +23,7 @@ class Outputs:
 
 
 @torch.no_grad()
+@flush_denormals()
 def forward_rows(model: torch.nn.Module, X: sp.csr_matrix, rows: Optional[np.ndarray], device: torch.device,
                  *, chunk_size: int = 8192, covariates: Optional[np.ndarray] = None,
                  with_embedding: bool = False) -> Outputs:

@@ -29,7 +29,7 @@ from ..config import Config
 from ..errors import ScnymError
 from ..data.batches import EpochSampler, batch_tensor
 from ..data.splits import Split
-from .device import Precision
+from .device import Precision, flush_denormals
 from .inference import forward_rows
 from .losses import inverse_frequency_weights
 from .metrics import classification_metrics
@@ -212,7 +212,7 @@ class Trainer:
         caller's global torch RNG state is left as it was.
         """
         c = self.config
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), flush_denormals():
             torch.manual_seed(c.seed)
             return self._fit(model, data)
 

@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from .config import Config, ConfigLayer, build_config
-from .data import UNLABELED, LabelEncoding, cells_from_anndata, drop_duplicate_genes, normalize, read_labels
+from .data import (UNLABELED, LabelEncoding, align_genes, cells_from_anndata, drop_duplicate_genes, normalize,
+                   read_labels)
 from .errors import ScnymError
 from .store import load_model
 from .workflows.inputs import TrainingInputs, assign_domains, setup_runtime
@@ -27,7 +28,8 @@ from .workflows.train import run_training
 
 log = logging.getLogger(__name__)
 
-__all__ = ["scnym_api", "atlas2target", "resolve_trained_model", "PRETRAINED_MODELS", "UNLABELED"]
+__all__ = ["scnym_api", "scnym_interpret", "atlas2target", "resolve_trained_model", "PRETRAINED_MODELS",
+           "UNLABELED"]
 
 #: Named pretrained models and the folder name each is looked up under in the local cache.
 PRETRAINED_MODELS: Mapping[str, str] = {
@@ -229,6 +231,59 @@ def scnym_api(
     log.info("scnym_api: wrote obs[%r], obs[%r], obsm[%r], obsm['X_scnym'], uns[%r]", key_added,
              f"{key_added}_confidence", f"{key_added}_probabilities", key_added)
     return target if copy else None
+
+
+def scnym_interpret(
+    adata,
+    groupby: str,
+    target: str,
+    *,
+    source: str = "all",
+    trained_model: Union[str, Path, None] = None,
+    config: Union[Mapping[str, Any], Config, None] = None,
+) -> dict:
+    """Expected-gradient attributions of every gene to one class, for that class's cells.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes (raw counts or log-normalized); may contain ``Unlabeled`` cells. Not modified.
+    groupby
+        obs column saying which cells belong to which class.
+    target
+        The class to explain (a class of the model, with cells in ``obs[groupby]``).
+    source
+        Reference cells: ``"all"`` (every cell not labelled ``target``, Unlabeled included) or a
+        class name.
+    trained_model
+        A model directory or a pretrained model name (see :func:`scnym_api`).
+    config
+        Settings (dict or Config), e.g. ``{"eg_samples": 64, "eg_max_cells": 500, "seed": 0}``.
+
+    Returns
+    -------
+    ``{"saliency": pd.Series, "gradients": pd.DataFrame}``: mean attribution per gene (sorted,
+    highest first) and the per-cell attributions (target cells x genes).
+    """
+    from .workflows.markers import explain_class
+    from .workflows.tissues import covariates_for
+
+    if trained_model is None:
+        raise ScnymError("scnym_interpret needs trained_model: a model path or a pretrained model name")
+    effective = make_config(config, lower_group=groupby)
+    device = setup_runtime(effective)
+    loaded = load_model(resolve_trained_model(trained_model), device)
+    if target not in loaded.classes:
+        raise ScnymError(f"the model does not know class {target!r}; its classes are: {', '.join(loaded.classes)}")
+    cells = cells_from_anndata(adata, gene_column=effective.gene_column, layer=effective.input_layer,
+                               source="adata")
+    X, _ = normalize(cells.X, effective.input_normalization, source="adata", copy=True)
+    cells = drop_duplicate_genes(cells.with_(X=X))
+    covariates = covariates_for(loaded.manifest, cells)
+    cells, _ = align_genes(cells, loaded.genes, min_overlap=effective.min_gene_overlap, what="adata")
+    labels = read_labels(cells, groupby, option="groupby")
+    result = explain_class(loaded, cells, labels, target, source, effective, device, covariates)
+    return {"saliency": result.saliency, "gradients": result.attributions}
 
 
 def atlas2target(adata, atlas, *, key_added: str = "annotations", min_gene_overlap: float = 0.5):

@@ -159,7 +159,28 @@ def test_atlas2target(tmp_path):
         api.atlas2target(query, tmp_path / "absent.h5ad")
 
 
-PUBLIC = [api.scnym_api, api.atlas2target]
+def test_scnym_interpret_with_unlabeled_cells(tmp_path):
+    train = make_counts(n_cells=240, seed=12)
+    api.scnym_api(train, "train", groupby="cell_type", out_path=tmp_path / "m",
+                  config={**FAST, "n_epochs": 20, "n_hidden": 64, "preset": "no_ssl"})
+    data = with_target(n_cells=120, seed=13)          # a quarter of the cells are 'Unlabeled'
+    before = snapshot(data)
+    result = api.scnym_interpret(data, "cell_type", "type_1", trained_model=tmp_path / "m",
+                                 config={"eg_samples": 16})
+    assert_unchanged(data, before)
+    saliency, gradients = result["saliency"], result["gradients"]
+    assert isinstance(saliency, pd.Series) and saliency.is_monotonic_decreasing and len(saliency) == 60
+    assert gradients.shape == ((data.obs["cell_type"] == "type_1").sum(), 60)
+    assert set(gradients.index) <= set(data.obs_names)
+    assert len(set(saliency.index[:5]) & {f"gene{j:03d}" for j in range(5, 10)}) >= 3
+    by_class = api.scnym_interpret(data, "cell_type", "type_1", source="type_0", trained_model=tmp_path / "m",
+                                   config={"eg_samples": 16})
+    assert not by_class["saliency"].equals(saliency)
+    with pytest.raises(ScnymError, match="does not know class 'Unlabeled'"):
+        api.scnym_interpret(data, "cell_type", "Unlabeled", trained_model=tmp_path / "m")
+
+
+PUBLIC = [api.scnym_api, api.scnym_interpret, api.atlas2target]
 
 
 @pytest.mark.parametrize("function", PUBLIC, ids=lambda f: f.__name__)
@@ -168,7 +189,8 @@ def test_public_signatures_follow_scanpy(function):
     every parameter documented; copy returns a copy."""
     parameters = list(inspect.signature(function).parameters.values())
     assert parameters[0].name == "adata"
-    positional_ok = {"scnym_api": {"adata", "task"}, "atlas2target": {"adata", "atlas"}}[function.__name__]
+    positional_ok = {"scnym_api": {"adata", "task"}, "atlas2target": {"adata", "atlas"},
+                     "scnym_interpret": {"adata", "groupby", "target"}}[function.__name__]
     for parameter in parameters:
         if parameter.name not in positional_ok:
             assert parameter.kind is inspect.Parameter.KEYWORD_ONLY, parameter.name

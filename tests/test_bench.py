@@ -36,3 +36,19 @@ def test_accuracy_benchmark_quick(tmp_path, monkeypatch):
     assert payload["machine"]["cores"] and "python bench/accuracy.py" in payload["command"]
     assert (tmp_path / "r" / "t.png").stat().st_size > 0
     assert "Kang ctrl -> stim" in (tmp_path / "r" / "t.md").read_text()
+
+
+def test_markers_benchmark_quick(tmp_path):
+    shared_data("kang2018_ctrl_8donors.h5ad")
+    payload = load_bench("markers").main(["--quick", "--out", str(tmp_path / "r"), "--work", str(tmp_path / "w")])
+    assert set(payload["hit_rates"]) == {"expected_gradients", "input_optimization"}
+    assert "B cells" in (tmp_path / "r" / "markers.md").read_text()
+    assert (tmp_path / "r" / "markers_heatmap.png").stat().st_size > 0
+
+
+def test_tissues_benchmark_quick(tmp_path):
+    shared_data("pbmc_3chemistries_small.h5ad")
+    table = load_bench("tissues").main(["--quick", "--datasets", "pbmc_chemistries", "--out", str(tmp_path / "r"),
+                                        "--work", str(tmp_path / "w")])
+    assert list(table["command"]) == ["train_tissue_independent", "train_tissue_dependent", "train_tissue_specific"]
+    assert table["balanced_accuracy"].between(0, 1).all()

@@ -22,8 +22,7 @@ from .data import (UNLABELED, LabelEncoding, align_genes, cells_from_anndata, dr
 from .errors import ScnymError
 from .store import load_model
 from .workflows.inputs import TrainingInputs, assign_domains, setup_runtime
-from .workflows.predict import annotate, predict_cells, predict_routed
-from .workflows.tissues import routing_of
+from .workflows.predict import Predictor, annotate, open_query, predict_in_memory
 from .workflows.train import run_training
 
 log = logging.getLogger(__name__)
@@ -218,15 +217,8 @@ def scnym_api(
         effective = make_config(config if not isinstance(config, str) else None)
         extra = {"params": effective.to_dict(), "model_path": str(model_path)}
     device = setup_runtime(effective)
-    cells = cells_from_anndata(adata, gene_column=effective.gene_column, layer=effective.input_layer,
-                               source="adata")
-    X, _ = normalize(cells.X, effective.input_normalization, source="adata", copy=True)
-    cells = drop_duplicate_genes(cells.with_(X=X))
-    routing = routing_of(model_path)
-    if routing:
-        result = predict_routed(routing, model_path, cells, effective, device, with_embedding=True)
-    else:
-        result = predict_cells(load_model(model_path, device), cells, effective, device, with_embedding=True)
+    predictor = Predictor(model_path, effective, device)
+    result = predict_in_memory(predictor, open_query(effective, "adata", adata=adata), effective)
     _write_results(target, result, key_added, extra)
     log.info("scnym_api: wrote obs[%r], obs[%r], obsm[%r], obsm['X_scnym'], uns[%r]", key_added,
              f"{key_added}_confidence", f"{key_added}_probabilities", key_added)
@@ -279,7 +271,7 @@ def scnym_interpret(
                                source="adata")
     X, _ = normalize(cells.X, effective.input_normalization, source="adata", copy=True)
     cells = drop_duplicate_genes(cells.with_(X=X))
-    covariates = covariates_for(loaded.manifest, cells)
+    covariates = covariates_for(loaded.manifest, cells.obs, cells.source)
     cells, _ = align_genes(cells, loaded.genes, min_overlap=effective.min_gene_overlap, what="adata")
     labels = read_labels(cells, groupby, option="groupby")
     result = explain_class(loaded, cells, labels, target, source, effective, device, covariates)

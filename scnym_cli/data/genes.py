@@ -71,13 +71,13 @@ def reindex_columns(X: sp.csr_matrix, source_genes: pd.Index, target_genes: pd.I
 
     Only the CSR index arrays are rewritten: cost is O(nnz), memory one copy of the kept entries.
     """
-    target_position = pd.Index(target_genes).get_indexer(pd.Index(source_genes))
+    target_position = pd.Index(target_genes).get_indexer(pd.Index(source_genes)).astype(np.int32)
     if pd.Index(source_genes).has_duplicates:
         # the first occurrence of a duplicated source gene wins
         target_position[pd.Index(source_genes).duplicated()] = -1
     new_columns = target_position[X.indices]
     keep = new_columns >= 0
-    kept_before = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+    kept_before = np.concatenate([[0], np.cumsum(keep, dtype=X.indptr.dtype)])
     indptr = kept_before[X.indptr].astype(X.indptr.dtype)
     out = sp.csr_matrix((X.data[keep], new_columns[keep].astype(X.indices.dtype), indptr),
                         shape=(X.shape[0], len(target_genes)))
@@ -99,23 +99,29 @@ def measure_overlap(data_genes: pd.Index, model_genes: pd.Index) -> GeneOverlap:
     )
 
 
-def align_genes(cells: CellMatrix, model_genes: Sequence[str], *, min_overlap: float = 0.5,
-                what: str = "data") -> tuple[CellMatrix, GeneOverlap]:
-    """Reorder ``cells`` to the model's genes, report the overlap, stop below ``min_overlap``."""
+def require_overlap(data_genes: pd.Index, model_genes: Sequence[str], *, min_overlap: float, what: str,
+                    source: str) -> GeneOverlap:
+    """Measure and report the overlap; stop, saying what matched, below ``min_overlap``."""
     model_genes = pd.Index([str(g) for g in model_genes])
-    overlap = measure_overlap(cells.genes, model_genes)
+    overlap = measure_overlap(data_genes, model_genes)
     if overlap.fraction_found < min_overlap or overlap.n_found == 0:
-        data_examples = ", ".join(cells.genes[:3])
-        model_examples = ", ".join(model_genes[:3])
         raise ScnymError(
             f"only {overlap.n_found} of {overlap.n_model_genes} model genes ({overlap.fraction_found:.1%}) are in "
-            f"the {what} ({cells.source}; minimum {min_overlap:.0%}); data genes look like '{data_examples}', "
-            f"model genes like '{model_examples}': check the gene naming (symbols vs Ensembl ids, species) "
-            "or lower --min_gene_overlap")
+            f"the {what} ({source}; minimum {min_overlap:.0%}); data genes look like '{', '.join(data_genes[:3])}', "
+            f"model genes like '{', '.join(model_genes[:3])}': check the gene naming (symbols vs Ensembl ids, "
+            "species) or lower --min_gene_overlap")
     log.info("%s: %s", what, overlap.describe())
     if overlap.n_missing and overlap.fraction_found < 0.9:
         log.warning("%s: %d model genes are missing and were set to 0 (e.g. %s)", what, overlap.n_missing,
                     ", ".join(overlap.missing_examples[:5]))
+    return overlap
+
+
+def align_genes(cells: CellMatrix, model_genes: Sequence[str], *, min_overlap: float = 0.5,
+                what: str = "data") -> tuple[CellMatrix, GeneOverlap]:
+    """Reorder ``cells`` to the model's genes, report the overlap, stop below ``min_overlap``."""
+    model_genes = pd.Index([str(g) for g in model_genes])
+    overlap = require_overlap(cells.genes, model_genes, min_overlap=min_overlap, what=what, source=cells.source)
     if cells.genes.equals(model_genes):
         return cells, overlap
     X = reindex_columns(cells.X, cells.genes, model_genes)
@@ -153,17 +159,21 @@ def read_gene_map(path) -> dict[str, str]:
     return mapping
 
 
-def apply_gene_map(cells: CellMatrix, mapping: dict[str, str], what: str) -> tuple[CellMatrix, GeneMapReport]:
-    """Translate gene names; unmapped names stay; a map that translates nothing is an error."""
-    translated = cells.genes.map(lambda g: mapping.get(g, g))
-    n_mapped = int(cells.genes.isin(list(mapping)).sum())
+def translate_gene_names(genes: pd.Index, mapping: dict[str, str], what: str) -> tuple[pd.Index, GeneMapReport]:
+    """Gene names through the map; unmapped names stay; a map that translates nothing is an error."""
+    n_mapped = int(genes.isin(list(mapping)).sum())
     if n_mapped == 0:
         raise ScnymError(
-            f"--gene_map translates none of the {len(cells.genes)} gene names of the {what} ({cells.source}; "
-            f"names look like '{', '.join(cells.genes[:3])}', the map's 'from' column like "
-            f"'{', '.join(list(mapping)[:3])}'); check the map's direction and naming")
-    renamed = cells.with_(genes=pd.Index(translated))
-    duplicates = int(renamed.genes.duplicated().sum())
-    report = GeneMapReport(len(cells.genes), n_mapped, len(cells.genes) - n_mapped, duplicates)
+            f"--gene_map translates none of the {len(genes)} gene names of {what} (names look like "
+            f"'{', '.join(genes[:3])}', the map's 'from' column like '{', '.join(list(mapping)[:3])}'); check the "
+            "map's direction and naming")
+    translated = pd.Index(genes.map(lambda g: mapping.get(g, g)))
+    report = GeneMapReport(len(genes), n_mapped, len(genes) - n_mapped, int(translated.duplicated().sum()))
     log.info("%s: %s", what, report.describe())
-    return drop_duplicate_genes(renamed), report
+    return translated, report
+
+
+def apply_gene_map(cells: CellMatrix, mapping: dict[str, str], what: str) -> tuple[CellMatrix, GeneMapReport]:
+    """Translate the gene names of ``cells``; names that collide after translation keep their first column."""
+    translated, report = translate_gene_names(cells.genes, mapping, what)
+    return drop_duplicate_genes(cells.with_(genes=translated)), report

@@ -21,7 +21,12 @@ UNKNOWN = "Unknown"
 
 
 def attach_metadata(cells: CellMatrix, metadata_path: Path) -> CellMatrix:
-    """Join a metadata CSV onto the cells: by a column of cell ids when one matches, else by row order.
+    """Join a metadata CSV onto the cells (see :func:`join_metadata`)."""
+    return cells.with_(obs=join_metadata(cells.obs, metadata_path, cells.source))
+
+
+def join_metadata(obs: pd.DataFrame, metadata_path: Path, source: str) -> pd.DataFrame:
+    """A metadata CSV joined to ``obs``: by a column of cell ids when one matches, else by row order.
 
     Columns of the CSV replace obs columns of the same name.
     """
@@ -29,23 +34,23 @@ def attach_metadata(cells: CellMatrix, metadata_path: Path) -> CellMatrix:
         metadata = pd.read_csv(metadata_path, dtype=str, keep_default_na=False, na_values=[""])
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise ScnymError(f"could not read --training_metadata {metadata_path} ({str(e).splitlines()[0]})") from None
-    ids = cells.cell_ids
+    ids = obs.index
     id_column = next((c for c in metadata.columns
                       if metadata[c].notna().all() and pd.Index(ids).isin(metadata[c]).all()
                       and not metadata[c].duplicated().any()), None)
     if id_column is not None and not ids.has_duplicates:
         matched = metadata.set_index(id_column).reindex(ids)
         log.info("--training_metadata: matched %d cells by the id column %r", len(ids), id_column)
-    elif len(metadata) == cells.n_cells:
+    elif len(metadata) == len(obs):
         matched = metadata.set_axis(ids, axis=0)
         log.info("--training_metadata: rows taken in cell order (no column matches the cell ids)")
     else:
         raise ScnymError(
-            f"--training_metadata has {len(metadata)} rows but {cells.source} has {cells.n_cells} cells and no "
+            f"--training_metadata has {len(metadata)} rows but {source} has {len(obs)} cells and no "
             "column of the CSV holds every cell id; give one row per cell in cell order, or a cell-id column")
     matched = matched.drop(columns=[c for c in matched.columns if str(c).startswith("Unnamed:")])
-    obs = cells.obs.drop(columns=[c for c in matched.columns if c in cells.obs.columns])
-    return cells.with_(obs=pd.concat([obs, matched], axis=1))
+    kept = obs.drop(columns=[c for c in matched.columns if c in obs.columns])
+    return pd.concat([kept, matched], axis=1)
 
 
 def require_column(obs: pd.DataFrame, column: str, option: str, source: str) -> pd.Series:

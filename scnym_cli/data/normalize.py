@@ -106,8 +106,8 @@ def to_log1p_cpm(X: sp.csr_matrix, kind: Kind, *, copy: bool = True) -> sp.csr_m
     return X
 
 
-def normalize(X: sp.csr_matrix, mode: str = "auto", *, source: str = "input", copy: bool = True
-              ) -> tuple[sp.csr_matrix, str]:
+def normalize(X: sp.csr_matrix, mode: str = "auto", *, source: str = "input", copy: bool = True,
+              announce: bool = True) -> tuple[sp.csr_matrix, str]:
     """Bring X to ln(CPM + 1) according to ``input_normalization``.
 
     Parameters
@@ -118,6 +118,8 @@ def normalize(X: sp.csr_matrix, mode: str = "auto", *, source: str = "input", co
     mode
         ``auto`` (detect), ``counts``, ``log1p``, ``log2_1p``, ``log10_1p`` or ``as_is`` (trusted,
         used unchanged).
+    announce
+        Log what was found (off for the 2nd.. chunk of a stream, which reports totals itself).
 
     Returns
     -------
@@ -125,12 +127,13 @@ def normalize(X: sp.csr_matrix, mode: str = "auto", *, source: str = "input", co
     """
     detected = detect_kind(X, source)  # NaN / negative checks apply in every mode
     kind = detected if mode == "auto" else mode
-    if mode in BASES and detected == "counts" and X.nnz:
+    if announce and mode in BASES and detected == "counts" and X.nnz:
         log.warning("%s: --input_normalization %s was given but the values are integers", source, mode)
     empty = int((np.diff(X.indptr) == 0).sum())
-    if empty:
+    if announce and empty:
         log.warning("%s: %d cells have no expression at all; their predictions are meaningless", source, empty)
     if kind == "as_is":
         return (X.copy() if copy else X), kind
-    log.info("%s: %s -> ln(CPM+1)", source, "raw counts" if kind == "counts" else f"log-normalized data ({kind})")
+    if announce:
+        log.info("%s: %s -> ln(CPM+1)", source, "raw counts" if kind == "counts" else f"log-normalized data ({kind})")
     return to_log1p_cpm(X, kind, copy=copy), kind

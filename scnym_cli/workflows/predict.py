@@ -1,8 +1,10 @@
-"""Predict cell types of new data with a trained model.
+"""Predict cell types of new data with a trained model, chunk by chunk.
 
-The model (architecture, genes, classes, temperature) comes from its manifest. The query is
-normalized over its own genes, aligned to the model's genes (overlap reported, too little
-overlap is an error), and predicted chunk by chunk.
+The model (architecture, genes, classes, temperature, covariates) comes from its manifest; a
+tissue-specific run routes each cell to its group's model. The query is read in blocks of
+``prediction_chunk_size`` cells (an h5ad file is streamed from disk), each block is normalized
+over the query's own genes, aligned to the model's genes and predicted; outputs are written as
+blocks arrive, so memory does not grow with the number of cells.
 
 Outputs (``out_path``): ``predictions.csv`` (cell_id, predicted_label, confidence, prob_<class>),
 ``gene_overlap.json``, ``prediction_summary.json``, optionally ``logits.csv`` and
@@ -13,22 +15,28 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from ..config import Config
-from ..data import UNKNOWN, CellMatrix, GeneOverlap, align_genes, read_gene_list
-from ..data.labels import require_column
+from ..data import UNKNOWN, read_expression, read_gene_list
+from ..data.genes import GeneOverlap, read_gene_map, reindex_columns, require_overlap, translate_gene_names
+from ..data.labels import join_metadata, require_column
+from ..data.normalize import normalize
+from ..data.stream import CellChunks, H5adChunks, InMemoryChunks
 from ..errors import ScnymError
 from ..staging import staged_directory
 from ..store import LoadedModel, load_model
 from ..train.inference import forward_rows
 from ..train.metrics import classification_metrics
-from .inputs import load_cells, setup_runtime
+from .inputs import setup_runtime
 from .tissues import covariates_for, read_groups, routing_of
 
 log = logging.getLogger(__name__)
@@ -37,29 +45,279 @@ PREDICTIONS_FILE = "predictions.csv"
 PROTECTED_OUTPUTS = (PREDICTIONS_FILE, "prediction_summary.json", "annotated.h5ad")
 
 
-def _check_training_gene_names(config: Config, loaded: LoadedModel) -> None:
-    if config.training_gene_names is None:
+@dataclass
+class ChunkResult:
+    probabilities: np.ndarray       # cells x classes (calibrated)
+    logits: np.ndarray              # cells x classes (NaN for classes a routed model lacks)
+    labels: np.ndarray              # predicted class names ('Unknown' below the threshold)
+    confidence: np.ndarray
+    embedding: Optional[np.ndarray]
+
+
+class Predictor:
+    """A model, or a tissue-specific run's models, ready to predict blocks of one dataset.
+
+    Call :meth:`prepare` once with the dataset's genes and metadata (gene overlap is checked,
+    tissue groups and covariates are resolved), then :meth:`predict` per block.
+    """
+
+    def __init__(self, model_path: Path, config: Config, device):
+        self.config, self.device = config, device
+        self.routing = routing_of(model_path)
+        if self.routing:
+            self.column = self.routing["column"]
+            self.models = {g: load_model(Path(model_path) / d, device) for g, d in self.routing["models"].items()}
+            self.classes = sorted(set().union(*(m.classes for m in self.models.values())))
+        else:
+            self.column = None
+            self.models = {None: load_model(model_path, device)}
+            self.classes = list(self.models[None].classes)
+        self.description = str(model_path if self.routing else self.models[None].directory)
+
+    @property
+    def single(self) -> Optional[LoadedModel]:
+        return None if self.routing else self.models[None]
+
+    def prepare(self, genes: pd.Index, obs: pd.DataFrame, source: str) -> GeneOverlap:
+        self.genes = pd.Index(genes)
+        overlaps = {g: require_overlap(self.genes, m.genes, min_overlap=self.config.min_gene_overlap, what="query",
+                                       source=source) for g, m in self.models.items()}
+        self.groups = None
+        if self.routing:
+            groups = read_groups(obs, self.column, source)
+            unseen = ~pd.Index(groups).isin(list(self.models))
+            if unseen.any():
+                names = ", ".join(sorted(set(groups[unseen]))[:5])
+                raise ScnymError(
+                    f"{int(unseen.sum())} query cells belong to {self.column!r} groups without a model ({names}); "
+                    f"models exist for {', '.join(self.models)}: remove those cells or predict them with a "
+                    "tissue-independent model")
+            self.groups = groups
+        self.covariates = {g: covariates_for(m.manifest, obs, source) for g, m in self.models.items()}
+        return next(iter(overlaps.values()))
+
+    def predict(self, rows: slice, X: sp.csr_matrix, with_embedding: bool) -> ChunkResult:
+        """Predict the cells ``rows`` of the dataset, given as ``X`` (ln(CPM+1) over the dataset's genes)."""
+        n = X.shape[0]
+        probabilities = np.zeros((n, len(self.classes)), dtype=np.float32)
+        logits = np.full((n, len(self.classes)), np.nan, dtype=np.float32)
+        embedding = None
+        for group, model in self.models.items():
+            local = np.arange(n) if group is None else np.flatnonzero(self.groups[rows] == group)
+            if len(local) == 0:
+                continue
+            aligned = reindex_columns(X[local], self.genes, pd.Index(model.genes))
+            covariates = self.covariates[group]
+            if covariates is not None:
+                covariates = covariates[rows][local]
+            outputs = forward_rows(model.model, aligned, None, self.device, chunk_size=self.config.prediction_chunk_size,
+                                   covariates=covariates, with_embedding=with_embedding)
+            columns = pd.Index(self.classes).get_indexer(model.classes)
+            probabilities[np.ix_(local, columns)] = outputs.probabilities(model.temperature)
+            logits[np.ix_(local, columns)] = outputs.logits
+            if with_embedding:
+                if embedding is None:
+                    embedding = np.zeros((n, outputs.embedding.shape[1]), dtype=np.float32)
+                embedding[local] = outputs.embedding
+        confidence = probabilities.max(axis=1)
+        labels = np.asarray(self.classes, dtype=object)[probabilities.argmax(axis=1)]
+        if self.config.unknown_threshold > 0:
+            labels = np.where(confidence < self.config.unknown_threshold, UNKNOWN, labels)
+        return ChunkResult(probabilities, logits, labels, confidence, embedding)
+
+
+def open_query(config: Config, path: Path, adata=None) -> CellChunks:
+    """The query as raw blocks: streamed from an h5ad file, else read into memory (or the given AnnData)."""
+    if adata is not None:
+        from ..data import cells_from_anndata
+
+        cells = cells_from_anndata(adata, gene_column=config.gene_column, layer=config.input_layer, source=str(path))
+        source: CellChunks = InMemoryChunks(cells)
+    elif str(path).lower().endswith(".h5ad"):
+        source = H5adChunks(path, layer=config.input_layer, gene_column=config.gene_column)
+    else:
+        source = InMemoryChunks(read_expression(path, gene_names_file=config.input_gene_names,
+                                                gene_column=config.gene_column, layer=config.input_layer))
+    if config.training_metadata is not None:
+        obs = join_metadata(source.obs, config.training_metadata, source.source)
+        if isinstance(source, InMemoryChunks):
+            source = InMemoryChunks(source.cells.with_(obs=obs))
+        else:
+            source.obs = obs
+    return source
+
+
+def query_genes(config: Config, source: CellChunks) -> pd.Index:
+    """The query's gene names, translated through --gene_map when given."""
+    if config.gene_map is None:
+        return pd.Index(source.genes)
+    translated, _ = translate_gene_names(pd.Index(source.genes), read_gene_map(config.gene_map), source.source)
+    return translated
+
+
+def iterate_predictions(predictor: Predictor, source: CellChunks, config: Config, *, with_embedding: bool
+                        ) -> Iterator[tuple[slice, ChunkResult, str]]:
+    """(rows, result, normalization kind) block by block: normalize over the query's genes, then predict."""
+    kind = config.input_normalization
+    empty = 0
+    for index, (rows, block) in enumerate(source.chunks(config.prediction_chunk_size)):
+        X, found = normalize(block, kind, source=source.source, copy=False, announce=index == 0)
+        kind = found  # decided on the first block, applied to all (NaN / negative checks run on every block)
+        empty += int((np.diff(X.indptr) == 0).sum())
+        yield rows, predictor.predict(rows, X, with_embedding), found
+    if empty:
+        log.warning("%s: %d cells have no expression at all; their predictions are meaningless", source.source, empty)
+
+
+class CsvBlocks:
+    """A CSV written block by block (header once)."""
+
+    def __init__(self, path: Path):
+        self.path, self.started = path, False
+
+    def write(self, frame: pd.DataFrame) -> None:
+        frame.to_csv(self.path, mode="a" if self.started else "w", header=not self.started, index=False)
+        self.started = True
+
+
+class AnnotatedH5ad:
+    """The input h5ad copied beside the outputs, with predictions added in place, block by block.
+
+    Only obs, obsm and uns change; the (possibly huge) matrix is copied as a file, never loaded.
+    """
+
+    def __init__(self, source: Path, target: Path, n_cells: int, key: str, classes: list[str], embedding_width: int):
+        import h5py
+
+        shutil.copyfile(source, target)
+        self.file = h5py.File(target, "r+")
+        self.key = key
+        obsm = self.file.require_group("obsm")
+        obsm.attrs.setdefault("encoding-type", "dict")
+        obsm.attrs.setdefault("encoding-version", "0.1.0")
+        self.arrays = {}
+        for name, width in ((f"{key}_probabilities", len(classes)), ("X_scnym", embedding_width)):
+            if name in obsm:
+                del obsm[name]
+            dataset = obsm.create_dataset(name, shape=(n_cells, width), dtype="float32")
+            dataset.attrs["encoding-type"], dataset.attrs["encoding-version"] = "array", "0.2.0"
+            self.arrays[name] = dataset
+
+    def write(self, rows: slice, result: ChunkResult) -> None:
+        self.arrays[f"{self.key}_probabilities"][rows] = result.probabilities
+        self.arrays["X_scnym"][rows] = result.embedding
+
+    def finish(self, obs: pd.DataFrame, labels: np.ndarray, confidence: np.ndarray, classes: list[str]) -> None:
+        import anndata.io
+
+        obs = obs.copy()
+        obs[self.key] = pd.Categorical(labels)
+        obs[f"{self.key}_confidence"] = confidence
+        del self.file["obs"]
+        anndata.io.write_elem(self.file, "obs", obs)
+        uns = self.file.require_group("uns")
+        name = f"{self.key}_classes"
+        if name in uns:
+            del uns[name]
+        anndata.io.write_elem(uns, name, np.asarray(classes, dtype=object))
+        self.file.close()
+
+
+def _check_training_gene_names(config: Config, predictor: Predictor) -> None:
+    model = predictor.single
+    if config.training_gene_names is None or model is None:
         return
     given = read_gene_list(config.training_gene_names, "--training_gene_names")
-    if given != list(loaded.genes):
+    if given != list(model.genes):
         raise ScnymError(
             f"--training_gene_names ({len(given)} genes) differs from the genes the model was trained on "
-            f"({len(loaded.genes)}, in {loaded.directory}/model.json); omit it: the model's own list is used")
+            f"({len(model.genes)}, in {model.directory}/model.json); omit it: the model's own list is used")
 
 
-def annotate(adata, *, key: str, labels: np.ndarray, confidence: np.ndarray, probabilities: np.ndarray,
-             embedding: np.ndarray, classes: list[str]) -> None:
-    """Write predictions into an AnnData (in place), scanpy style."""
-    adata.obs[key] = pd.Categorical(labels)
-    adata.obs[f"{key}_confidence"] = confidence
-    adata.obsm[f"{key}_probabilities"] = probabilities.astype(np.float32)
-    adata.obsm["X_scnym"] = embedding.astype(np.float32)
-    adata.uns[f"{key}_classes"] = list(classes)
+def predict_cell_types(config: Config) -> dict:
+    """Run prediction as configured; returns the summary (also in prediction_summary.json)."""
+    started = time.perf_counter()
+    device = setup_runtime(config)
+    predictor = Predictor(config.model_path, config, device)
+    _check_training_gene_names(config, predictor)
+    with staged_directory(config.out_path, overwrite=config.overwrite, protected=PROTECTED_OUTPUTS,
+                          last=(PREDICTIONS_FILE,)) as stage:
+        source = open_query(config, config.input_counts)
+        try:
+            summary = _predict_to(stage, config, predictor, source)
+        finally:
+            if isinstance(source, H5adChunks):
+                source.close()
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    log.info("predicted %d cells in %.1f s (%.0f cells/s)", summary["n_cells"], summary["seconds"],
+             summary["n_cells"] / max(summary["seconds"], 1e-9))
+    return summary
 
 
+def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellChunks) -> dict:
+    overlap = predictor.prepare(query_genes(config, source), source.obs, source.source)
+    (stage / "gene_overlap.json").write_text(json.dumps(overlap.to_dict(), indent=1))
+    classes, key = predictor.classes, config.prediction_key
+    annotated = None
+    if isinstance(source, H5adChunks) and config.write_h5ad:
+        width = next(iter(predictor.models.values())).model.n_hidden
+        annotated = AnnotatedH5ad(source.path, stage / "annotated.h5ad", source.n_cells, key, classes, width)
+    with_embedding = config.write_embedding or annotated is not None
+    predictions = CsvBlocks(stage / (PREDICTIONS_FILE + ".part"))
+    logits_csv = CsvBlocks(stage / "logits.csv") if config.write_logits else None
+    embedding_csv = CsvBlocks(stage / "embedding.csv") if config.write_embedding else None
+    labels = np.empty(source.n_cells, dtype=object)
+    confidence = np.zeros(source.n_cells, dtype=np.float32)
+    kind = config.input_normalization
+    for rows, result, kind in iterate_predictions(predictor, source, config, with_embedding=with_embedding):
+        ids = source.obs.index[rows]
+        table = pd.DataFrame({"cell_id": ids, "predicted_label": result.labels, "confidence": result.confidence})
+        predictions.write(pd.concat([table, pd.DataFrame(result.probabilities, columns=[f"prob_{c}" for c in classes])],
+                                    axis=1))
+        if logits_csv:
+            logits_csv.write(pd.concat([table[["cell_id"]], pd.DataFrame(result.logits,
+                                                                         columns=[f"logit_{c}" for c in classes])],
+                                       axis=1))
+        if embedding_csv:
+            columns = [f"scnym_{i}" for i in range(result.embedding.shape[1])]
+            embedding_csv.write(pd.concat([table[["cell_id"]], pd.DataFrame(result.embedding, columns=columns)],
+                                          axis=1))
+        if annotated:
+            annotated.write(rows, result)
+        labels[rows], confidence[rows] = result.labels, result.confidence
+    if annotated:
+        annotated.finish(source.obs, labels, confidence, classes)
+
+    counts = pd.Series(labels).value_counts()
+    model = predictor.single
+    summary: dict = {
+        "model": predictor.description, "input": str(config.input_counts), "n_cells": int(source.n_cells),
+        "input_normalization": kind, "gene_overlap": overlap.to_dict(),
+        "temperature": model.temperature if model else "per tissue model",
+        "unknown_threshold": config.unknown_threshold,
+        "predicted_counts": {str(k): int(v) for k, v in counts.items()},
+        "mean_confidence": float(confidence.mean()) if len(confidence) else float("nan"),
+    }
+    if config.lower_group in source.obs.columns:
+        truth = require_column(source.obs, config.lower_group, "--lower_group", source.source).astype(str)
+        known = truth.isin(classes).to_numpy()
+        if not known.all():
+            log.info("%d query cells have labels the model does not know (%s); they count as errors",
+                     int((~known).sum()), ", ".join(sorted(set(truth[~known]))[:5]))
+        metrics = classification_metrics(truth.to_numpy(), labels.astype(str))
+        summary["metrics_vs_" + config.lower_group] = metrics
+        log.info("vs query column %r: accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f", config.lower_group,
+                 metrics["accuracy"], metrics["balanced_accuracy"], metrics["macro_f1"])
+    (stage / "prediction_summary.json").write_text(json.dumps(summary, indent=1))
+    (stage / (PREDICTIONS_FILE + ".part")).rename(stage / PREDICTIONS_FILE)
+    log.info("predicted %d cells: %s", source.n_cells, ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return summary
+
+
+# ---------------------------------------------------------------------- in memory (Python API)
 @dataclass
 class Predictions:
-    """Per-cell results of one model on one dataset (rows in the data's cell order)."""
+    """Per-cell results on one dataset, in its cell order (the Python API keeps them in memory)."""
 
     cell_ids: pd.Index
     labels: np.ndarray
@@ -78,119 +336,23 @@ class Predictions:
                          axis=1)
 
 
-def predict_cells(loaded: LoadedModel, cells: CellMatrix, config: Config, device, *,
-                  with_embedding: bool = False) -> Predictions:
-    """Align ``cells`` (already ln(CPM+1)) to the model's genes and predict them chunk by chunk."""
-    covariates = covariates_for(loaded.manifest, cells)
-    cells, overlap = align_genes(cells, loaded.genes, min_overlap=config.min_gene_overlap, what="query")
-    outputs = forward_rows(loaded.model, cells.X, None, device, chunk_size=config.prediction_chunk_size,
-                           covariates=covariates, with_embedding=with_embedding)
-    probabilities = outputs.probabilities(loaded.temperature)
-    classes = list(loaded.classes)
-    confidence = probabilities.max(axis=1)
-    labels = np.asarray(classes, dtype=object)[probabilities.argmax(axis=1)]
-    if config.unknown_threshold > 0:
-        labels = np.where(confidence < config.unknown_threshold, UNKNOWN, labels)
-    return Predictions(cells.cell_ids, labels, confidence, probabilities, outputs.logits, outputs.embedding,
-                       classes, overlap)
+def predict_in_memory(predictor: Predictor, source: CellChunks, config: Config) -> Predictions:
+    """Every block's results gathered into arrays."""
+    overlap = predictor.prepare(query_genes(config, source), source.obs, source.source)
+    parts = [result for _, result, _ in iterate_predictions(predictor, source, config, with_embedding=True)]
+
+    def stack(name):
+        return np.concatenate([getattr(p, name) for p in parts]) if parts else np.zeros((0, len(predictor.classes)))
+
+    return Predictions(source.obs.index, stack("labels"), stack("confidence"), stack("probabilities"),
+                       stack("logits"), stack("embedding"), list(predictor.classes), overlap)
 
 
-def predict_routed(routing: dict, model_path: Path, cells: CellMatrix, config: Config, device, *,
-                   with_embedding: bool = False) -> Predictions:
-    """Tissue-specific models: each cell is predicted by its group's model; classes are the union
-    (a class a group's model does not know has probability 0 for that group's cells)."""
-    column, models = routing["column"], routing["models"]
-    groups = read_groups(cells.obs, column, cells.source)
-    unseen = ~pd.Index(groups).isin(list(models))
-    if unseen.any():
-        names = ", ".join(sorted(set(groups[unseen]))[:5])
-        raise ScnymError(f"{int(unseen.sum())} query cells belong to {column!r} groups without a model ({names}); "
-                         f"models exist for {', '.join(models)}: remove those cells or predict them with a "
-                         "tissue-independent model")
-    loaded = {g: load_model(Path(model_path) / d, device) for g, d in models.items() if (groups == g).any()}
-    classes = sorted(set().union(*(m.classes for m in loaded.values())))
-    n = cells.n_cells
-    probabilities = np.zeros((n, len(classes)), dtype=np.float32)
-    logits = np.full((n, len(classes)), np.nan, dtype=np.float32)
-    labels, confidence = np.empty(n, dtype=object), np.zeros(n, dtype=np.float32)
-    embedding = None
-    overlap = None
-    for group, model in loaded.items():
-        rows = np.flatnonzero(groups == group)
-        part = predict_cells(model, cells.subset_cells(rows), config, device, with_embedding=with_embedding)
-        columns = pd.Index(classes).get_indexer(part.classes)
-        probabilities[np.ix_(rows, columns)] = part.probabilities
-        logits[np.ix_(rows, columns)] = part.logits
-        labels[rows], confidence[rows] = part.labels, part.confidence
-        if with_embedding:
-            embedding = np.zeros((n, part.embedding.shape[1]), np.float32) if embedding is None else embedding
-            embedding[rows] = part.embedding
-        overlap = overlap or part.overlap
-        log.info("%s %r: %d cells predicted by %s", column, group, len(rows), models[group])
-    return Predictions(cells.cell_ids, labels, confidence, probabilities, logits, embedding, classes, overlap)
-
-
-def predict_cell_types(config: Config) -> dict:
-    """Run prediction as configured; returns the summary (also in prediction_summary.json)."""
-    device = setup_runtime(config)
-    routing = routing_of(config.model_path)
-    loaded = None if routing else load_model(config.model_path, device)
-    if loaded is not None:
-        _check_training_gene_names(config, loaded)
-    with staged_directory(config.out_path, overwrite=config.overwrite, protected=PROTECTED_OUTPUTS,
-                          last=(PREDICTIONS_FILE,)) as stage:
-        is_h5ad = str(config.input_counts).lower().endswith(".h5ad")
-        adata = None
-        if is_h5ad and config.write_h5ad:
-            import anndata
-
-            try:
-                adata = anndata.read_h5ad(config.input_counts)
-            except Exception as e:
-                raise ScnymError(f"could not read {config.input_counts} as h5ad ({type(e).__name__}: {e})") from None
-        cells, kind = load_cells(config, config.input_counts, metadata=config.training_metadata, adata=adata,
-                                 translate_genes=True)
-        with_embedding = config.write_embedding or adata is not None
-        if routing:
-            result = predict_routed(routing, config.model_path, cells, config, device, with_embedding=with_embedding)
-        else:
-            result = predict_cells(loaded, cells, config, device, with_embedding=with_embedding)
-        overlap, labels, confidence, classes = result.overlap, result.labels, result.confidence, result.classes
-        (stage / "gene_overlap.json").write_text(json.dumps(overlap.to_dict(), indent=1))
-        table = result.table()
-        if config.write_logits:
-            pd.concat([table[["cell_id"]], pd.DataFrame(result.logits, columns=[f"logit_{c}" for c in classes])],
-                      axis=1).to_csv(stage / "logits.csv", index=False)
-        if config.write_embedding:
-            embedding = pd.DataFrame(result.embedding,
-                                     columns=[f"scnym_{i}" for i in range(result.embedding.shape[1])])
-            pd.concat([table[["cell_id"]], embedding], axis=1).to_csv(stage / "embedding.csv", index=False)
-
-        counts = pd.Series(labels).value_counts()
-        summary: dict = {
-            "model": str(loaded.directory if loaded else config.model_path), "input": str(config.input_counts),
-            "n_cells": int(cells.n_cells), "input_normalization": kind, "gene_overlap": overlap.to_dict(),
-            "temperature": loaded.temperature if loaded else "per tissue model",
-            "unknown_threshold": config.unknown_threshold,
-            "predicted_counts": {str(k): int(v) for k, v in counts.items()},
-            "mean_confidence": float(confidence.mean()) if len(confidence) else float("nan"),
-        }
-        if config.lower_group in cells.obs.columns:
-            truth = require_column(cells.obs, config.lower_group, "--lower_group", cells.source).astype(str)
-            known = truth.isin(classes).to_numpy()
-            if not known.all():
-                log.info("%d query cells have labels the model does not know (%s); they count as errors",
-                         int((~known).sum()), ", ".join(sorted(set(truth[~known]))[:5]))
-            summary["metrics_vs_" + config.lower_group] = classification_metrics(truth.to_numpy(), labels)
-            m = summary["metrics_vs_" + config.lower_group]
-            log.info("vs query column %r: accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f",
-                     config.lower_group, m["accuracy"], m["balanced_accuracy"], m["macro_f1"])
-        (stage / "prediction_summary.json").write_text(json.dumps(summary, indent=1))
-
-        if adata is not None:
-            annotate(adata, key=config.prediction_key, labels=labels, confidence=confidence,
-                     probabilities=result.probabilities, embedding=result.embedding, classes=classes)
-            adata.write_h5ad(stage / "annotated.h5ad")
-        table.to_csv(stage / PREDICTIONS_FILE, index=False)
-        log.info("predicted %d cells: %s", cells.n_cells, ", ".join(f"{k} {v}" for k, v in counts.items()))
-    return summary
+def annotate(adata, *, key: str, labels: np.ndarray, confidence: np.ndarray, probabilities: np.ndarray,
+             embedding: np.ndarray, classes: list[str]) -> None:
+    """Write predictions into an AnnData (in place), scanpy style."""
+    adata.obs[key] = pd.Categorical(labels)
+    adata.obs[f"{key}_confidence"] = confidence
+    adata.obsm[f"{key}_probabilities"] = probabilities.astype(np.float32)
+    adata.obsm["X_scnym"] = embedding.astype(np.float32)
+    adata.uns[f"{key}_classes"] = list(classes)

@@ -80,8 +80,8 @@ def train_tissue_dependent(config: Config) -> dict:
                         command="train_tissue_dependent")
 
 
-def covariates_for(manifest: dict, cells: CellMatrix) -> Optional[np.ndarray]:
-    """The one-hot a tissue-dependent model needs for ``cells`` (None for other models).
+def covariates_for(manifest: dict, obs: pd.DataFrame, source: str) -> Optional[np.ndarray]:
+    """The one-hot a tissue-dependent model needs for the cells of ``obs`` (None for other models).
 
     Groups the model never saw get an all-zero one-hot, with a warning that counts them.
     """
@@ -89,10 +89,10 @@ def covariates_for(manifest: dict, cells: CellMatrix) -> Optional[np.ndarray]:
     if not spec:
         return None
     column, categories, scale = spec["column"], tuple(spec["categories"]), float(spec.get("scale", 1.0))
-    if column not in cells.obs.columns:
+    if column not in obs.columns:
         raise ScnymError(f"this model is tissue-dependent and needs the query's {column!r} column (in the h5ad obs, "
-                         f"loom column attributes or --training_metadata); {cells.source} has none")
-    groups = read_groups(cells.obs, column, cells.source)
+                         f"loom column attributes or --training_metadata); {source} has none")
+    groups = read_groups(obs, column, source)
     unseen = ~pd.Index(groups).isin(categories)
     if unseen.any():
         names = ", ".join(sorted(set(groups[unseen]))[:5])

@@ -1,0 +1,130 @@
+"""Cells in chunks: from a matrix in memory, or streamed from an h5ad file on disk.
+
+An h5ad file is read with h5py: gene names and per-cell metadata are loaded, the expression
+matrix (X, a layer, or raw.X) is read a block of rows at a time, so memory is bounded by the
+chunk size whatever the file's size. Matrices stored as CSC are read whole (row blocks of CSC
+are not contiguous on disk).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Protocol
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..errors import ScnymError
+from .readers import CellMatrix, as_csr32
+
+
+class CellChunks(Protocol):
+    """What prediction needs of its input: gene names, metadata, and raw rows in blocks."""
+
+    genes: pd.Index
+    obs: pd.DataFrame
+    source: str
+
+    @property
+    def n_cells(self) -> int: ...
+
+    def chunks(self, size: int) -> Iterator[tuple[slice, sp.csr_matrix]]: ...
+
+
+@dataclass
+class InMemoryChunks:
+    cells: CellMatrix
+
+    @property
+    def genes(self) -> pd.Index:
+        return self.cells.genes
+
+    @property
+    def obs(self) -> pd.DataFrame:
+        return self.cells.obs
+
+    @property
+    def source(self) -> str:
+        return self.cells.source
+
+    @property
+    def n_cells(self) -> int:
+        return self.cells.n_cells
+
+    def chunks(self, size: int) -> Iterator[tuple[slice, sp.csr_matrix]]:
+        for start in range(0, self.n_cells, size):
+            rows = slice(start, min(start + size, self.n_cells))
+            yield rows, self.cells.X[rows]
+
+
+class H5adChunks:
+    """Stream the rows of an h5ad file's matrix; keep the file open while iterating."""
+
+    def __init__(self, path: Path, *, layer: Optional[str] = None, gene_column: Optional[str] = None):
+        import anndata.io
+        import h5py
+
+        self.path, self.source = Path(path), str(path)
+        try:
+            self._file = h5py.File(self.path, "r")
+            self.obs = anndata.io.read_elem(self._file["obs"])
+            var_group = self._file["raw"]["var"] if layer == "raw" else self._file["var"]
+            var = anndata.io.read_elem(var_group)
+        except Exception as e:
+            raise ScnymError(f"could not read {path} as h5ad ({type(e).__name__}: {e}); is the file complete?") from None
+        self._element = self._matrix_element(layer)
+        if gene_column is None:
+            self.genes = pd.Index(var.index.astype(str))
+        elif gene_column in var.columns:
+            self.genes = pd.Index(var[gene_column].astype(str))
+        else:
+            raise ScnymError(f"gene column {gene_column!r} not in {path} var columns {list(var.columns)}")
+        self.obs.index = self.obs.index.astype(str)
+        encoding = self._element.attrs.get("encoding-type", "array") if hasattr(self._element, "attrs") else "array"
+        self._whole = None
+        if encoding == "csc_matrix":
+            self._whole = as_csr32(anndata.io.read_elem(self._element))
+            self._rows = None
+        elif encoding == "csr_matrix":
+            self._rows = anndata.io.sparse_dataset(self._element)
+        else:
+            self._rows = self._element
+        shape = self._whole.shape if self._whole is not None else self._rows.shape
+        if shape != (len(self.obs), len(self.genes)):
+            raise ScnymError(f"{path}: matrix {shape} does not match {len(self.obs)} cells x {len(self.genes)} genes")
+
+    def _matrix_element(self, layer: Optional[str]):
+        f = self._file
+        if layer is None:
+            if "X" not in f:
+                raise ScnymError(f"{self.path} has no expression matrix in X; choose one with --input_layer")
+            return f["X"]
+        if layer == "raw":
+            if "raw" not in f:
+                raise ScnymError(f"{self.path} has no .raw; choose another --input_layer")
+            return f["raw"]["X"]
+        layers = list(f["layers"].keys()) if "layers" in f else []
+        if layer not in layers:
+            raise ScnymError(f"layer {layer!r} not in {self.path}; available: {sorted(layers) or 'none'}")
+        return f["layers"][layer]
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.obs)
+
+    def chunks(self, size: int) -> Iterator[tuple[slice, sp.csr_matrix]]:
+        for start in range(0, self.n_cells, size):
+            rows = slice(start, min(start + size, self.n_cells))
+            block = self._whole[rows] if self._whole is not None else self._rows[rows]
+            yield rows, as_csr32(block)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "H5adChunks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

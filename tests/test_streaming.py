@@ -1,0 +1,85 @@
+"""Prediction streams h5ad files block by block: same results as in memory, bounded memory."""
+
+import tracemalloc
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from conftest import invoke, make_counts, write_h5ad
+
+
+def predict(runner, model, data, out, *args):
+    result = invoke(runner, "predict_cell_types", "--model_path", model, "--input_counts", data, "--out_path", out,
+                    *args)
+    assert result.exit_code == 0, result.output
+    return pd.read_csv(out / "predictions.csv")
+
+
+def test_block_size_does_not_change_predictions(runner, trained_run, tmp_path):
+    data = write_h5ad(make_counts(n_cells=101, seed=8), tmp_path / "q.h5ad")
+    whole = predict(runner, trained_run, data, tmp_path / "a")
+    blocks = predict(runner, trained_run, data, tmp_path / "b", "--prediction_chunk_size", "7")
+    pd.testing.assert_frame_equal(whole, blocks, rtol=1e-5)
+    csv = tmp_path / "q.csv"
+    ad.read_h5ad(data).to_df().to_csv(csv)
+    pd.testing.assert_frame_equal(whole, predict(runner, trained_run, csv, tmp_path / "c",
+                                                 "--prediction_chunk_size", "10"), rtol=1e-5)
+
+
+@pytest.mark.parametrize("storage", ["csc", "dense", "layer"])
+def test_every_h5ad_storage_streams(runner, trained_run, tmp_path, storage):
+    adata = make_counts(n_cells=60, seed=8)
+    reference = predict(runner, trained_run, write_h5ad(adata, tmp_path / "r.h5ad"), tmp_path / "r")
+    args = []
+    if storage == "csc":
+        adata.X = sp.csc_matrix(adata.X)
+    elif storage == "dense":
+        adata.X = adata.X.toarray()
+    else:
+        adata.layers["counts"] = adata.X.copy()
+        adata.X = sp.csr_matrix(adata.shape, dtype=np.float32)
+        args = ["--input_layer", "counts"]
+    table = predict(runner, trained_run, write_h5ad(adata, tmp_path / "x.h5ad"), tmp_path / "p",
+                    "--prediction_chunk_size", "16", *args)
+    pd.testing.assert_frame_equal(reference, table, rtol=1e-5)
+
+
+def test_annotated_h5ad_written_in_place_keeps_everything_else(runner, trained_run, tmp_path):
+    adata = make_counts(n_cells=50, seed=4)
+    adata.obsm["X_umap"] = np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32)
+    adata.uns["note"] = "kept"
+    table = predict(runner, trained_run, write_h5ad(adata, tmp_path / "q.h5ad"), tmp_path / "p",
+                    "--prediction_chunk_size", "8")
+    annotated = ad.read_h5ad(tmp_path / "p" / "annotated.h5ad")
+    assert (annotated.X != adata.X).nnz == 0 and annotated.uns["note"] == "kept"
+    np.testing.assert_array_equal(annotated.obsm["X_umap"], adata.obsm["X_umap"])
+    assert (annotated.obs["scNym"].astype(str).to_numpy() == table["predicted_label"].to_numpy()).all()
+    np.testing.assert_allclose(annotated.obsm["scNym_probabilities"], table.filter(like="prob_").to_numpy(),
+                               rtol=1e-5)
+    assert list(annotated.uns["scNym_classes"]) == ["type_0", "type_1", "type_2"]
+    assert list(annotated.obs["cell_type"]) == list(adata.obs["cell_type"])
+
+
+def test_streaming_memory_is_bounded_by_the_block(runner, trained_run, tmp_path):
+    rng = np.random.default_rng(0)
+    n_cells, n_genes = 10_000, 1000          # the model's 60 genes and 940 it ignores
+    X = sp.random(n_cells, n_genes, density=0.5, format="csr", random_state=0, dtype=np.float32)
+    X.data = rng.poisson(3, size=X.nnz).astype(np.float32) + 1
+    adata = ad.AnnData(X=X, obs=pd.DataFrame(index=[f"c{i}" for i in range(n_cells)]),
+                       var=pd.DataFrame(index=[f"gene{j:03d}" for j in range(n_genes)]))
+    data = write_h5ad(adata, tmp_path / "big.h5ad")
+    matrix_bytes = X.data.nbytes + X.indices.nbytes + X.indptr.nbytes
+    del adata, X
+    peaks = {}
+    for block in (400, 2000):
+        tracemalloc.start()
+        predict(runner, trained_run, data, tmp_path / f"p{block}", "--prediction_chunk_size", str(block),
+                "--write_h5ad", "false")
+        peaks[block] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    # memory follows the block (a few copies of one block's arrays), never the 40 MB matrix
+    assert peaks[400] < peaks[2000] / 2, peaks
+    assert peaks[400] < matrix_bytes / 4, (peaks, matrix_bytes)

@@ -15,6 +15,7 @@ ones (never at import time). Logistic regression needs only anndata + scikit-lea
 interpreter that runs this script (the project venv).
 
     python bench/peers.py --install                        # all peers x splits, seed 0
+    python bench/peers.py --install --threads 1            # same, one thread per peer (shared cores)
     python bench/peers.py --peers logreg celltypist --splits chemistry_5p --seeds 0 1 2
     python bench/peers.py --resume                         # reuse finished runs under --work
     python bench/peers.py --quick --out /tmp/x --work /tmp/w   # seconds: logreg on one subsample (tests)
@@ -79,9 +80,16 @@ PEERS = {p.name: p for p in [
 ]}
 DEFAULT_PEERS = list(PEERS)
 
-# Runner options that bound a run expected to exceed ~30 minutes on this 2-core machine
-# (peer, split) -> extra flags; --unbounded drops them.
-BOUNDS: dict[tuple[str, str], list[str]] = {}
+# Runner options that bound a run expected to exceed ~30 minutes on this shared 2-core machine:
+# (peer, split) -> (extra flags, why); --unbounded drops them.
+BOUNDS: dict[tuple[str, str], tuple[list[str], str]] = {
+    ("scanvi", "kang_cross_donor"): (
+        ["--scvi-epochs", "100"],
+        "scvi-tools' epoch heuristic gives 400 scVI epochs for the 12,261 cells (~38k steps of 128 cells), "
+        "which would take over an hour here; 100 epochs (~9.6k steps) keep the workflow otherwise unchanged "
+        "(scANVI's own 20 epochs included)"),
+}
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")  # set by --threads
 
 
 # ----------------------------------------------------------------- set-up
@@ -183,6 +191,9 @@ def evaluate(predictions: Path, query: Path, label: str) -> dict:
     metrics["ece"] = calibration_error(confidence, truth == predicted) if is_probability else float("nan")
     metrics["mean_confidence"] = float(confidence.mean()) if len(confidence) else float("nan")
     metrics["n_query"], metrics["n_scored"] = int(len(obs)), int(scored.sum())
+    sizes = pd.Series(truth).value_counts()
+    metrics["class_sizes"] = {str(k): int(v) for k, v in sizes.items()}
+    metrics["per_class_recall"] = {str(k): float(np.mean(predicted[truth == k] == k)) for k in sizes.index}
     return metrics
 
 
@@ -225,11 +236,15 @@ def finished_row(run_dir: Path, command: str) -> Optional[dict]:
     return None
 
 
-def finished_runner(run_dir: Path, command: str) -> bool:
-    """Whether the same runner command ran to the end (predictions + /usr/bin/time line) but has no row."""
-    recorded = run_dir / "command.txt"
-    return (recorded.exists() and recorded.read_text().strip() == command and (run_dir / "predictions.csv").exists()
-            and read_time_file(run_dir / "run.time")[0] is not None and not (run_dir / "row.json").exists())
+def finished_launch(run_dir: Path, command: str) -> Optional[dict]:
+    """How the same runner command was launched, where it ran to the end (predictions + /usr/bin/time line) but
+    its driver stopped before writing the row; None otherwise."""
+    launch = run_dir / "launch.json"
+    if not launch.exists() or (run_dir / "row.json").exists() or not (run_dir / "predictions.csv").exists():
+        return None
+    launched = json.loads(launch.read_text())
+    finished = read_time_file(run_dir / "run.time")[0] is not None
+    return launched if finished and launched.get("command") == command else None
 
 
 def run_one(split_name: str, peer: Peer, seed: int, args, environment: dict[str, str]) -> dict:
@@ -240,27 +255,30 @@ def run_one(split_name: str, peer: Peer, seed: int, args, environment: dict[str,
         reference, query = tagged_as_counts(reference), tagged_as_counts(query)
     run_dir = args.work / "peers" / split_name / peer.name / f"seed{seed}"
     predictions = run_dir / "predictions.csv"
-    extra = [] if args.unbounded else BOUNDS.get((peer.name, split_name), [])
+    extra = [] if args.unbounded else BOUNDS.get((peer.name, split_name), ([], ""))[0]
     runner = [str(peer_python(peer)), str(PEER_SCRIPTS / peer.runner), "--ref", str(reference), "--query", str(query),
               "--label", split.label, "--out", str(predictions), "--seed", str(seed), *peer.flags, *extra]
     command = ["env", *[f"{k}={v}" for k, v in environment.items()], "nice", "-n", "19", *runner]
     row = {"split": split_name, "peer": peer.name, "seed": seed, "status": "ok", "x_is_counts": counts,
-           "runner_flags": " ".join([*peer.flags, *extra]), "command": shlex.join(runner)}
+           "runner_flags": " ".join([*peer.flags, *extra]), "threads": environment.get("OMP_NUM_THREADS"),
+           "command": shlex.join(runner)}
     if args.resume:
         previous = finished_row(run_dir, row["command"])
         if previous is not None:
+            previous.update(evaluate(predictions, query, split.label))  # scored afresh from the runner's output
             print(f"{split_name:18s} {peer.name:12s} seed {seed}: reused {run_dir}", flush=True)
             return previous
-    if args.resume and finished_runner(run_dir, row["command"]):
+    launched = finished_launch(run_dir, row["command"]) if args.resume else None
+    if launched is not None:
         # the driver was interrupted after the runner finished: score what the runner left
         seconds, peak = read_time_file(run_dir / "run.time")
-        row.update(seconds=seconds, peak_mb=peak, recovered=True)
+        row.update(launched, seconds=seconds, peak_mb=peak, recovered=True)
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
-        (run_dir / "command.txt").write_text(row["command"] + "\n")
         row["load_1min_before"] = round(os.getloadavg()[0], 2)
         row["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        write_json(run_dir / "launch.json", {k: row[k] for k in ("command", "threads", "load_1min_before", "started")})
         if not peer_python(peer).exists():
             row.update(status="failed", error=f"virtualenv {PEERS_DIR / peer.venv} missing: run with --install")
         else:
@@ -297,7 +315,8 @@ def run_one(split_name: str, peer: Peer, seed: int, args, environment: dict[str,
 CSV_COLUMNS = ["split", "peer", "seed", "status", "balanced_accuracy", "accuracy", "macro_f1", "ece",
                "mean_confidence", "n_query", "n_scored", "seconds", "peak_mb", "runner_load_prep_s", "runner_train_s",
                "runner_predict_s", "runner_total_s", "quoted_balanced_accuracy", "quoted_accuracy", "peer_version",
-               "x_is_counts", "runner_flags", "load_1min_before", "started", "reused", "recovered", "runner_input", "error", "command"]
+               "x_is_counts", "runner_flags", "threads", "load_1min_before", "started", "reused", "recovered",
+               "runner_input", "error", "command"]
 
 
 def number(value, digits: int = 3) -> str:
@@ -312,22 +331,27 @@ def markdown(rows: pd.DataFrame, info: dict, command: str) -> str:
              f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gb']} GB; {info['date']}; peers in "
              f"virtualenvs under `{info['peers_dir']}` (Python {info['python']}).", "",
              "**Timings were taken on a shared machine**: every peer ran under `nice -n 19` while another benchmark "
-             "used the same 2 cores (see `load_1min_before` in the CSV), so seconds are upper bounds and are only "
-             "roughly comparable between peers; accuracy is what these runs are for.", "",
+             "(and other work) used the same 2 cores, with a load average of "
+             f"{number(rows['load_1min_before'].min(), 1)}–{number(rows['load_1min_before'].max(), 1)} when runs "
+             "started (`load_1min_before` in the CSV); several peers also ran at once. Seconds are therefore upper "
+             "bounds, only roughly comparable between peers and not comparable with timings from an idle machine; "
+             "accuracy is what these runs are for. " + threads_sentence(rows), "",
              "Balanced accuracy (mean per-class recall, the metric that counts), accuracy and macro-F1 on the query; "
              "ECE = expected calibration error of the peer's confidence column (15 bins). *Quoted* = balanced "
              "accuracy / accuracy in ../shared/data/README.md; Δ = measured − quoted balanced accuracy. Seconds and "
              "peak MB: the whole runner process (load, train, predict) under /usr/bin/time; the runner's own "
              "train seconds are in the CSV (`runner_train_s`)."]
+    lines += summary_table(rows)
     for split_name in dict.fromkeys(rows["split"]):
-        lines += ["", f"## {SPLITS[split_name].description}", "",
+        lines += ["", f"## {SPLITS[split_name].description}", "", query_sentence(rows[rows["split"] == split_name]),
+                  "",
                   "| peer | balanced acc. | accuracy | macro-F1 | ECE | seconds | peak MB | quoted | Δ bal. acc. | "
                   "notes |", "|---|---|---|---|---|---|---|---|---|---|"]
         for _, r in rows[rows["split"] == split_name].iterrows():
             peer = PEERS[r["peer"]]
             quoted = (f"{r['quoted_balanced_accuracy']:.3f} / {r['quoted_accuracy']:.3f}"
                       if pd.notna(r.get("quoted_balanced_accuracy")) else "–")
-            delta = (r["balanced_accuracy"] - r["quoted_balanced_accuracy"]
+            delta = (round(r["balanced_accuracy"] - r["quoted_balanced_accuracy"], 3) + 0.0  # + 0.0: no "-0.000"
                      if r["status"] == "ok" and pd.notna(r.get("quoted_balanced_accuracy")) else None)
             notes = []
             if r["status"] != "ok":
@@ -354,6 +378,49 @@ def markdown(rows: pd.DataFrame, info: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def query_sentence(rows: pd.DataFrame) -> str:
+    """The query's class sizes: how much one cell of the rarest type moves balanced accuracy."""
+    sizes = next((r for r in rows.get("class_sizes", pd.Series(dtype=object)) if isinstance(r, dict)), None)
+    if not sizes:
+        return ""
+    smallest = sorted(sizes.items(), key=lambda item: item[1])[:3]
+    return (f"Query: {sum(sizes.values())} cells in {len(sizes)} types; smallest: "
+            + ", ".join(f"{name} ({n})" for name, n in smallest)
+            + f". One cell of {smallest[0][0]} moves balanced accuracy by {1 / (len(sizes) * smallest[0][1]):.3f}.")
+
+
+def threads_sentence(rows: pd.DataFrame) -> str:
+    threads = rows["threads"].fillna("default").astype(str)
+    if (threads == "default").all():
+        return "Peers used their libraries' default thread counts."
+    counts = ", ".join(f"{n} with {'the default threads (2 cores)' if t == 'default' else f'{t} thread(s)'}"
+                       for t, n in threads.value_counts().items())
+    return (f"Thread settings (OMP/MKL/OpenBLAS, column `threads`): {counts}; one thread per peer avoids "
+            "oversubscribing the shared cores, which slowed the torch peers several-fold.")
+
+
+def summary_table(rows: pd.DataFrame) -> list[str]:
+    """Balanced accuracy / accuracy per split and peer (seed mean), laid out like ../shared/data/README.md."""
+    names = list(dict.fromkeys(rows["peer"]))
+    lines = ["", "## Summary: balanced accuracy / accuracy (quoted figure in brackets)", "",
+             "| split | " + " | ".join(PEERS[n].title for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for split_name in dict.fromkeys(rows["split"]):
+        cells = []
+        for name in names:
+            mine = rows[(rows["split"] == split_name) & (rows["peer"] == name)]
+            done = mine[mine["status"] == "ok"]
+            if not len(mine):
+                cells.append("")
+                continue
+            text = (f"{done['balanced_accuracy'].mean():.3f} / {done['accuracy'].mean():.3f}" if len(done)
+                    else "failed")
+            quoted = PEER_TABLE.get(split_name, {}).get(PEERS[name].quoted) if pd.notna(
+                mine["quoted_balanced_accuracy"].iloc[0]) else None
+            cells.append(text + (f" ({quoted[0]:.3f} / {quoted[1]:.3f})" if quoted else ""))
+        lines.append(f"| {SPLITS[split_name].description} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def notes_for(rows: pd.DataFrame) -> list[str]:
     names = set(rows["peer"])
     notes = []
@@ -376,11 +443,13 @@ def notes_for(rows: pd.DataFrame) -> list[str]:
     if "scnym" in names:
         notes.append("scNym 0.3.2 gets the query as unlabeled target data with the runner's default "
                      "`no_new_identity` config (100 epochs); inputs re-normalized to log1p(CPM) by the runner.")
-    bounded = rows[rows["runner_flags"].fillna("").str.contains("epochs")]
-    for _, r in bounded.iterrows():
-        notes.append(f"{PEERS[r['peer']].title} on {SPLITS[r['split']].description} was bounded with "
-                     f"`{r['runner_flags']}` (a default run would take well over 30 minutes on this shared 2-core "
-                     "machine).")
+    notes.append("Confidence column (what ECE is computed on): " + "; ".join(
+        f"{PEERS[n].title}: {PEERS[n].confidence}" for n in dict.fromkeys(rows["peer"])) + ".")
+    for _, r in rows.iterrows():
+        flags, why = BOUNDS.get((r["peer"], r["split"]), ([], ""))
+        if flags and " ".join(flags) in str(r["runner_flags"]):
+            notes.append(f"Bounded: {PEERS[r['peer']].title} on {SPLITS[r['split']].description} ran with "
+                         f"`{' '.join(flags)}`: {why}.")
     reused = rows[rows["reused"].eq(True)] if "reused" in rows.columns else rows.iloc[:0]
     if len(reused):
         notes.append(f"{len(reused)} of {len(rows)} rows were measured by an earlier invocation with the same runner "
@@ -390,6 +459,19 @@ def notes_for(rows: pd.DataFrame) -> list[str]:
         notes.append(f"{PEERS[r['peer']].title} on {SPLITS[r['split']].description}: the benchmark driver was stopped "
                      "while this runner kept going; its finished outputs (predictions, meta.json, /usr/bin/time line) "
                      "were scored by `--resume` (seconds = /usr/bin/time's elapsed).")
+    for _, r in rows[rows["status"] == "ok"].iterrows():
+        quoted = r.get("quoted_balanced_accuracy")
+        if pd.isna(quoted) or abs(r["balanced_accuracy"] - quoted) <= 0.02:
+            continue
+        sizes, recall = r.get("class_sizes"), r.get("per_class_recall")
+        detail = ""
+        if isinstance(sizes, dict) and isinstance(recall, dict):
+            smallest = sorted(sizes, key=sizes.get)[:3]
+            detail = "; recall on the smallest query types: " + ", ".join(
+                f"{name} {round(recall[name] * sizes[name])}/{sizes[name]}" for name in smallest)
+        notes.append(f"Deviation: {PEERS[r['peer']].title} on {SPLITS[r['split']].description} reaches "
+                     f"{r['balanced_accuracy']:.3f} balanced accuracy vs {r['quoted_balanced_accuracy']:.3f} quoted "
+                     f"(accuracy {r['accuracy']:.3f} vs {r['quoted_accuracy']:.3f}){detail}.")
     for _, r in rows[rows["status"] != "ok"].iterrows():
         notes.append(f"FAILED: {PEERS[r['peer']].title} on {SPLITS[r['split']].description} (seed {r['seed']}): "
                      f"{r['error']}")
@@ -414,6 +496,9 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--peers", nargs="+", default=DEFAULT_PEERS, choices=list(PEERS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--install", action="store_true", help="run ../shared/peers/install_*.sh for missing venvs")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP/MKL/OpenBLAS threads per peer process (default: the libraries' own choice); 1 "
+                             "avoids thread oversubscription when the cores are shared")
     parser.add_argument("--unbounded", action="store_true", help="drop the epoch bounds of BOUNDS")
     parser.add_argument("--resume", action="store_true", help="reuse finished runs (same command) under --work")
     parser.add_argument("--quick", action="store_true",
@@ -432,6 +517,8 @@ def main(argv=None) -> pd.DataFrame:
             "scikit_learn_for_logreg": __import__("sklearn").__version__, "nice": 19, "quick": args.quick,
             "wrapper": "/usr/bin/time -f '%e %M' env <env.sh cache variables> nice -n 19 <runner command>"}
     environment = peer_environment()
+    if args.threads:
+        environment.update({name: str(args.threads) for name in THREAD_VARIABLES})
     rows: list[dict] = []
     frame = pd.DataFrame()
     for split_name in args.splits:

@@ -44,8 +44,9 @@ def data_fingerprint(X: sp.csr_matrix, genes: Sequence[str], cell_ids: Sequence[
                      labels: Sequence[str]) -> dict[str, Any]:
     """A checksum of exactly what the model was trained on (normalized matrix, genes, cells, labels)."""
     digest = hashlib.sha256()
-    for array in (X.indptr, X.indices, X.data):
-        digest.update(np.ascontiguousarray(array).view(np.uint8))
+    for block in getattr(X, "blocks", [X]):  # a StackedRows is hashed block by block, in order
+        for array in (block.indptr, block.indices, block.data):
+            digest.update(np.ascontiguousarray(array).view(np.uint8))
     for names in (genes, cell_ids, labels):
         digest.update("\n".join(map(str, names)).encode())
     return {"sha256": digest.hexdigest(), "n_cells": int(X.shape[0]), "n_genes": int(X.shape[1]),

@@ -52,3 +52,19 @@ def test_tissues_benchmark_quick(tmp_path):
                                         "--work", str(tmp_path / "w")])
     assert list(table["command"]) == ["train_tissue_independent", "train_tissue_dependent", "train_tissue_specific"]
     assert table["balanced_accuracy"].between(0, 1).all()
+
+
+def test_scale_benchmark_quick(tmp_path):
+    shared_data("kang2018_ctrl_8donors.h5ad")
+    table = load_bench("scale").main(["--quick", "--out", str(tmp_path / "r"), "--work", str(tmp_path / "w")])
+    assert set(table["mode"]) == {"supervised", "semi-supervised", "prediction"}
+    payload = json.loads((tmp_path / "r" / "scale.json").read_text())
+    assert payload["matmul_ceiling"]["square_2048"] > 1e9
+    assert (tmp_path / "r" / "scale.png").stat().st_size > 0
+    generated = load_bench("generate")
+    info = generated.generate(300, 1500, tmp_path / "g.h5ad", seed=3)   # pseudo-genes beyond Kang's 1,287
+    import anndata as ad
+
+    adata = ad.read_h5ad(tmp_path / "g.h5ad")
+    assert adata.shape == (300, 1500) and info["nnz"] == adata.X.nnz
+    assert adata.var_names.is_unique and (adata.X.data == adata.X.data.round()).all()

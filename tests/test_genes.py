@@ -63,3 +63,18 @@ def test_too_little_overlap_stops_and_says_what_matched():
 def test_no_overlap_is_an_error_even_with_zero_minimum():
     with pytest.raises(ScnymError, match="only 0 of"):
         align_genes(cells_from(np.ones((1, 2)), ["x", "y"]), ["a", "b"], min_overlap=0.0)
+
+
+def test_stacked_rows_select_like_one_matrix():
+    from scnym_cli.data.batches import dense_rows
+    from scnym_cli.data.stacked import StackedRows, stack_rows
+
+    blocks = [sp.random(n, 9, density=0.3, format="csr", random_state=n, dtype=np.float32) for n in (5, 1, 7)]
+    stacked = stack_rows(stack_rows(blocks[0], blocks[1]), blocks[2])
+    assert isinstance(stacked, StackedRows) and stacked.shape == (13, 9) and len(stacked.blocks) == 3
+    whole = sp.vstack(blocks, format="csr").toarray()
+    rows = np.array([12, 0, 5, 5, 6, 3, 11])
+    np.testing.assert_array_equal(dense_rows(stacked, rows), whole[rows])
+    np.testing.assert_array_equal(stacked[2:9].toarray(), whole[2:9])
+    assert stacked.nnz == sum(b.nnz for b in blocks)
+    assert stack_rows(blocks[0]) is blocks[0]

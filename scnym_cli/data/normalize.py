@@ -23,6 +23,7 @@ TARGET_SUM = 1e6
 # ln(1e8 + 1) ~ 18.4: log-normalized values above this are implausible for any target sum.
 MAX_LOG_VALUE = 20.0
 ROW_BLOCK = 65_536
+VALUE_BLOCK = 1 << 24
 
 Kind = Literal["counts", "log1p", "log2_1p", "log10_1p"]
 BASES = {"log1p": np.e, "log2_1p": 2.0, "log10_1p": 10.0}
@@ -36,10 +37,17 @@ def detect_kind(X: sp.csr_matrix, source: str = "input") -> Kind:
     values = X.data
     if values.size == 0:
         return "counts"
-    finite = np.isfinite(values)
-    if not finite.all():
-        n_nan = int(np.isnan(values).sum())
-        n_inf = int((~finite).sum()) - n_nan
+    n_nan = n_inf = 0
+    integers = True
+    for start in range(0, values.size, VALUE_BLOCK):  # bounded temporaries on atlas-sized data
+        block = values[start:start + VALUE_BLOCK]
+        finite = np.isfinite(block)
+        if not finite.all():
+            nan = int(np.isnan(block).sum())
+            n_nan, n_inf = n_nan + nan, n_inf + int((~finite).sum()) - nan
+        elif integers:
+            integers = bool(np.all(np.mod(block, 1) == 0))
+    if n_nan or n_inf:
         raise ScnymError(
             f"{source} has {n_nan} NaN and {n_inf} infinite values; remove or impute them before running scnym")
     low = float(values.min())
@@ -47,7 +55,7 @@ def detect_kind(X: sp.csr_matrix, source: str = "input") -> Kind:
         raise ScnymError(
             f"{source} has negative values (min {low:.3g}): it looks scaled or centered; give raw counts or "
             "log-normalized values instead (for h5ad: --input_layer raw or a counts layer)")
-    if np.array_equal(values, np.round(values)):
+    if integers:
         return "counts"
     high = float(values.max())
     if high > MAX_LOG_VALUE:

@@ -95,7 +95,8 @@ def _load_target(config: Config, genes) -> tuple[CellMatrix, GeneOverlap]:
 
 def _stack(reference: CellMatrix, target: CellMatrix) -> CellMatrix:
     import pandas as pd
-    import scipy.sparse as sp
+
+    from ..data.stacked import stack_rows
 
     target_obs = target.obs.copy()
     clashes = target_obs.index.isin(reference.obs.index)
@@ -104,8 +105,7 @@ def _stack(reference: CellMatrix, target: CellMatrix) -> CellMatrix:
                     int(clashes.sum()))
         target_obs.index = [f"{i}-target" if c else i for i, c in zip(target_obs.index, clashes)]
     obs = pd.concat([reference.obs, target_obs], axis=0, join="outer")
-    X = sp.vstack([reference.X, target.X], format="csr")
-    return CellMatrix(X, reference.genes, obs, reference.source)
+    return CellMatrix(stack_rows(reference.X, target.X), reference.genes, obs, reference.source)
 
 
 def assign_domains(config: Config, cells: CellMatrix, labels: np.ndarray, n_reference_rows: int

@@ -244,17 +244,16 @@ def predict_cell_types(config: Config) -> dict:
                           last=(PREDICTIONS_FILE,)) as stage:
         source = open_query(config, config.input_counts)
         try:
-            summary = _predict_to(stage, config, predictor, source)
+            summary = _predict_to(stage, config, predictor, source, started)
         finally:
             if isinstance(source, H5adChunks):
                 source.close()
-    summary["seconds"] = round(time.perf_counter() - started, 2)
     log.info("predicted %d cells in %.1f s (%.0f cells/s)", summary["n_cells"], summary["seconds"],
              summary["n_cells"] / max(summary["seconds"], 1e-9))
     return summary
 
 
-def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellChunks) -> dict:
+def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellChunks, started: float) -> dict:
     overlap = predictor.prepare(query_genes(config, source), source.obs, source.source)
     (stage / "gene_overlap.json").write_text(json.dumps(overlap.to_dict(), indent=1))
     classes, key = predictor.classes, config.prediction_key
@@ -308,6 +307,7 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
         summary["metrics_vs_" + config.lower_group] = metrics
         log.info("vs query column %r: accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f", config.lower_group,
                  metrics["accuracy"], metrics["balanced_accuracy"], metrics["macro_f1"])
+    summary["seconds"] = round(time.perf_counter() - started, 2)  # model loading to last output block
     (stage / "prediction_summary.json").write_text(json.dumps(summary, indent=1))
     (stage / (PREDICTIONS_FILE + ".part")).rename(stage / PREDICTIONS_FILE)
     log.info("predicted %d cells: %s", source.n_cells, ", ".join(f"{k} {v}" for k, v in counts.items()))

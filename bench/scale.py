@@ -1,0 +1,231 @@
+"""Speed and memory at atlas scale: training cost per epoch, prediction throughput, peak memory.
+
+Datasets (bench/generate.py, cached under --work): 10k, 100k and 1M cells x 2,000 genes (real Kang
+PBMCs resampled with count noise) and 100k x 20,000 genes (CellBench); semi-supervised runs use a
+target set a tenth the size (another seed). For each dataset, through the command line:
+
+- supervised and semi-supervised (MixMatch + adversary) training for ``--epochs`` epochs, no
+  cross-validation: seconds per epoch (median over epochs after the first), cells/s, peak memory,
+  and achieved FLOP/s of the dense layers;
+- prediction of the whole file (streamed from disk): cells/s and peak memory.
+
+It also measures this machine's matrix-multiply ceiling (FLOP/s, torch, all threads) and, when the
+original scNym 0.3.2 is installed (bench/peers.py --install), its seconds per epoch on the 10k
+dataset with the same architecture, batch size and preset, in the same run.
+Writes ``<out>/scale.json``, ``scale.md`` and ``scale.png``.
+
+    python bench/scale.py                           # all sizes (about an hour on 2 cores)
+    python bench/scale.py --sizes 10000 100000      # a subset
+    python bench/scale.py --quick --out /tmp/x      # seconds (test suite)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, WORK, machine, run_measured, scnym_command, write_json  # noqa: E402
+from generate import generate  # noqa: E402
+
+N_HIDDEN, N_CLASSES, BATCH = 256, 8, 256
+
+
+def matmul_ceiling(seconds: float = 2.0) -> dict:
+    """Best sustained FLOP/s of float32 matrix products, large square and layer-shaped."""
+    import torch
+
+    results = {}
+    for name, (m, k, n) in {"square_2048": (2048, 2048, 2048), "layer_256x2000x256": (256, 2000, 256)}.items():
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        for _ in range(3):
+            a @ b
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            a @ b
+            count += 1
+        results[name] = 2 * m * k * n * count / (time.perf_counter() - started)
+    results["threads"] = torch.get_num_threads()
+    return results
+
+
+def dense_flops_per_cell(n_genes: int) -> float:
+    """Forward multiply-adds x 2 of the classifier's dense layers for one cell."""
+    return 2.0 * (n_genes * N_HIDDEN + N_HIDDEN * N_HIDDEN + N_HIDDEN * N_CLASSES)
+
+
+def training_flops_per_labeled_cell(n_genes: int, semi_supervised: bool) -> float:
+    """Dense-layer FLOPs per labeled cell per epoch (forward + backward ~ 3x forward).
+
+    Semi-supervised: each labeled batch comes with an equal target batch: teacher forward on the
+    target (1x), student forward + backward on labeled + target mixes (2 x 3x), adversary forward +
+    backward of the embedding on both (2 x 3x, without the classifier layer: ignored).
+    """
+    forward = dense_flops_per_cell(n_genes)
+    return forward * (1 + 6 + 6) if semi_supervised else forward * 3
+
+
+def ensure_data(cells: int, genes: int, seed: int, work: Path) -> Path:
+    path = work / f"cells{cells}_genes{genes}_seed{seed}.h5ad"
+    if not path.exists():
+        generate(cells, genes, path, source="kang" if genes <= 2000 else "cellbench", seed=seed)
+    return path
+
+
+def epoch_seconds(run: Path) -> float:
+    log = pd.read_csv(run / "all_data" / "all_data_log.csv")
+    later = log["seconds"].iloc[1:] if len(log) > 1 else log["seconds"]
+    return float(later.median())
+
+
+def train_case(data: Path, target: Path | None, cells: int, genes: int, args, tag: str) -> dict:
+    run = args.work / "runs" / tag
+    command = [*scnym_command(), "train_tissue_independent", "--input_counts", str(data), "--lower_group",
+               "cell_type", "--out_path", str(run), "--n_folds", "0", "--n_epochs", str(args.epochs),
+               "--min_epochs", "1", "--patience", "0", "--overwrite", "true", "--quiet"]
+    if target is not None:
+        command += ["--unlabeled_counts", str(target), "--preset", "no_new_identity"]
+    measured = run_measured(command, args.work / "logs" / f"{tag}.log")
+    seconds = epoch_seconds(run)
+    labeled = json.loads((run / "all_data" / "model.json").read_text())["training"]["n_fit"]
+    flops = training_flops_per_labeled_cell(genes, target is not None) * labeled
+    return {"case": tag, "cells": cells, "genes": genes, "mode": "semi-supervised" if target else "supervised",
+            "seconds_per_epoch": round(seconds, 3), "cells_per_second": round(labeled / seconds),
+            "achieved_gflops": round(flops / seconds / 1e9, 1), "peak_memory_mb": measured["peak_memory_mb"],
+            "total_seconds": measured["seconds"]}
+
+
+def predict_case(data: Path, model_run: Path, cells: int, genes: int, args, tag: str) -> dict:
+    out = args.work / "runs" / f"{tag}_predictions"
+    measured = run_measured([*scnym_command(), "predict_cell_types", "--model_path", str(model_run),
+                             "--input_counts", str(data), "--out_path", str(out), "--overwrite", "true",
+                             "--write_h5ad", "false", "--quiet"], args.work / "logs" / f"{tag}_predict.log")
+    summary = json.loads((out / "prediction_summary.json").read_text())
+    return {"case": tag, "cells": cells, "genes": genes, "mode": "prediction",
+            "seconds": summary["seconds"], "cells_per_second": round(cells / summary["seconds"]),
+            "peak_memory_mb": measured["peak_memory_mb"], "total_seconds": measured["seconds"]}
+
+
+def scnym_032_epoch_seconds(data: Path, target: Path, args) -> dict | None:
+    """Seconds per epoch of the original scNym 0.3.2 (peer venv) with our architecture, batch, preset."""
+    python = Path(os.environ.get("PEERS_DIR", Path.home() / "scnym-peers")) / "scnym-venv" / "bin" / "python"
+    runner = Path(os.environ.get("SCNYM_PEER_SCRIPTS", Path(__file__).resolve().parents[2] / "shared" / "peers"))
+    if not python.exists():
+        return None
+    totals = {}
+    for epochs in (1, 3):
+        out = args.work / "scnym032" / f"e{epochs}"
+        measured = run_measured(
+            [str(python), str(runner / "run_scnym.py"), "--ref", str(data), "--query", str(target), "--label",
+             "cell_type", "--out", str(out / "preds.csv"), "--n-epochs", str(epochs), "--batch-size", str(BATCH),
+             "--config", "no_new_identity"], args.work / "logs" / f"scnym032_e{epochs}.log")
+        totals[epochs] = measured["seconds"]
+    return {"seconds_per_epoch": round((totals[3] - totals[1]) / 2, 3), "total_1_epoch": totals[1],
+            "total_3_epochs": totals[3]}
+
+
+def plot(rows: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_train, ax_predict) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, marker in (("supervised", "o"), ("semi-supervised", "s")):
+        part = rows[(rows["mode"] == mode) & (rows["genes"] == 2000)]
+        ax_train.loglog(part["cells"], part["seconds_per_epoch"], marker=marker, label=f"{mode}, 2,000 genes")
+        wide = rows[(rows["mode"] == mode) & (rows["genes"] > 2000)]
+        ax_train.scatter(wide["cells"], wide["seconds_per_epoch"], marker="x", s=60,
+                         label=f"{mode}, 20,000 genes")
+    ax_train.set_xlabel("cells")
+    ax_train.set_ylabel("seconds per epoch")
+    ax_train.legend(fontsize=7)
+    ax_train.set_title("training cost grows linearly with cells")
+    part = rows[rows["mode"] == "prediction"]
+    ax_predict.semilogx(part[part["genes"] == 2000]["cells"], part[part["genes"] == 2000]["peak_memory_mb"], "o-",
+                        label="peak memory (MB), 2,000 genes")
+    ax_predict.set_xlabel("cells")
+    ax_predict.set_ylabel("peak memory of prediction (MB)")
+    twin = ax_predict.twinx()
+    twin.semilogx(part[part["genes"] == 2000]["cells"], part[part["genes"] == 2000]["cells_per_second"], "s--",
+                  color="tab:orange", label="cells/s")
+    twin.set_ylabel("cells per second")
+    ax_predict.set_title("prediction streams: memory flat in cells")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", type=int, default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--wide", nargs="*", type=int, default=[100_000], help="cells of the 20,000-gene sets")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--no_scnym", action="store_true", help="skip the scNym 0.3.2 comparison")
+    parser.add_argument("--quick", action="store_true", help="2,000 cells, 2 epochs, no scNym (test suite)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--work", type=Path, default=WORK / "scale")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.wide, args.epochs, args.no_scnym = [2000], [], 2, True
+    command_line = "python bench/scale.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    ceiling = matmul_ceiling(0.5 if args.quick else 3.0)
+    rows = []
+    cases = [(n, 2000) for n in args.sizes] + [(n, 20000) for n in args.wide]
+    for cells, genes in cases:
+        data = ensure_data(cells, genes, 0, args.work / "data")
+        target = ensure_data(max(cells // 10, 100), genes, 1, args.work / "data")
+        tag = f"{cells}x{genes}"
+        rows.append(train_case(data, None, cells, genes, args, f"{tag}_supervised"))
+        rows.append(train_case(data, target, cells, genes, args, f"{tag}_semi_supervised"))
+        rows.append(predict_case(data, args.work / "runs" / f"{tag}_supervised", cells, genes, args, tag))
+        for row in rows[-3:]:
+            print(row, flush=True)
+    table = pd.DataFrame(rows)
+    scnym = None
+    if not args.no_scnym and 10_000 in args.sizes:
+        scnym = scnym_032_epoch_seconds(args.work / "data" / "cells10000_genes2000_seed0.h5ad",
+                                        args.work / "data" / "cells1000_genes2000_seed1.h5ad", args)
+    info = machine()
+    best = max(v for k, v in ceiling.items() if k != "threads")
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "scale.json", {"command": command_line, "machine": info, "matmul_ceiling": ceiling,
+                                         "rows": table.to_dict(orient="records"), "scnym_0.3.2": scnym})
+    lines = ["# scnym at scale: training and prediction cost, peak memory", "",
+             f"Command: `{command_line}`  ",
+             f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gb']} GB; torch {info['torch']}, "
+             f"scnym {info['scnym']} (commit {info['git_commit']}), {info['date']}.", "",
+             f"Matrix-multiply ceiling (float32, {ceiling['threads']} threads): "
+             f"{ceiling['square_2048'] / 1e9:.1f} GFLOP/s on 2048^3, {ceiling['layer_256x2000x256'] / 1e9:.1f} "
+             "GFLOP/s on the first layer's shape (256 x 2000 x 256).", "",
+             "| data (cells x genes) | mode | s / epoch | cells / s | GFLOP/s (dense layers) | % of ceiling | "
+             "peak memory (MB) |", "|---|---|---|---|---|---|---|"]
+    for _, r in table.iterrows():
+        if r["mode"] == "prediction":
+            lines.append(f"| {r['cells']:,} x {r['genes']:,} | prediction (streamed) | {r['seconds']:.1f} s total | "
+                         f"{r['cells_per_second']:,} | | | {r['peak_memory_mb']:.0f} |")
+        else:
+            lines.append(f"| {r['cells']:,} x {r['genes']:,} | {r['mode']} | {r['seconds_per_epoch']:.2f} | "
+                         f"{r['cells_per_second']:,} | {r['achieved_gflops']} | {100 * r['achieved_gflops'] * 1e9 / best:.0f} | "
+                         f"{r['peak_memory_mb']:.0f} |")
+    if scnym:
+        ours = table[(table["case"] == "10000x2000_semi_supervised")]["seconds_per_epoch"]
+        lines += ["", f"scNym 0.3.2 on the same 10,000-cell data (+1,000 target cells, no_new_identity, batch {BATCH}, "
+                      f"2 x 256 hidden): {scnym['seconds_per_epoch']:.2f} s per epoch; scnym: "
+                      f"{float(ours.iloc[0]):.2f} s ({scnym['seconds_per_epoch'] / float(ours.iloc[0]):.1f}x faster)."]
+    (args.out / "scale.md").write_text("\n".join(lines) + "\n")
+    plot(table, args.out / "scale.png")
+    print((args.out / "scale.md").read_text())
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -118,6 +118,12 @@ def _markers(config: Config) -> None:
     find_cell_type_markers(config)
 
 
+def _collect(config: Config) -> None:
+    from .workflows.train import collect_folds
+
+    collect_folds(config)
+
+
 def _predict(config: Config) -> None:
     from .workflows.predict import predict_cell_types
 
@@ -132,6 +138,9 @@ _register("train_tissue_dependent",
           _train_dependent)
 _register("train_tissue_specific",
           "Train one cross-validated classifier per upper group (tissue) under tissues/<group>/.", _train_specific)
+_register("collect_folds",
+          "Assemble a run whose folds were trained by separate jobs (--fold / --folds): check that every "
+          "model is there and complete, then write fold_eval_acc.csv and the other run tables.", _collect)
 _register("predict_cell_types",
           "Predict cell types of new data with a trained model (any input format; genes aligned to the model).",
           _predict)

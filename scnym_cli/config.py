@@ -25,6 +25,7 @@ TRAIN_COMMANDS = frozenset({"train_tissue_independent", "train_tissue_dependent"
 PREDICT_COMMANDS = frozenset({"predict_cell_types"})
 MARKER_COMMANDS = frozenset({"find_cell_type_markers"})
 ALL_COMMANDS = TRAIN_COMMANDS | PREDICT_COMMANDS | MARKER_COMMANDS
+COLLECT_COMMANDS = frozenset({"collect_folds"})
 READS_DATA = ALL_COMMANDS
 
 SECTIONS = ("Inputs", "Labels and groups", "Model", "Training", "Semi-supervised", "Prediction", "Markers", "Run")
@@ -255,7 +256,13 @@ class Config:
         False, "Also write per-cell attributions (cell_attributions/<class>.h5ad).", "Markers", MARKER_COMMANDS)
 
     # ---------------------------------------------------------------- Run
-    out_path: Optional[Path] = option(None, "Output directory.", "Run")
+    out_path: Optional[Path] = option(None, "Output directory.", "Run", ALL_COMMANDS | COLLECT_COMMANDS)
+    fold: Optional[int] = option(
+        None, "Train only this model: 0..n_folds-1 are the folds, n_folds is all_data (e.g. a SLURM array "
+        "task id); assemble the run with collect_folds.", "Run", _TRAIN, min=0)
+    folds: Optional[str] = option(
+        None, "Train only these models: comma-separated fold numbers and/or all_data (e.g. 0,3,all_data).",
+        "Run", _TRAIN)
     overwrite: bool = option(False, "Replace results already in out_path.", "Run")
     device: str = option("auto", "auto | cpu | cuda | cuda:N | mps.", "Run")
     num_threads: Optional[int] = option(
@@ -510,6 +517,8 @@ def _check_combinations(config: Config) -> None:
         raise ScnymError("config key 'n_folds' must be 0 (no cross-validation) or at least 2; got 1")
     if config.balance_classes and config.weight_classes:
         raise ScnymError("balance_classes and weight_classes both correct class imbalance; turn one of them off")
+    if config.fold is not None and config.folds is not None:
+        raise ScnymError("give --fold or --folds, not both")
     if config.unlabeled_genes is not None and config.unlabeled_counts is None:
         raise ScnymError("--unlabeled_genes names the genes of --unlabeled_counts, which is not given")
 
@@ -518,13 +527,15 @@ _REQUIRED = {
     "train": ("input_counts", "out_path"),
     "predict": ("input_counts", "model_path", "out_path"),
     "markers": ("model_path", "out_path"),
+    "collect": ("out_path",),
 }
 
 
 def _check_for_command(config: Config, command: str) -> None:
-    if command not in ALL_COMMANDS:
+    if command not in ALL_COMMANDS | COLLECT_COMMANDS:
         return
-    kind = "train" if command in TRAIN_COMMANDS else "predict" if command in PREDICT_COMMANDS else "markers"
+    kind = ("train" if command in TRAIN_COMMANDS else "predict" if command in PREDICT_COMMANDS
+            else "collect" if command in COLLECT_COMMANDS else "markers")
     for key in _REQUIRED[kind]:
         if getattr(config, key) is None:
             raise ScnymError(f"{command} needs --{key} (on the command line or in a config file)")
@@ -566,7 +577,7 @@ def render_markdown_table() -> str:
     """The README's tables of config keys, one per section (kept in sync by a test)."""
     short = {"train_tissue_independent": "train", "train_tissue_dependent": "train",
              "train_tissue_specific": "train", "predict_cell_types": "predict",
-             "find_cell_type_markers": "markers"}
+             "find_cell_type_markers": "markers", "collect_folds": "collect"}
     rows: list[str] = []
     for section in SECTIONS:
         rows += [f"**{section}**", "", "| key | default | used by | meaning |", "|---|---|---|---|"]

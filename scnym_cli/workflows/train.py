@@ -9,12 +9,14 @@ Output layout (``out_path``)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -28,7 +30,7 @@ from ..errors import ScnymError
 from ..nn import CellTypeClassifier
 from ..report import confusion_table, plot_confusion_matrix, plot_training_curve
 from ..staging import staged_directory
-from ..store import ALL_DATA_DIR, data_fingerprint, save_model
+from ..store import ALL_DATA_DIR, MANIFEST_FILE, WEIGHTS_FILE, data_fingerprint, save_model
 from ..train import Trainer, TrainingData
 from ..train.inference import forward_rows
 from ..train.metrics import classification_metrics, expected_calibration_error
@@ -125,6 +127,7 @@ def train_one_model(directory: Path, config: Config, inputs: TrainingInputs, dat
     plot_training_curve(fit.history, directory / "training_curve.png", f"{name}: training curve", fit.best_epoch)
     save_model(directory, model, genes=list(inputs.cells.genes), classes=classes, config=config.to_dict(),
                extra={"temperature": fit.temperature, "covariates": covariates, "training": {
+                   "device": str(device), "held_out_loss": loss if len(split.held_out) else None,
                    "name": name, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
                    "stopped_early": fit.stopped_early, "seconds": round(fit.seconds, 2),
                    "semi_supervised": fit.semi_supervised, "n_fit": int(len(split.fit)),
@@ -160,19 +163,62 @@ def run_training(config: Config, get_inputs: Callable[[], TrainingInputs],
     Returns the run summary (also in run_summary.json).
     """
     device = setup_runtime(config)
-    with staged_directory(config.out_path, overwrite=config.overwrite, protected=PROTECTED_OUTPUTS,
+    only = selected_models(config)
+    protected = PROTECTED_OUTPUTS if only is None else (*only, RUN_MARKER)
+    with staged_directory(config.out_path, overwrite=config.overwrite, protected=protected,
                           last=(RUN_MARKER,)) as stage:
-        return train_into(stage, config, get_inputs(), device, command)
+        return train_into(stage, config, get_inputs(), device, command, only)
+
+
+# Keys that may differ between the jobs of one run (fold-level jobs of a SLURM array)
+PER_JOB_KEYS = ("fold", "folds", "overwrite", "out_path", "device", "num_threads")
+
+
+def job_fingerprint(config: Config, data_sha256: str) -> str:
+    """Identifies a run across its fold-level jobs: same data and same settings."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in PER_JOB_KEYS}
+    return hashlib.sha256(json.dumps([settings, data_sha256], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_names(config: Config) -> list[str]:
+    return [f"fold{k:02d}" for k in range(config.n_folds)] + [ALL_DATA_DIR]
+
+
+def selected_models(config: Config) -> Optional[list[str]]:
+    """The models a fold-level job trains (--fold / --folds), or None for the whole run."""
+    names = model_names(config)
+    if config.fold is not None:
+        if config.fold >= len(names):
+            raise ScnymError(f"--fold {config.fold} is out of range: 0..{config.n_folds - 1} are the folds and "
+                             f"{config.n_folds} is all_data")
+        return [names[config.fold]]
+    if config.folds is None:
+        return None
+    chosen = []
+    for token in (t.strip() for t in config.folds.split(",") if t.strip()):
+        if token == ALL_DATA_DIR:
+            chosen.append(ALL_DATA_DIR)
+        elif token.isdigit() and int(token) < len(names):
+            chosen.append(names[int(token)])
+        else:
+            raise ScnymError(f"--folds {config.folds!r}: {token!r} is not a fold (0..{config.n_folds - 1}), "
+                             f"{config.n_folds} or all_data")
+    return sorted(set(chosen), key=names.index)
 
 
 def train_into(directory: Path, config: Config, inputs: TrainingInputs, device: torch.device,
-               command: str) -> dict:
-    """Write one complete run (folds, all_data, tables, plots, run_summary.json) into ``directory``."""
+               command: str, only: Optional[list[str]] = None) -> dict:
+    """Train the run's models into ``directory``; the whole run also gets its tables and run_summary.json.
+
+    ``only`` restricts training to some models (a fold-level job); ``collect_folds`` then
+    assembles the tables once every model is there.
+    """
     started = time.perf_counter()
     _check_enough_cells(config, inputs)
     directory.mkdir(parents=True, exist_ok=True)
     cells, classes = inputs.cells, inputs.encoding.classes
     fingerprint = data_fingerprint(cells.X, cells.genes, cells.cell_ids, inputs.labels)
+    fingerprint["job"] = job_fingerprint(config, fingerprint["sha256"])
     (directory / "scnym_config.json").write_text(json.dumps(config.to_dict(), indent=1))
     pd.DataFrame({"index": range(len(classes)), "label": classes}).to_csv(directory / "celltype_label.csv",
                                                                           index=False)
@@ -182,36 +228,62 @@ def train_into(directory: Path, config: Config, inputs: TrainingInputs, device: 
         splits = [(f"fold{k:02d}", s) for k, s in enumerate(
             cross_validation_splits(labeled, inputs.codes, config.n_folds, config.val_fraction, config.seed))]
     splits.append((ALL_DATA_DIR, all_data_split(labeled, inputs.codes, config.val_fraction, config.seed)))
-
-    results: list[ModelResult] = []
     for name, split in splits:
+        if only is not None and name not in only:
+            continue
         data = TrainingData(cells.X, inputs.codes, split, len(classes), covariates=inputs.covariates,
                             unlabeled=inputs.unlabeled_rows, domains=inputs.domains)
-        results.append(train_one_model(directory / name, config, inputs, data, device, fingerprint))
+        result = train_one_model(directory / name, config, inputs, data, device, fingerprint)
         if name != ALL_DATA_DIR:
-            m = results[-1].metrics
+            m = result.metrics
             log.info("%s held-out: accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f, ECE %.4f "
                      "(uncalibrated %.4f)", name, m["accuracy"], m["balanced_accuracy"], m["macro_f1"],
                      m["ece"], m["ece_uncalibrated"])
+    if only is not None:
+        return {"command": command, "trained": only, "seconds": round(time.perf_counter() - started, 2)}
+    return summarize_run(directory, command, time.perf_counter() - started)
 
-    folds = [r for r in results if r.name != ALL_DATA_DIR]
+
+def model_complete(directory: Path) -> Optional[str]:
+    """None if ``directory`` holds a finished model, else what is missing."""
+    if not directory.is_dir():
+        return "missing"
+    for name in (MANIFEST_FILE, WEIGHTS_FILE, "predictions.csv", f"{directory.name}_log.csv"):
+        if not (directory / name).is_file():
+            return f"incomplete (no {name})"
+    return None
+
+
+def summarize_run(directory: Path, command: str, seconds: float) -> dict:
+    """fold_eval_acc.csv, fold_eval_losses.csv, confusion matrix and run_summary.json, from the model
+    directories on disk (the same whether the folds ran in one job or in many)."""
+    config = json.loads((directory / "scnym_config.json").read_text())
+    manifests = {name: json.loads((directory / name / MANIFEST_FILE).read_text())
+                 for name in [f"fold{k:02d}" for k in range(config["n_folds"])] + [ALL_DATA_DIR]}
+    final = manifests[ALL_DATA_DIR]
+    classes, training = final["classes"], final["training"]
     summary: dict = {
-        "command": command, "package_version": __version__,
-        "n_cells": int(cells.n_cells), "n_labeled": int(len(labeled)),
-        "n_target": int(len(inputs.unlabeled_rows)), "n_genes": int(len(cells.genes)),
-        "classes": list(classes), "device": str(device), "n_folds": config.n_folds,
+        "command": command, "package_version": __version__, "n_cells": final["data_fingerprint"]["n_cells"],
+        "n_labeled": training["n_fit"] + training["n_select"], "n_target": training["n_target"],
+        "n_genes": len(final["genes"]), "classes": classes, "device": training.get("device"),
+        "n_folds": config["n_folds"],
     }
-    if inputs.covariate_column:
-        summary["covariates"] = {"column": inputs.covariate_column, "categories": list(inputs.covariate_categories)}
+    if final.get("covariates"):
+        summary["covariates"] = {k: final["covariates"][k] for k in ("column", "categories")}
+    folds = [name for name in manifests if name != ALL_DATA_DIR]
     if folds:
-        fold_table = pd.DataFrame([{"fold": r.name, "n_cells": len(r.predictions), **r.metrics,
-                                    "best_epoch": r.best_epoch, "epochs_run": r.epochs_run}
-                                   for r in folds])
+        rows, losses, pooled = [], [], []
+        for name in folds:
+            t = manifests[name]["training"]
+            rows.append({"fold": name, "n_cells": t["n_held_out"], **t["held_out_metrics"],
+                         "best_epoch": t["best_epoch"], "epochs_run": t["epochs_run"]})
+            losses.append({"fold": name, "loss": t["held_out_loss"]})
+            pooled.append(pd.read_csv(directory / name / "predictions.csv"))
+        fold_table = pd.DataFrame(rows)
         fold_table.to_csv(directory / "fold_eval_acc.csv", index=False)
-        pd.DataFrame([{"fold": r.name, "loss": r.held_out_loss} for r in folds]).to_csv(
-            directory / "fold_eval_losses.csv", index=False)
-        pooled = pd.concat([r.predictions for r in folds])
-        table = confusion_table(pooled["true_label"], pooled["predicted_label"], classes)
+        pd.DataFrame(losses).to_csv(directory / "fold_eval_losses.csv", index=False)
+        pooled = pd.concat(pooled)
+        table = confusion_table(pooled["true_label"].astype(str), pooled["predicted_label"].astype(str), classes)
         table.to_csv(directory / "confusion_matrix.csv")
         plot_confusion_matrix(table, directory / "confusion_matrix.png",
                               f"held-out predictions, {len(folds)} folds ({len(pooled)} cells)")
@@ -221,6 +293,34 @@ def train_into(directory: Path, config: Config, inputs: TrainingInputs, device: 
             for name in metric_names}
         log.info("cross-validation (%d folds): accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f, ECE %.4f",
                  len(folds), *(summary["cross_validation"][n]["mean"] for n in metric_names))
-    summary["seconds"] = round(time.perf_counter() - started, 2)
+    summary["seconds"] = round(seconds, 2)
     (directory / RUN_MARKER).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def collect_folds(config: Config) -> dict:
+    """Assemble a run whose models were trained by separate fold-level jobs; say what is missing."""
+    directory = Path(config.out_path)
+    if not (directory / "scnym_config.json").is_file():
+        raise ScnymError(f"{directory} holds no scnym_config.json: no fold-level job has finished there")
+    stored = json.loads((directory / "scnym_config.json").read_text())
+    names = [f"fold{k:02d}" for k in range(stored["n_folds"])] + [ALL_DATA_DIR]
+    problems = {name: problem for name in names if (problem := model_complete(directory / name))}
+    if problems:
+        listed = "; ".join(f"{name} {problem}" for name, problem in problems.items())
+        raise ScnymError(f"{directory}: {len(names) - len(problems)} of {len(names)} models are complete; {listed} "
+                         "(rerun those jobs with --fold N, all_data is N = n_folds)")
+    jobs = {json.loads((directory / n / MANIFEST_FILE).read_text())["data_fingerprint"].get("job") for n in names}
+    if len(jobs) != 1:
+        raise ScnymError(f"the models in {directory} come from jobs with different data or settings; rerun them "
+                         "with one config")
+    with staged_directory(directory, overwrite=True, protected=(), last=(RUN_MARKER,)) as stage:
+        for name in ("scnym_config.json", "celltype_label.csv"):
+            shutil.copy(directory / name, stage / name)
+        for name in names:  # summarize from a view of the finished models (symlinks: nothing copied)
+            (stage / name).symlink_to((directory / name).resolve(), target_is_directory=True)
+        summary = summarize_run(stage, stored.get("command", "train_tissue_independent"), 0.0)
+        for name in names:
+            (stage / name).unlink()
+    log.info("collected %d models in %s", len(names), directory)
     return summary

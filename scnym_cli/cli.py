@@ -52,6 +52,8 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _run(command: str, config_files: Optional[List[Path]], quiet: bool, flags: dict,
          workflow: Callable[[Config], object]) -> None:
+    from .train import distributed
+
     setup_logging(quiet)
     try:
         config = load_config(command, config_files or [], flags)
@@ -60,6 +62,8 @@ def _run(command: str, config_files: Optional[List[Path]], quiet: bool, flags: d
         _fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted; no outputs were written", 130)
+    finally:
+        distributed.shutdown()
 
 
 def _options_signature(command: str) -> inspect.Signature:

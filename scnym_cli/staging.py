@@ -37,6 +37,13 @@ def staged_directory(out_path: Path, *, overwrite: bool, protected: Sequence[str
     last
         Entries moved after all others (completion markers).
     """
+    from .train import distributed
+
+    if not distributed.current().is_main:
+        # data-parallel runs: every rank computes, only rank 0 writes outputs
+        with tempfile.TemporaryDirectory(prefix="scnym-rank-") as scratch:
+            yield Path(scratch)
+        return
     out_path = Path(out_path).expanduser().resolve()
     if out_path.exists() and not out_path.is_dir():
         raise ScnymError(f"--out_path {out_path} is a file; give a directory")

@@ -94,7 +94,7 @@ def test_cells_below_the_confidence_threshold_add_zero_unsupervised_loss(mixup_a
     doubtful = torch.tensor([[0.3, 0.2, 0.0], [0.0, 0.1, 0.2]])
     x_u = torch.cat([confident, doubtful]).requires_grad_(True)
     batch = LabeledBatch(torch.tensor([[3.0, 0, 0], [0, 0, 3.0]]), torch.eye(3)[[0, 2]])
-    loss, terms, _ = objective(model, batch, epoch=1, unlabeled=UnlabeledBatch(x_u))
+    loss, terms, _ = objective(batch, epoch=1, unlabeled=UnlabeledBatch(x_u))
     assert terms["confident_fraction"] == 0.5
     loss.backward()
     assert torch.all(x_u.grad[2:] == 0)            # the doubtful cells take no part at all
@@ -120,7 +120,7 @@ def test_domain_adversary_terms_and_confident_only_option():
         seen = []
         original = objective.domain_classifier.forward
         objective.domain_classifier.forward = lambda e, w: seen.append((e.shape[0], w)) or original(e, w)
-        _, terms, _ = objective(model, batch, epoch=1, unlabeled=target)
+        _, terms, _ = objective(batch, epoch=1, unlabeled=target)
         assert seen == [(n_cells, 0.1)]
         assert {"domain_loss", "domain_accuracy", "dan_weight"} <= set(terms)
 

@@ -106,39 +106,31 @@ class SemiSupervisedObjective(Objective):
 
     def __init__(self, model: nn.Module, settings: MixMatchSettings, n_domains: int,
                  class_weight: Optional[torch.Tensor] = None):
+        super().__init__(model)
         self.settings = settings
         self.class_weight = class_weight
         self.augment = AUGMENTATIONS[settings.augmentation]
         self.domain_classifier = (DomainClassifier(model.n_hidden, n_domains, settings.dan_n_layers)
                                   if settings.dan_max_weight > 0 else None)
-        self.teacher = copy.deepcopy(model).eval() if settings.unsup_mean_teacher else None
+        # the mean teacher is not a submodule: it is not trained, saved or synchronized
+        teacher = copy.deepcopy(model).eval().requires_grad_(False) if settings.unsup_mean_teacher else None
+        object.__setattr__(self, "teacher", teacher)
+
+    def _apply(self, fn, recurse: bool = True):
+        # moving the objective (.to(device)) moves the teacher with it
         if self.teacher is not None:
-            for parameter in self.teacher.parameters():
-                parameter.requires_grad_(False)
-
-    # ------------------------------------------------------------------ trainer hooks
-    def parameters(self) -> list[nn.Parameter]:
-        return [] if self.domain_classifier is None else list(self.domain_classifier.parameters())
-
-    def to(self, device: torch.device) -> "SemiSupervisedObjective":
-        for module in (self.domain_classifier, self.teacher):
-            if module is not None:
-                module.to(device)
-        return self
-
-    def train(self) -> None:
-        if self.domain_classifier is not None:
-            self.domain_classifier.train()
+            self.teacher._apply(fn, recurse)
+        return super()._apply(fn, recurse)
 
     @torch.no_grad()
-    def after_step(self, model: nn.Module) -> None:
+    def after_step(self) -> None:
         """Mean teacher: exponential moving average of the student's weights (buffers copied)."""
         if self.teacher is None:
             return
         decay = self.settings.mean_teacher_decay
-        for teacher_p, student_p in zip(self.teacher.parameters(), model.parameters()):
+        for teacher_p, student_p in zip(self.teacher.parameters(), self.model.parameters()):
             teacher_p.mul_(decay).add_(student_p.detach(), alpha=1 - decay)
-        for teacher_b, student_b in zip(self.teacher.buffers(), model.buffers()):
+        for teacher_b, student_b in zip(self.teacher.buffers(), self.model.buffers()):
             teacher_b.copy_(student_b)
 
     # ------------------------------------------------------------------ pieces
@@ -162,10 +154,9 @@ class SemiSupervisedObjective(Objective):
         return average, average.max(dim=1).values
 
     # ------------------------------------------------------------------ the step
-    def __call__(self, model: nn.Module, batch: LabeledBatch, epoch: int,
-                 unlabeled: Optional[UnlabeledBatch] = None):
+    def forward(self, batch: LabeledBatch, epoch: int, unlabeled: Optional[UnlabeledBatch] = None):
         """Loss of one step; ``unlabeled`` may be None (domain adversary over labeled domains only)."""
-        s = self.settings
+        s, model = self.settings, self.model
         progress = epoch - 1  # ramps start at 0 in the first epoch
         unsup_weight = 0.0
         if progress >= s.unsup_burn_in_epochs:

@@ -22,20 +22,20 @@ class LabeledBatch:
     domains: Optional[torch.Tensor] = None
 
 
-class Objective:
-    """Hooks the trainer calls around the steps; objectives without extra state keep the defaults."""
+class Objective(torch.nn.Module):
+    """What one step minimizes, as a module that owns the model (and any extra trained parts, like a
+    domain head): the optimizer trains its parameters, and one DistributedDataParallel wrapper around
+    it averages every gradient of a step.
 
-    def parameters(self) -> list[torch.nn.Parameter]:
-        """Parameters beyond the model's that the optimizer must update (e.g. a domain head)."""
-        return []
+    ``forward(batch, epoch, unlabeled)`` returns (loss, named terms for the log, logits of the
+    labeled cells).
+    """
 
-    def to(self, device: torch.device) -> "Objective":
-        return self
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
 
-    def train(self) -> None:
-        """Put the objective's own modules in training mode (once per epoch)."""
-
-    def after_step(self, model: torch.nn.Module) -> None:
+    def after_step(self) -> None:
         """Called after every optimizer step (e.g. to update a mean teacher)."""
 
 
@@ -53,16 +53,18 @@ def mixup(x: torch.Tensor, target: torch.Tensor, covariates: Optional[torch.Tens
 class SupervisedObjective(Objective):
     """Cross-entropy on labeled cells, optionally class-weighted and MixUp-ed."""
 
-    def __init__(self, class_weight: Optional[torch.Tensor] = None, mixup_alpha: Optional[float] = None):
+    def __init__(self, model: torch.nn.Module, class_weight: Optional[torch.Tensor] = None,
+                 mixup_alpha: Optional[float] = None):
+        super().__init__(model)
         self.class_weight = class_weight
         self.mixup_alpha = mixup_alpha
 
-    def __call__(self, model: torch.nn.Module, batch: LabeledBatch, epoch: int, unlabeled=None
-                 ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+    def forward(self, batch: LabeledBatch, epoch: int, unlabeled=None
+                ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         x, target, covariates = batch.x, batch.target, batch.covariates
         if self.mixup_alpha:
             x, target, covariates = mixup(x, target, covariates, self.mixup_alpha)
-        logits = model(x, covariates)
+        logits = self.model(x, covariates)
         weight = None if self.class_weight is None else self.class_weight.to(logits.device)
         loss = soft_cross_entropy(logits, target, weight)
         return loss, {"supervised_loss": float(loss.detach())}, logits.detach()

@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +34,15 @@ from .device import Precision, flush_denormals
 from .inference import forward_rows
 from .losses import inverse_frequency_weights
 from .metrics import classification_metrics
+from . import distributed
 from .calibration import fit_temperature
 from .mixmatch import MixMatchSettings, SemiSupervisedObjective, UnlabeledBatch
 from .objectives import LabeledBatch, Objective, SupervisedObjective
 
 log = logging.getLogger(__name__)
+
+# set to 1 to check after every step that all ranks hold identical parameters (tests, debugging)
+VERIFY_VARIABLE = "SCNYM_VERIFY_RANKS"
 
 OPTIMIZERS: dict[str, Callable] = {
     "adadelta": torch.optim.Adadelta,
@@ -94,6 +99,8 @@ class FitResult:
     history: pd.DataFrame = field(repr=False)
     temperature: float = 1.0
     semi_supervised: bool = False
+    world_size: int = 1
+    verified_steps: int = 0          # steps after which all ranks were checked to hold the same parameters
 
 
 def make_progress(enabled: bool) -> Progress:
@@ -137,10 +144,9 @@ class Trainer:
         self.show_progress = show_progress
 
     # ------------------------------------------------------------------ pieces
-    def _optimizer(self, model: torch.nn.Module, extra_parameters=()):
+    def _optimizer(self, objective: torch.nn.Module):
         c = self.config
-        parameters = list(model.parameters()) + list(extra_parameters)
-        optimizer = OPTIMIZERS[c.optimizer](parameters, lr=c.lr, weight_decay=c.weight_decay)
+        optimizer = OPTIMIZERS[c.optimizer](objective.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         scheduler = None
         if c.optimizer == "sgd":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=c.n_epochs, eta_min=c.lr / 1e4)
@@ -159,7 +165,7 @@ class Trainer:
             if has_target:
                 log.info("%s: semi-supervision is off (unsup_max_weight and dan_max_weight are 0): target cells "
                          "are not used", self.name)
-            return SupervisedObjective(class_weight=class_weight, mixup_alpha=c.mixup_alpha)
+            return SupervisedObjective(model, class_weight=class_weight, mixup_alpha=c.mixup_alpha)
         settings = MixMatchSettings.from_config(c)
         if not adversary:
             settings = dataclasses.replace(settings, dan_max_weight=0.0)
@@ -220,8 +226,19 @@ class Trainer:
         c = self.config
         model.to(self.device)
         objective = self._objective(model, data).to(self.device)
-        optimizer, scheduler = self._optimizer(model, objective.parameters())
+        optimizer, scheduler = self._optimizer(objective)
         precision = Precision(self.device)
+        ranks = distributed.current()
+        step = objective
+        if ranks.active:  # gradients averaged across ranks by PyTorch's DistributedDataParallel
+            from torch.nn.parallel import DistributedDataParallel
+
+            step = DistributedDataParallel(objective, device_ids=[self.device] if self.device.type == "cuda" else None)
+            if c.batch_size < 2 * ranks.world_size:
+                raise ScnymError(f"--batch_size {c.batch_size} is too small for {ranks.world_size} processes: each "
+                                 "needs at least 2 cells per batch")
+        verify = ranks.active and os.environ.get(VERIFY_VARIABLE, "") == "1"
+        verified_steps = 0
         sampler = EpochSampler(data.split.fit, c.batch_size, codes=data.codes,
                                balance_classes=c.balance_classes, seed=c.seed)
         semi_supervised = isinstance(objective, SemiSupervisedObjective)
@@ -238,20 +255,28 @@ class Trainer:
                 task = progress.add_task(self.name, total=c.n_epochs, status="")
                 for epoch in range(1, c.n_epochs + 1):
                     epoch_started = time.perf_counter()
-                    model.train()
                     objective.train()
                     totals: dict[str, float] = {}
                     n_seen, n_correct = 0, 0
-                    for rows in sampler.epoch():
+                    for global_rows in sampler.epoch():
+                        # every rank draws the same global batch and takes its share of it
+                        rows = global_rows[ranks.rank::ranks.world_size]
                         batch = self._labeled_batch(data, rows)
-                        target = None if target_batches is None else self._unlabeled_batch(data, next(target_batches))
+                        target = None
+                        if target_batches is not None:
+                            target = self._unlabeled_batch(data, next(target_batches)[ranks.rank::ranks.world_size])
                         optimizer.zero_grad(set_to_none=True)
                         with precision.autocast():
-                            loss, terms, logits = objective(model, batch, epoch, target)
+                            loss, terms, logits = step(batch, epoch, target)
                         precision.scaler.scale(loss).backward()
                         precision.scaler.step(optimizer)
                         precision.scaler.update()
-                        objective.after_step(model)
+                        objective.after_step()
+                        if verify:
+                            if not distributed.parameters_identical(objective):
+                                raise RuntimeError(f"{self.name}: parameters differ between ranks after step "
+                                                   f"{verified_steps + 1}")
+                            verified_steps += 1
                         n = len(rows)
                         n_seen += n
                         n_correct += int((logits.argmax(1) == batch.target.argmax(1)).sum())
@@ -261,9 +286,10 @@ class Trainer:
                     learning_rate = optimizer.param_groups[0]["lr"]
                     if scheduler is not None:
                         scheduler.step()
+                    distributed.sync_buffers(model)  # identical models, identical evaluations on every rank
                     evaluation = self._evaluate(model, data)
                     score = self._score(evaluation)
-                    is_best = epoch >= min_epochs and score > best_score
+                    is_best = distributed.agree(epoch >= min_epochs and score > best_score)
                     if is_best:
                         best_score, best_epoch = score, epoch
                         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -278,7 +304,8 @@ class Trainer:
                     if not math.isfinite(row["train_loss"]):
                         raise ScnymError(f"{self.name}: the training loss became {row['train_loss']} at epoch "
                                          f"{epoch}; lower --lr or check the input values")
-                    if c.patience and epoch >= min_epochs and best_epoch and epoch - best_epoch >= c.patience:
+                    if distributed.agree(bool(c.patience and epoch >= min_epochs and best_epoch
+                                              and epoch - best_epoch >= c.patience)):
                         stopped_early = True
                         break
         finally:
@@ -293,7 +320,7 @@ class Trainer:
                  c.selection_metric, abs(best_score), ", stopped early" if stopped_early else "", temperature,
                  seconds)
         return FitResult(best_epoch, best_score, epoch, stopped_early, seconds, history, temperature,
-                         semi_supervised)
+                         semi_supervised, ranks.world_size, verified_steps)
 
     def _calibrate(self, model: torch.nn.Module, data: TrainingData) -> float:
         """Temperature that makes the best model's confidences calibrated on the selection split."""

@@ -22,11 +22,14 @@ log = logging.getLogger(__name__)
 
 
 def setup_runtime(config: Config) -> torch.device:
-    """Resolve the device and the CPU thread count, once per command."""
+    """Resolve the device and the CPU thread count, once per command; join a torchrun process group."""
+    from ..train import distributed
+
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    device = resolve_device(config.device)
-    log.info("device: %s (%d CPU threads)", device, torch.get_num_threads())
+    ranks, device = distributed.initialize(resolve_device(config.device))
+    log.info("device: %s (%d CPU threads)%s", device, torch.get_num_threads(),
+             f", rank {ranks.rank} of {ranks.world_size}" if ranks.active else "")
     return device
 
 

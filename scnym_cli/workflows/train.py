@@ -128,6 +128,7 @@ def train_one_model(directory: Path, config: Config, inputs: TrainingInputs, dat
     save_model(directory, model, genes=list(inputs.cells.genes), classes=classes, config=config.to_dict(),
                extra={"temperature": fit.temperature, "covariates": covariates, "training": {
                    "device": str(device), "held_out_loss": loss if len(split.held_out) else None,
+                   "distributed": {"world_size": fit.world_size, "verified_steps": fit.verified_steps},
                    "name": name, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
                    "stopped_early": fit.stopped_early, "seconds": round(fit.seconds, 2),
                    "semi_supervised": fit.semi_supervised, "n_fit": int(len(split.fit)),

@@ -160,6 +160,12 @@ class Config:
     calibrate: bool = option(
         True, "Fit a softmax temperature on the model-selection split so confidences are calibrated.",
         "Training", _TRAIN)
+    backed: bool = option(
+        False, "Read the training data from disk a block at a time instead of loading it (an h5ad file or a "
+        "folder of h5ad shards; --unlabeled_counts too when it is h5ad): memory stays bounded.", "Training", _TRAIN)
+    read_buffer_cells: int = option(
+        65_536, "With --backed: cells read and shuffled together (memory ~ 2 x this many cells).", "Training",
+        _TRAIN, min=1)
     seed: int = option(0, "Seed for every random choice (splits, sampling, initialization, dropout).",
                        "Training", _TRAIN | MARKER_COMMANDS, min=0)
 

@@ -43,14 +43,13 @@ def _sha256_file(path: Path) -> str:
 def data_fingerprint(X: sp.csr_matrix, genes: Sequence[str], cell_ids: Sequence[str],
                      labels: Sequence[str]) -> dict[str, Any]:
     """A checksum of exactly what the model was trained on (normalized matrix, genes, cells, labels)."""
-    digest = hashlib.sha256()
-    for block in getattr(X, "blocks", [X]):  # a StackedRows is hashed block by block, in order
-        for array in (block.indptr, block.indices, block.data):
-            digest.update(np.ascontiguousarray(array).view(np.uint8))
+    from .data.disk import content_digest, row_blocks
+
+    digest = hashlib.sha256(content_digest(X).encode())  # the same in memory, stacked or read from disk
     for names in (genes, cell_ids, labels):
         digest.update("\n".join(map(str, names)).encode())
     return {"sha256": digest.hexdigest(), "n_cells": int(X.shape[0]), "n_genes": int(X.shape[1]),
-            "nnz": int(X.nnz)}
+            "nnz": int(sum(block.nnz for block in row_blocks(X)))}
 
 
 @dataclass

@@ -83,3 +83,20 @@ def test_streaming_memory_is_bounded_by_the_block(runner, trained_run, tmp_path)
     # memory follows the block (a few copies of one block's arrays), never the 40 MB matrix
     assert peaks[400] < peaks[2000] / 2, peaks
     assert peaks[400] < matrix_bytes / 4, (peaks, matrix_bytes)
+
+
+def test_prediction_from_a_folder_of_shards(runner, trained_run, tmp_path):
+    adata = make_counts(n_cells=70, seed=8)
+    whole = predict(runner, trained_run, write_h5ad(adata, tmp_path / "q.h5ad"), tmp_path / "a")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for k, rows in enumerate(np.array_split(np.arange(70), 3)):
+        adata[rows].copy().write_h5ad(shards / f"part{k}.h5ad")
+    table = predict(runner, trained_run, shards, tmp_path / "b", "--prediction_chunk_size", "9")
+    pd.testing.assert_frame_equal(whole, table, rtol=1e-5)
+    assert not (tmp_path / "b" / "annotated.h5ad").exists()
+    other = adata[:10, :50].copy()
+    other.write_h5ad(shards / "part9.h5ad")
+    result = invoke(runner, "predict_cell_types", "--model_path", trained_run, "--input_counts", shards, "--out_path",
+                    tmp_path / "c")
+    assert result.exit_code != 0 and "other genes" in result.stderr

@@ -65,12 +65,17 @@ def require_column(obs: pd.DataFrame, column: str, option: str, source: str) -> 
 
 
 def read_labels(cells: CellMatrix, column: str, option: str = "--lower_group") -> np.ndarray:
+    """Labels of ``cells`` (see :func:`labels_from_obs`)."""
+    return labels_from_obs(cells.obs, column, option, cells.source)
+
+
+def labels_from_obs(obs: pd.DataFrame, column: str, option: str, source: str) -> np.ndarray:
     """Labels as strings; missing values are an error (mark target cells 'Unlabeled' instead)."""
-    series = require_column(cells.obs, column, option, cells.source)
+    series = require_column(obs, column, option, source)
     missing = series.isna() | (series.astype(str).str.strip() == "")
     if missing.any():
         raise ScnymError(
-            f"{int(missing.sum())} cells have no value in {option} column {column!r} of {cells.source}; "
+            f"{int(missing.sum())} cells have no value in {option} column {column!r} of {source}; "
             f"label them {UNLABELED!r} to use them as unlabeled target data, or remove them")
     return series.astype(str).str.strip().to_numpy()
 

@@ -114,11 +114,15 @@ class H5adChunks:
     def n_cells(self) -> int:
         return len(self.obs)
 
+    def read(self, start: int, stop: int) -> sp.csr_matrix:
+        """Raw rows start..stop-1 as float32 CSR."""
+        rows = slice(start, stop)
+        return as_csr32(self._whole[rows] if self._whole is not None else self._rows[rows])
+
     def chunks(self, size: int) -> Iterator[tuple[slice, sp.csr_matrix]]:
         for start in range(0, self.n_cells, size):
-            rows = slice(start, min(start + size, self.n_cells))
-            block = self._whole[rows] if self._whole is not None else self._rows[rows]
-            yield rows, as_csr32(block)
+            stop = min(start + size, self.n_cells)
+            yield slice(start, stop), self.read(start, stop)
 
     def close(self) -> None:
         self._file.close()
@@ -128,3 +132,45 @@ class H5adChunks:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def h5ad_files(path: Path) -> list[Path]:
+    """The h5ad file itself, or the h5ad shards of a directory in name order."""
+    path = Path(path)
+    if path.is_dir():
+        shards = sorted(p for p in path.iterdir() if p.name.lower().endswith(".h5ad"))
+        if not shards:
+            raise ScnymError(f"{path} holds no .h5ad shards")
+        return shards
+    if not path.name.lower().endswith(".h5ad"):
+        raise ScnymError(f"streaming from disk needs an .h5ad file or a folder of .h5ad shards, not {path.name}")
+    return [path]
+
+
+class ShardedH5adChunks:
+    """Several h5ad files with the same genes, streamed one after the other as one dataset."""
+
+    def __init__(self, directory: Path, *, layer: Optional[str] = None, gene_column: Optional[str] = None):
+        self.parts = [H5adChunks(p, layer=layer, gene_column=gene_column) for p in h5ad_files(directory)]
+        self.source, self.path = str(directory), Path(directory)
+        self.genes = self.parts[0].genes
+        for part in self.parts[1:]:
+            if not part.genes.equals(self.genes):
+                raise ScnymError(f"shard {part.source} has other genes than {self.parts[0].source}; all shards of "
+                                 f"{directory} must have the same genes in the same order")
+        self.obs = pd.concat([part.obs for part in self.parts], axis=0, join="outer")
+
+    @property
+    def n_cells(self) -> int:
+        return sum(part.n_cells for part in self.parts)
+
+    def chunks(self, size: int) -> Iterator[tuple[slice, sp.csr_matrix]]:
+        offset = 0
+        for part in self.parts:
+            for rows, block in part.chunks(size):
+                yield slice(offset + rows.start, offset + rows.stop), block
+            offset += part.n_cells
+
+    def close(self) -> None:
+        for part in self.parts:
+            part.close()

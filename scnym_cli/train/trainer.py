@@ -29,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..config import Config
 from ..errors import ScnymError
 from ..data.batches import EpochSampler, batch_tensor
+from ..data.disk import BlockShuffleSampler, DiskMatrix
 from ..data.splits import Split
 from .device import Precision, flush_denormals
 from .inference import forward_rows
@@ -176,6 +177,15 @@ class Trainer:
                  len(data.split.fit), len(data.unlabeled))
         return SemiSupervisedObjective(model, settings, max(data.n_domains, 2), class_weight)
 
+    def _sampler(self, data: TrainingData, rows: np.ndarray, *, balance_classes: bool, seed: int):
+        """Shuffled batches; for data read from disk, shuffled within windows of blocks (bounded memory)."""
+        c = self.config
+        if isinstance(data.X, DiskMatrix):
+            window = max(1, c.read_buffer_cells // data.X.block_rows)
+            return BlockShuffleSampler(rows, c.batch_size, data.X, window_blocks=window, codes=data.codes,
+                                       balance_classes=balance_classes, seed=seed)
+        return EpochSampler(rows, c.batch_size, codes=data.codes, balance_classes=balance_classes, seed=seed)
+
     def _rows_to_device(self, array: Optional[np.ndarray], rows: np.ndarray) -> Optional[torch.Tensor]:
         return None if array is None else torch.from_numpy(array[rows]).to(self.device)
 
@@ -239,12 +249,11 @@ class Trainer:
                                  "needs at least 2 cells per batch")
         verify = ranks.active and os.environ.get(VERIFY_VARIABLE, "") == "1"
         verified_steps = 0
-        sampler = EpochSampler(data.split.fit, c.batch_size, codes=data.codes,
-                               balance_classes=c.balance_classes, seed=c.seed)
+        sampler = self._sampler(data, data.split.fit, balance_classes=c.balance_classes, seed=c.seed)
         semi_supervised = isinstance(objective, SemiSupervisedObjective)
         target_batches = None
         if semi_supervised and len(data.unlabeled):
-            target_batches = EpochSampler(data.unlabeled, c.batch_size, seed=c.seed + 1).forever()
+            target_batches = self._sampler(data, data.unlabeled, balance_classes=False, seed=c.seed + 1).forever()
         min_epochs = min(c.min_epochs, c.n_epochs)
         best_score, best_epoch, best_state = -math.inf, 0, None
         epoch_log = EpochLog(self.log_path)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..config import Config
@@ -133,8 +134,82 @@ def assign_domains(config: Config, cells: CellMatrix, labels: np.ndarray, n_refe
     return codes.astype(np.int64), tuple(map(str, domain_names))
 
 
+BLOCK_ROWS = 8192
+
+
+def _open_disk_part(config: Config, path: Path, offset: int, *, translate: bool):
+    """A file as a DiskPart: its genes (after --gene_map when translating), its normalization kind."""
+    from ..data.disk import DiskPart
+    from ..data.genes import read_gene_map, translate_gene_names
+    from ..data.stream import H5adChunks
+
+    reader = H5adChunks(path, layer=config.input_layer, gene_column=config.gene_column)
+    genes = reader.genes
+    if translate and config.gene_map is not None:
+        genes, _ = translate_gene_names(genes, read_gene_map(config.gene_map), str(path))
+    _, kind = normalize(reader.read(0, min(BLOCK_ROWS, reader.n_cells)), config.input_normalization,
+                        source=str(path), copy=False)
+    return DiskPart(reader, pd.Index(genes), kind, offset)
+
+
+def load_training_inputs_backed(config: Config) -> TrainingInputs:
+    """Like :func:`load_training_inputs`, but the matrix stays on disk (a DiskMatrix); only the
+    per-cell metadata is loaded. Genes, normalization and labels are handled the same way."""
+    from ..data.disk import DiskMatrix
+    from ..data.genes import require_overlap
+    from ..data.labels import join_metadata, labels_from_obs
+    from ..data.stream import h5ad_files
+
+    parts, offset = [], 0
+    for path in h5ad_files(config.input_counts):
+        parts.append(_open_disk_part(config, path, offset, translate=False))
+        offset += parts[-1].reader.n_cells
+        if not parts[-1].source_genes.equals(parts[0].source_genes):
+            raise ScnymError(f"shard {path} has other genes than {parts[0].reader.source}; all shards must have "
+                             "the same genes in the same order")
+    n_reference = offset
+    obs = pd.concat([p.reader.obs for p in parts], axis=0, join="outer")
+    if config.training_metadata is not None:
+        obs = join_metadata(obs, config.training_metadata, str(config.input_counts))
+    genes = pd.Index(parts[0].source_genes).drop_duplicates()
+    if config.genes_to_use is not None:
+        wanted = pd.Index(read_gene_list(config.genes_to_use, "--genes_to_use")).drop_duplicates()
+        missing = wanted[~wanted.isin(genes)]
+        if len(missing):
+            raise ScnymError(f"{len(missing)} of {len(wanted)} genes in --genes_to_use are not in "
+                             f"{config.input_counts} (e.g. {', '.join(missing[:5])}); remove them or check the naming")
+        genes = wanted
+    reference_obs = obs
+    overlap = None
+    if config.unlabeled_counts is not None:
+        for path in h5ad_files(config.unlabeled_counts):
+            part = _open_disk_part(config, path, offset, translate=True)
+            overlap = require_overlap(part.source_genes, genes, min_overlap=config.min_gene_overlap,
+                                      what="unlabeled target data", source=str(path))
+            parts.append(part)
+            offset += part.reader.n_cells
+        target_obs = pd.concat([p.reader.obs for p in parts[len(h5ad_files(config.input_counts)):]], axis=0)
+        clashes = target_obs.index.isin(reference_obs.index)
+        target_obs.index = [f"{i}-target" if c else i for i, c in zip(target_obs.index, clashes)]
+        obs = pd.concat([reference_obs, target_obs], axis=0, join="outer")
+    matrix = DiskMatrix(parts, genes, block_rows=BLOCK_ROWS,
+                        cache_blocks=2 * max(1, config.read_buffer_cells // BLOCK_ROWS) + 2)
+    cells = CellMatrix(matrix, genes, obs, str(config.input_counts))
+    reference_labels = labels_from_obs(reference_obs, config.lower_group, "--lower_group", str(config.input_counts))
+    labels = np.concatenate([reference_labels, np.full(offset - n_reference, UNLABELED, dtype=object)]).astype(str)
+    encoding = LabelEncoding.fit(labels, config.lower_group)
+    codes = encoding.encode(labels)
+    log.info("training from disk: %d reference and %d target cells in %d blocks of %d cells; %d labeled cells in "
+             "%d classes", n_reference, offset - n_reference, len(matrix.block_bounds), BLOCK_ROWS,
+             int((codes >= 0).sum()), len(encoding.classes))
+    domains, domain_names = assign_domains(config, cells, labels, n_reference)
+    return TrainingInputs(cells, labels, encoding, codes, parts[0].kind, domains, domain_names, overlap)
+
+
 def load_training_inputs(config: Config) -> TrainingInputs:
     """Reference (+ target) cells as configured: normalized, genes subset, labels encoded, domains."""
+    if config.backed:
+        return load_training_inputs_backed(config)
     cells, kind = load_cells(config, config.input_counts, metadata=config.training_metadata)
     labels = read_labels(cells, config.lower_group)
     if config.genes_to_use is not None:

@@ -30,7 +30,7 @@ from ..data import UNKNOWN, read_expression, read_gene_list
 from ..data.genes import GeneOverlap, read_gene_map, reindex_columns, require_overlap, translate_gene_names
 from ..data.labels import join_metadata, require_column
 from ..data.normalize import normalize
-from ..data.stream import CellChunks, H5adChunks, InMemoryChunks
+from ..data.stream import CellChunks, H5adChunks, InMemoryChunks, ShardedH5adChunks
 from ..errors import ScnymError
 from ..staging import staged_directory
 from ..store import LoadedModel, load_model
@@ -135,6 +135,8 @@ def open_query(config: Config, path: Path, adata=None) -> CellChunks:
         source: CellChunks = InMemoryChunks(cells)
     elif str(path).lower().endswith(".h5ad"):
         source = H5adChunks(path, layer=config.input_layer, gene_column=config.gene_column)
+    elif Path(path).is_dir() and any(p.name.lower().endswith(".h5ad") for p in Path(path).iterdir()):
+        source = ShardedH5adChunks(path, layer=config.input_layer, gene_column=config.gene_column)
     else:
         source = InMemoryChunks(read_expression(path, gene_names_file=config.input_gene_names,
                                                 gene_column=config.gene_column, layer=config.input_layer))
@@ -246,7 +248,7 @@ def predict_cell_types(config: Config) -> dict:
         try:
             summary = _predict_to(stage, config, predictor, source, started)
         finally:
-            if isinstance(source, H5adChunks):
+            if isinstance(source, (H5adChunks, ShardedH5adChunks)):
                 source.close()
     log.info("predicted %d cells in %.1f s (%.0f cells/s)", summary["n_cells"], summary["seconds"],
              summary["n_cells"] / max(summary["seconds"], 1e-9))
@@ -258,6 +260,8 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
     (stage / "gene_overlap.json").write_text(json.dumps(overlap.to_dict(), indent=1))
     classes, key = predictor.classes, config.prediction_key
     annotated = None
+    if isinstance(source, ShardedH5adChunks) and config.write_h5ad:
+        log.info("%s is a folder of shards: predictions go to predictions.csv (no annotated.h5ad)", source.source)
     if isinstance(source, H5adChunks) and config.write_h5ad:
         width = next(iter(predictor.models.values())).model.n_hidden
         annotated = AnnotatedH5ad(source.path, stage / "annotated.h5ad", source.n_cells, key, classes, width)

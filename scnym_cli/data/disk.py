@@ -1,0 +1,176 @@
+"""Training data larger than memory: rows of h5ad files read from disk, a block at a time.
+
+A :class:`DiskMatrix` stands for the rows of one or more h5ad files (the shards of a reference,
+then target data). Rows are read in blocks of ``block_rows`` consecutive cells; each block is
+normalized to ln(CPM+1) over its file's genes and re-indexed to the training genes as it is read,
+and the last few blocks are kept in a small cache. ``X[rows]`` returns CSR like an in-memory
+matrix, so batching, evaluation and prediction work unchanged; :class:`BlockShuffleSampler`
+draws batches so that each one touches only the blocks of its window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .genes import reindex_columns
+from .normalize import normalize
+from .stream import H5adChunks
+
+
+@dataclass
+class DiskPart:
+    """One file's rows: where they come from and how they become model input."""
+
+    reader: H5adChunks
+    source_genes: pd.Index          # the file's genes (after any --gene_map)
+    kind: str                       # normalization, decided on the file's first block
+    offset: int                     # first global row
+
+
+class DiskMatrix:
+    """Rows of several h5ad files, normalized and aligned to ``genes`` on read, behind a block cache."""
+
+    def __init__(self, parts: list[DiskPart], genes: pd.Index, *, block_rows: int = 8192, cache_blocks: int = 16):
+        self.parts, self.genes = parts, pd.Index(genes)
+        self.block_rows, self.cache_blocks = block_rows, max(cache_blocks, 2)
+        self.shape = (parts[-1].offset + parts[-1].reader.n_cells, len(self.genes))
+        self.dtype = np.float32
+        # blocks never straddle files: (part, first row, last row + 1) in global rows
+        self.block_bounds = []
+        for index, part in enumerate(parts):
+            for start in range(0, part.reader.n_cells, block_rows):
+                stop = min(start + block_rows, part.reader.n_cells)
+                self.block_bounds.append((index, part.offset + start, part.offset + stop))
+        self.block_starts = np.array([b[1] for b in self.block_bounds], dtype=np.int64)
+        self._cache: OrderedDict[int, sp.csr_matrix] = OrderedDict()
+        self.blocks_read = 0
+
+    def block_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.block_starts, np.asarray(rows, dtype=np.int64), side="right") - 1
+
+    def block(self, index: int) -> sp.csr_matrix:
+        """Block ``index`` as model input (ln(CPM+1), training genes)."""
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        part_index, start, stop = self.block_bounds[index]
+        part = self.parts[part_index]
+        raw = part.reader.read(start - part.offset, stop - part.offset)
+        X, _ = normalize(raw, part.kind, source=part.reader.source, copy=False, announce=False)
+        if not part.source_genes.equals(self.genes):
+            X = reindex_columns(X, part.source_genes, self.genes)
+        self._cache[index] = X
+        self.blocks_read += 1
+        while len(self._cache) > self.cache_blocks:
+            self._cache.popitem(last=False)
+        return X
+
+    def __getitem__(self, rows) -> sp.csr_matrix:
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(self.shape[0]))
+        rows = np.asarray(rows, dtype=np.int64)
+        blocks = self.block_of(rows)
+        parts, order = [], []
+        for index in np.unique(blocks):
+            at = np.flatnonzero(blocks == index)
+            parts.append(self.block(int(index))[rows[at] - self.block_starts[index]])
+            order.append(at)
+        if len(parts) == 1:
+            return parts[0]
+        stacked = sp.vstack(parts, format="csr")
+        return stacked[np.argsort(np.concatenate(order), kind="stable")]
+
+    def iter_blocks(self) -> Iterator[sp.csr_matrix]:
+        for index in range(len(self.block_bounds)):
+            yield self.block(index)
+
+    def close(self) -> None:
+        for part in self.parts:
+            part.reader.close()
+
+
+def row_blocks(X) -> Iterator[sp.csr_matrix]:
+    """Consecutive row blocks of any matrix-like scnym trains on (CSR, StackedRows, DiskMatrix)."""
+    if isinstance(X, DiskMatrix):
+        yield from X.iter_blocks()
+    elif hasattr(X, "blocks"):
+        for block in X.blocks:
+            yield from row_blocks(block)
+    else:
+        yield X
+
+
+def content_digest(X) -> str:
+    """sha256 of the matrix's content, the same however its rows are split into blocks."""
+    lengths, indices, values = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+    for block in row_blocks(X):
+        lengths.update(np.diff(block.indptr).astype(np.int64).view(np.uint8))
+        indices.update(np.ascontiguousarray(block.indices, dtype=np.int32).view(np.uint8))
+        values.update(np.ascontiguousarray(block.data, dtype=np.float32).view(np.uint8))
+    return hashlib.sha256("".join(h.hexdigest() for h in (lengths, indices, values)).encode()).hexdigest()
+
+
+class BlockShuffleSampler:
+    """Batches for data on disk: shuffled blocks, rows shuffled within a window of blocks.
+
+    Each epoch visits the blocks holding ``rows`` in a random order, ``window_blocks`` at a time;
+    the rows of a window are shuffled (or drawn class-balanced) and cut into batches, so only the
+    window's blocks need to be in memory. With a window covering every block the batches are
+    exactly those of the in-memory :class:`~scnym_cli.data.batches.EpochSampler` (same seed).
+    """
+
+    def __init__(self, rows: np.ndarray, batch_size: int, matrix: DiskMatrix, *, window_blocks: int,
+                 codes: Optional[np.ndarray] = None, balance_classes: bool = False, drop_last: bool = True,
+                 seed: int = 0):
+        from .batches import EpochSampler
+
+        self.rows = np.sort(np.asarray(rows, dtype=np.int64))
+        self.matrix, self.window_blocks = matrix, max(window_blocks, 1)
+        self.block_ids = matrix.block_of(self.rows)
+        self.unique_blocks = np.unique(self.block_ids)
+        # the window's rows are shuffled by the in-memory sampler's own rule, on this sampler's rng
+        self._inner = EpochSampler(self.rows, batch_size, codes=codes, balance_classes=balance_classes,
+                                   drop_last=drop_last, seed=seed)
+        self.codes, self.balance = codes, balance_classes
+        self.batch_size, self.drop_last = self._inner.batch_size, drop_last
+        self.block_rng = np.random.default_rng([seed, 1])
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def forever(self) -> Iterator[np.ndarray]:
+        while True:
+            yield from self.epoch()
+
+    def epoch(self) -> Iterator[np.ndarray]:
+        if len(self.unique_blocks) <= self.window_blocks:
+            yield from self._inner.epoch()
+            return
+        order = self.block_rng.permutation(self.unique_blocks)
+        carry = np.array([], dtype=np.int64)
+        n_batches = 0
+        for start in range(0, len(order), self.window_blocks):
+            window = np.isin(self.block_ids, order[start:start + self.window_blocks])
+            rows = self.rows[window]
+            if self.balance:
+                classes, inverse, counts = np.unique(self.codes[rows], return_inverse=True, return_counts=True)
+                weights = 1.0 / counts[inverse]
+                drawn = self._inner.rng.choice(rows, size=len(rows), replace=True, p=weights / weights.sum())
+            else:
+                drawn = self._inner.rng.permutation(rows)
+            pool = np.concatenate([carry, drawn])
+            full = len(pool) // self.batch_size
+            for b in range(full):
+                if n_batches < len(self):
+                    yield pool[b * self.batch_size:(b + 1) * self.batch_size]
+                    n_batches += 1
+            carry = pool[full * self.batch_size:]
+        if not self.drop_last and len(carry) and n_batches < len(self):
+            yield carry

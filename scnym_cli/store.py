@@ -77,7 +77,9 @@ def save_model(directory: Path, model: CellTypeClassifier, *, genes: Sequence[st
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     weights_path = directory / WEIGHTS_FILE
-    save_file(state, str(weights_path), metadata={"format": "pt", "scnym_format_version": str(FORMAT_VERSION)})
+    # one metadata key: safetensors writes its metadata map in no fixed order, and identical weights
+    # must give identical files (their checksum goes into the manifest)
+    save_file(state, str(weights_path), metadata={"format": "pt"})
     manifest = {
         "format_version": FORMAT_VERSION,
         "package": "scnym_cli",

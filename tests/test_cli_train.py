@@ -139,3 +139,18 @@ def test_python_dash_m(tmp_path):
 
     out = subprocess.run([sys.executable, "-m", "scnym_cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("scnym ")
+
+
+def test_identical_weights_give_identical_weight_files(tmp_path):
+    """The weights checksum in model.json depends only on the weights."""
+    import torch
+
+    from scnym_cli.nn import CellTypeClassifier
+    from scnym_cli.store import save_model
+
+    torch.manual_seed(0)
+    model = CellTypeClassifier(n_genes=5, n_classes=2, n_hidden=4)
+    for name in ("a", "b", "c"):
+        save_model(tmp_path / name, model, genes=list("vwxyz"), classes=["p", "q"], config={})
+    files = {(tmp_path / n / "00_best_model_weights.safetensors").read_bytes() for n in "abc"}
+    assert len(files) == 1

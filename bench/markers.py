@@ -66,9 +66,11 @@ def main(argv=None) -> dict:
               for method in ("expected_gradients", "input_optimization")}
     results = {method: {name: best_ranks(table, name, markers) for name, markers in KNOWN_MARKERS.items()}
                for method, table in tables.items()}
-    hit_rates = {m: sum(r["hit"] for r in per.values()) / len(per) for m, per in results.items()}
+    # classes whose known markers are not among the file's genes cannot be hit: not counted
+    scored = [name for name in KNOWN_MARKERS if results["expected_gradients"][name]["markers_in_data"]]
+    hit_rates = {m: sum(per[name]["hit"] for name in scored) / len(scored) for m, per in results.items()}
     info = machine()
-    payload = {"command": command, "machine": info, "top": TOP, "known_markers": KNOWN_MARKERS,
+    payload = {"command": command, "machine": info, "top": TOP, "known_markers": KNOWN_MARKERS, "scored_classes": scored,
                "results": results, "hit_rates": hit_rates, "train": train, "markers": found}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "markers.json", payload)
@@ -86,7 +88,8 @@ def main(argv=None) -> dict:
                          if r["best_rank"] else "not in data")
         lines.append(f"| {name} | {', '.join(markers)} | {cells[0]} | {cells[1]} |")
     lines += ["", f"Hit rate: expected gradients {hit_rates['expected_gradients']:.0%}, input optimization "
-              f"{hit_rates['input_optimization']:.0%} ({len(KNOWN_MARKERS)} classes)."]
+              f"{hit_rates['input_optimization']:.0%}, over the {len(scored)} classes whose known markers are among "
+              f"the file's genes ({', '.join(n for n in KNOWN_MARKERS if n not in scored)}: not in the data)."]
     (args.out / "markers.md").write_text("\n".join(lines) + "\n")
     shutil.copy(work / "markers" / "marker_heatmap.png", args.out / "markers_heatmap.png")
     print((args.out / "markers.md").read_text())

@@ -160,23 +160,10 @@ def tagged_as_counts(path: Path) -> Path:
 
 
 # ----------------------------------------------------------------- scoring
-def calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
-    """ECE: |accuracy - mean confidence| over equal-width confidence bins, weighted by bin size
-    (the binning of scnym_cli.train.metrics.expected_calibration_error, from confidence + correctness)."""
-    if len(confidence) == 0:
-        return float("nan")
-    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
-    total = 0.0
-    for b in np.unique(bins):
-        in_bin = bins == b
-        total += in_bin.sum() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(total / len(confidence))
-
-
 def evaluate(predictions: Path, query: Path, label: str) -> dict:
     import anndata as ad
 
-    from scnym_cli.train.metrics import classification_metrics
+    from scnym_cli.train.metrics import calibration_error, classification_metrics
 
     table = pd.read_csv(predictions)
     obs = ad.read_h5ad(query, backed="r").obs

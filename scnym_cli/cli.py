@@ -7,6 +7,7 @@ by the config layer, which is what makes ``--balance_classes False`` mean false.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import sys
@@ -98,59 +99,34 @@ def _register(command: str, help_text: str, workflow: Callable[[Config], object]
     app.command(command, help=help_text)(run)
 
 
-def _train_independent(config: Config) -> None:
-    from .workflows.train import train_tissue_independent
+def _workflow(module: str, function: str) -> Callable[[Config], object]:
+    """The workflow ``function`` of ``scnym_cli.workflows.<module>``, imported when the command runs
+    (``scnym --help`` stays fast)."""
+    def run(config: Config) -> object:
+        return getattr(importlib.import_module(f"scnym_cli.workflows.{module}"), function)(config)
 
-    train_tissue_independent(config)
-
-
-def _train_dependent(config: Config) -> None:
-    from .workflows.tissues import train_tissue_dependent
-
-    train_tissue_dependent(config)
-
-
-def _train_specific(config: Config) -> None:
-    from .workflows.tissues import train_tissue_specific
-
-    train_tissue_specific(config)
-
-
-def _markers(config: Config) -> None:
-    from .workflows.markers import find_cell_type_markers
-
-    find_cell_type_markers(config)
-
-
-def _collect(config: Config) -> None:
-    from .workflows.train import collect_folds
-
-    collect_folds(config)
-
-
-def _predict(config: Config) -> None:
-    from .workflows.predict import predict_cell_types
-
-    predict_cell_types(config)
+    return run
 
 
 _register("train_tissue_independent",
           "Train one classifier on all cells (stratified k-fold cross-validation plus a final all_data model).",
-          _train_independent)
+          _workflow("train", "train_tissue_independent"))
 _register("train_tissue_dependent",
           "Train one classifier conditioned on the upper group (tissue one-hot appended to the input).",
-          _train_dependent)
+          _workflow("tissues", "train_tissue_dependent"))
 _register("train_tissue_specific",
-          "Train one cross-validated classifier per upper group (tissue) under tissues/<group>/.", _train_specific)
+          "Train one cross-validated classifier per upper group (tissue) under tissues/<group>/.",
+          _workflow("tissues", "train_tissue_specific"))
 _register("collect_folds",
           "Assemble a run whose folds were trained by separate jobs (--fold / --folds): check that every "
-          "model is there and complete, then write fold_eval_acc.csv and the other run tables.", _collect)
+          "model is there and complete, then write fold_eval_acc.csv and the other run tables.",
+          _workflow("train", "collect_folds"))
 _register("predict_cell_types",
           "Predict cell types of new data with a trained model (any input format; genes aligned to the model).",
-          _predict)
+          _workflow("predict", "predict_cell_types"))
 _register("find_cell_type_markers",
           "Find the genes that drive each class: input optimization and expected-gradient attributions.",
-          _markers)
+          _workflow("markers", "find_cell_type_markers"))
 
 
 @app.command("print_config")

@@ -54,21 +54,6 @@ def test_peers_benchmark_quick(tmp_path):
     assert list((work / "data").glob("*.x_kind_counts.h5ad"))
 
 
-def test_calibration_error_matches_package():
-    import numpy as np
-
-    from scnym_cli.train.metrics import expected_calibration_error
-
-    peers = load_peers_bench()
-    rng = np.random.default_rng(0)
-    probabilities = rng.dirichlet(np.ones(4), size=300)
-    truth = rng.integers(0, 4, size=300)
-    correct = probabilities.argmax(1) == truth
-    assert peers.calibration_error(probabilities.max(1), correct) == pytest.approx(
-        expected_calibration_error(probabilities, truth))
-    assert peers.calibration_error(np.ones(5), np.ones(5, dtype=bool)) == 0.0
-
-
 def test_install_runs_the_installer_only_for_missing_venvs(tmp_path, monkeypatch):
     peers = load_peers_bench()
     scripts, home = tmp_path / "scripts", tmp_path / "peers"

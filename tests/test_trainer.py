@@ -162,3 +162,6 @@ def test_metrics():
     assert expected_calibration_error(perfect, np.array([0, 1, 2])) == 0.0
     overconfident = np.array([[0.99, 0.01]] * 10)
     assert expected_calibration_error(overconfident, np.array([0] * 5 + [1] * 5)) == pytest.approx(0.49)
+    from scnym_cli.train.metrics import calibration_error   # the core, from confidence and correctness
+
+    assert calibration_error(np.full(10, 0.99), np.arange(10) < 5) == pytest.approx(0.49)

@@ -23,14 +23,19 @@ def classification_metrics(truth: np.ndarray, predicted: np.ndarray) -> dict[str
 
 
 def expected_calibration_error(probabilities: np.ndarray, truth: np.ndarray, n_bins: int = 15) -> float:
-    """ECE: |accuracy - confidence| averaged over equal-width confidence bins, weighted by bin size."""
+    """ECE of class probabilities (cells x classes) against true class codes."""
     if len(truth) == 0:
         return float("nan")
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == truth
+    return calibration_error(probabilities.max(axis=1), probabilities.argmax(axis=1) == truth, n_bins)
+
+
+def calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
+    """ECE: |accuracy - confidence| averaged over equal-width confidence bins, weighted by bin size."""
+    if len(confidence) == 0:
+        return float("nan")
     bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
     total = 0.0
     for b in np.unique(bins):
         in_bin = bins == b
         total += in_bin.sum() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(total / len(truth))
+    return float(total / len(confidence))

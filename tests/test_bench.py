@@ -68,3 +68,11 @@ def test_scale_benchmark_quick(tmp_path):
     adata = ad.read_h5ad(tmp_path / "g.h5ad")
     assert adata.shape == (300, 1500) and info["nnz"] == adata.X.nnz
     assert adata.var_names.is_unique and (adata.X.data == adata.X.data.round()).all()
+
+
+def test_scale_out_benchmark_quick(tmp_path):
+    shared_data("kang2018_ctrl_8donors.h5ad")
+    table = load_bench("scale_out").main(["--quick", "--out", str(tmp_path / "r"), "--work", str(tmp_path / "w")])
+    assert set(table["experiment"]) == {"memory", "data parallel"} and len(table) == 4
+    assert (table["cells_per_second"] > 0).all()
+    assert "torchrun" in (tmp_path / "r" / "scale_out.md").read_text()

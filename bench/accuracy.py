@@ -88,7 +88,7 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def markdown(summary: pd.DataFrame, info: dict, command: str) -> str:
-    lines = [f"# scnym accuracy on real label-transfer splits", "",
+    lines = ["# scnym accuracy on real label-transfer splits", "",
              f"Command: `{command}`  ", f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gb']} GB; "
              f"Python {info['python']}, torch {info['torch']}, scnym {info['scnym']} (commit {info['git_commit']}), "
              f"{info['date']}.", "",

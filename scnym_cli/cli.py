@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import scipy.sparse as sp
 import torch
 from safetensors import SafetensorError

@@ -3,11 +3,9 @@ block, bounded memory on a file larger than the cap."""
 
 import json
 import os
-import resource
 import subprocess
 import sys
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest

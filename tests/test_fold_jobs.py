@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pandas as pd
-import pytest
 
 from conftest import FAST_FLAGS, assert_one_line_error, invoke, make_counts, write_h5ad
 

@@ -2,9 +2,7 @@
 
 import gzip
 
-import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.sparse as sp
 

@@ -1,6 +1,5 @@
 """The classifier module: independent layers, input dropout, covariates, embedding."""
 
-import numpy as np
 import pytest
 import torch
 

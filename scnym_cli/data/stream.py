@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Protocol
 
-import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import Config
-from ..data import UNLABELED, CellMatrix, align_genes
+from ..data import CellMatrix, align_genes
 from ..data.labels import require_column
 from ..errors import ScnymError
 from ..interpret import expected_gradients, optimize_class_inputs, rank_optima

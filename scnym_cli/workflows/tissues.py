@@ -22,7 +22,7 @@ import pandas as pd
 
 from .. import __version__
 from ..config import Config
-from ..data import UNLABELED, CellMatrix, LabelEncoding
+from ..data import UNLABELED, LabelEncoding
 from ..data.labels import require_column
 from ..errors import ScnymError
 from ..staging import staged_directory

@@ -56,20 +56,22 @@ def matmul_ceiling(seconds: float = 2.0) -> dict:
     return results
 
 
-def dense_flops_per_cell(n_genes: int) -> float:
-    """Forward multiply-adds x 2 of the classifier's dense layers for one cell."""
-    return 2.0 * (n_genes * N_HIDDEN + N_HIDDEN * N_HIDDEN + N_HIDDEN * N_CLASSES)
+def training_flops_per_labeled_cell(n_genes: int, semi_supervised: bool, n_layers: int = 2) -> float:
+    """Dense-layer FLOPs per labeled cell per epoch (2 per multiply-add).
 
-
-def training_flops_per_labeled_cell(n_genes: int, semi_supervised: bool) -> float:
-    """Dense-layer FLOPs per labeled cell per epoch (forward + backward ~ 3x forward).
-
-    Semi-supervised: each labeled batch comes with an equal target batch: teacher forward on the
-    target (1x), student forward + backward on labeled + target mixes (2 x 3x), adversary forward +
-    backward of the embedding on both (2 x 3x, without the classifier layer: ignored).
+    A forward pass costs F1 = 2 G H in the first layer and Fr = 2 (H H (n_layers - 1) + H C) after it;
+    a backward pass costs F1 in the first layer (weight gradient only: the input needs none) and
+    2 Fr after it. Semi-supervised, each labeled batch comes with an equal target batch: a teacher
+    forward on the target, student forward + backward on the labeled and target mixes, and the
+    adversary's forward + backward of the embedding on both (its small head ignored).
     """
-    forward = dense_flops_per_cell(n_genes)
-    return forward * (1 + 6 + 6) if semi_supervised else forward * 3
+    first = 2.0 * n_genes * N_HIDDEN
+    rest = 2.0 * (N_HIDDEN * N_HIDDEN * (n_layers - 1) + N_HIDDEN * N_CLASSES)
+    rest_embed = 2.0 * N_HIDDEN * N_HIDDEN * (n_layers - 1)
+    train_step = 2 * first + 3 * rest
+    if not semi_supervised:
+        return train_step
+    return (first + rest) + 2 * train_step + 2 * (2 * first + 3 * rest_embed)
 
 
 def ensure_data(cells: int, genes: int, seed: int, work: Path) -> Path:
@@ -96,7 +98,8 @@ def train_case(data: Path, target: Path | None, cells: int, genes: int, args, ta
     measured = run_measured(command, args.work / "logs" / f"{tag}.log")
     seconds = epoch_seconds(run)
     labeled = json.loads((run / "all_data" / "model.json").read_text())["training"]["n_fit"]
-    flops = training_flops_per_labeled_cell(genes, target is not None) * labeled
+    n_layers = int(dict(zip(extra[::2], extra[1::2])).get("--n_layers", 2))
+    flops = training_flops_per_labeled_cell(genes, target is not None, n_layers) * labeled
     return {"case": tag, "cells": cells, "genes": genes, "mode": "semi-supervised" if target else "supervised",
             "seconds_per_epoch": round(seconds, 3), "cells_per_second": round(labeled / seconds),
             "achieved_gflops": round(flops / seconds / 1e9, 1), "peak_memory_mb": measured["peak_memory_mb"],
@@ -164,6 +167,12 @@ def plot(rows: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def achieved_gflops(row: dict) -> float:
+    n_layers = 3 if str(row.get("case", "")).endswith("like_scnym") else 2
+    return round(training_flops_per_labeled_cell(row["genes"], row["mode"] == "semi-supervised", n_layers)
+                 * row["cells_per_second"] / 1e9, 1)
+
+
 def main(argv=None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", type=int, default=[10_000, 100_000, 1_000_000])
@@ -173,7 +182,16 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--quick", action="store_true", help="2,000 cells, 2 epochs, no scNym (test suite)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=WORK / "scale")
+    parser.add_argument("--render", type=Path, default=None,
+                        help="rebuild scale.md / scale.png from this scale.json (FLOP/s recomputed), run nothing")
     args = parser.parse_args(argv)
+    if args.render:
+        payload = json.loads(args.render.read_text())
+        for row in payload["rows"] + ([payload["scnym_like_0.3.2"]] if payload.get("scnym_like_0.3.2") else []):
+            if row["mode"] != "prediction":
+                row["achieved_gflops"] = achieved_gflops(row)
+        return report(pd.DataFrame(payload["rows"]), payload["matmul_ceiling"], payload["scnym_0.3.2"],
+                      payload.get("scnym_like_0.3.2"), payload["machine"], payload["command"], args.out)
     if args.quick:
         args.sizes, args.wide, args.epochs, args.no_scnym = [2000], [], 2, True
     command_line = "python bench/scale.py " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -197,10 +215,15 @@ def main(argv=None) -> pd.DataFrame:
         scnym = scnym_032_epoch_seconds(data, target, args)
         # scNym 0.3.2's CellTypeCLF(n_layers=2) has 3 hidden layers (input, middle, n_layers - 1 more)
         ours_like_scnym = train_case(data, target, 10_000, 2000, args, "10000x2000_like_scnym", ["--n_layers", "3"])
-    info = machine()
+    return report(table, ceiling, scnym, ours_like_scnym, machine(), command_line, args.out)
+
+
+def report(table: pd.DataFrame, ceiling: dict, scnym, ours_like_scnym, info: dict, command_line: str,
+           out: Path) -> pd.DataFrame:
+    """scale.json, scale.md and scale.png."""
     best = max(v for k, v in ceiling.items() if k != "threads")
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "scale.json", {"command": command_line, "machine": info, "matmul_ceiling": ceiling,
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "scale.json", {"command": command_line, "machine": info, "matmul_ceiling": ceiling,
                                          "rows": table.to_dict(orient="records"), "scnym_0.3.2": scnym,
                                          "scnym_like_0.3.2": ours_like_scnym})
     lines = ["# scnym at scale: training and prediction cost, peak memory", "",
@@ -227,9 +250,9 @@ def main(argv=None) -> pd.DataFrame:
                       f"((3-epoch run - 1-epoch run) / 2); scnym with the same architecture (--n_layers 3): "
                       f"{ours:.2f} s per epoch ({scnym['seconds_per_epoch'] / ours:.1f}x faster), "
                       f"{ours_like_scnym['achieved_gflops']} GFLOP/s."]
-    (args.out / "scale.md").write_text("\n".join(lines) + "\n")
-    plot(table, args.out / "scale.png")
-    print((args.out / "scale.md").read_text())
+    (out / "scale.md").write_text("\n".join(lines) + "\n")
+    plot(table, out / "scale.png")
+    print((out / "scale.md").read_text())
     return table
 
 

@@ -87,7 +87,22 @@ def epoch_seconds(run: Path) -> float:
     return float(later.median())
 
 
+def cached(args, tag: str, measure) -> dict:
+    """A case's measurements, reused from <work>/cases/<tag>.json with --resume."""
+    path = args.work / "cases" / f"{tag}.json"
+    if args.resume and path.exists():
+        return {**json.loads(path.read_text()), "reused": True}
+    row = measure()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(row))
+    return row
+
+
 def train_case(data: Path, target: Path | None, cells: int, genes: int, args, tag: str, extra=()) -> dict:
+    return cached(args, tag, lambda: _train_case(data, target, cells, genes, args, tag, extra))
+
+
+def _train_case(data: Path, target: Path | None, cells: int, genes: int, args, tag: str, extra=()) -> dict:
     run = args.work / "runs" / tag
     command = [*scnym_command(), "train_tissue_independent", "--input_counts", str(data), "--lower_group",
                "cell_type", "--out_path", str(run), "--n_folds", "0", "--n_epochs", str(args.epochs),
@@ -107,6 +122,10 @@ def train_case(data: Path, target: Path | None, cells: int, genes: int, args, ta
 
 
 def predict_case(data: Path, model_run: Path, cells: int, genes: int, args, tag: str) -> dict:
+    return cached(args, tag, lambda: _predict_case(data, model_run, cells, genes, args, tag))
+
+
+def _predict_case(data: Path, model_run: Path, cells: int, genes: int, args, tag: str) -> dict:
     out = args.work / "runs" / f"{tag}_predictions"
     measured = run_measured([*scnym_command(), "predict_cell_types", "--model_path", str(model_run),
                              "--input_counts", str(data), "--out_path", str(out), "--overwrite", "true",
@@ -182,6 +201,8 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--quick", action="store_true", help="2,000 cells, 2 epochs, no scNym (test suite)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=WORK / "scale")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the measurements of cases already measured (<work>/cases/*.json)")
     parser.add_argument("--render", type=Path, default=None,
                         help="rebuild scale.md / scale.png from this scale.json (FLOP/s recomputed), run nothing")
     args = parser.parse_args(argv)
@@ -212,7 +233,7 @@ def main(argv=None) -> pd.DataFrame:
     if not args.no_scnym and 10_000 in args.sizes:
         data = args.work / "data" / "cells10000_genes2000_seed0.h5ad"
         target = args.work / "data" / "cells1000_genes2000_seed1.h5ad"
-        scnym = scnym_032_epoch_seconds(data, target, args)
+        scnym = cached(args, "scnym_0.3.2", lambda: scnym_032_epoch_seconds(data, target, args))
         # scNym 0.3.2's CellTypeCLF(n_layers=2) has 3 hidden layers (input, middle, n_layers - 1 more)
         ours_like_scnym = train_case(data, target, 10_000, 2000, args, "10000x2000_like_scnym", ["--n_layers", "3"])
     return report(table, ceiling, scnym, ours_like_scnym, machine(), command_line, args.out)

@@ -187,3 +187,18 @@ def test_unlabeled_cells_are_not_a_class(tmp_path, counts_adata):
                                          lower_group="cell_type"))
     assert "Unlabeled" not in inputs.encoding.classes
     assert (inputs.codes[:20] == -1).all() and (inputs.codes[20:] >= 0).all()
+
+
+def test_row_scaling_in_value_blocks_matches_dense(monkeypatch):
+    import importlib
+
+    module = importlib.import_module("scnym_cli.data.normalize")
+    monkeypatch.setattr(module, "VALUE_BLOCK", 7)   # blocks smaller than one row, rows spanning blocks
+    X = sp.lil_matrix(sp.random(50, 30, density=0.3, format="csr", random_state=0, dtype=np.float32))
+    X[4] = 0
+    X = X.tocsr()
+    X.eliminate_zeros()
+    factors = np.random.default_rng(0).random(50)
+    scaled = X.copy()
+    module._scale_rows(scaled, factors)
+    np.testing.assert_allclose(scaled.toarray(), X.toarray() * factors[:, None].astype(np.float32), rtol=1e-6)

@@ -10,7 +10,7 @@ All work is on the CSR ``data`` array, row block by row block, so memory stays b
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 import scipy.sparse as sp
@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 TARGET_SUM = 1e6
 # ln(1e8 + 1) ~ 18.4: log-normalized values above this are implausible for any target sum.
 MAX_LOG_VALUE = 20.0
-ROW_BLOCK = 65_536
 VALUE_BLOCK = 1 << 24
 
 Kind = Literal["counts", "log1p", "log2_1p", "log10_1p"]
@@ -32,13 +31,17 @@ BASES = {"log1p": np.e, "log2_1p": 2.0, "log10_1p": 10.0}
 CONSTANT_SUM_SPREAD = 1e-3
 
 
-def detect_kind(X: sp.csr_matrix, source: str = "input") -> Kind:
-    """Say whether stored values are raw counts or log-normalized; refuse anything else."""
+def detect_kind(X: sp.csr_matrix, source: str = "input", *, detect: bool = True) -> Optional[Kind]:
+    """Say whether stored values are raw counts or log-normalized; refuse anything else.
+
+    With ``detect=False`` only the refusals are checked (NaN, infinite, negative values) and None
+    is returned: for data whose kind was declared, or decided on an earlier block of the same file.
+    """
     values = X.data
     if values.size == 0:
-        return "counts"
+        return "counts" if detect else None
     n_nan = n_inf = 0
-    integers = True
+    integers = detect
     for start in range(0, values.size, VALUE_BLOCK):  # bounded temporaries on atlas-sized data
         block = values[start:start + VALUE_BLOCK]
         finite = np.isfinite(block)
@@ -55,6 +58,8 @@ def detect_kind(X: sp.csr_matrix, source: str = "input") -> Kind:
         raise ScnymError(
             f"{source} has negative values (min {low:.3g}): it looks scaled or centered; give raw counts or "
             "log-normalized values instead (for h5ad: --input_layer raw or a counts layer)")
+    if not detect:
+        return None
     if integers:
         return "counts"
     high = float(values.max())
@@ -87,12 +92,17 @@ def _detect_log_base(X: sp.csr_matrix, source: str, n_rows: int = 2000) -> Kind:
 
 
 def _scale_rows(X: sp.csr_matrix, factors: np.ndarray) -> None:
-    """Multiply each row of X in place, one block of rows at a time."""
-    for start in range(0, X.shape[0], ROW_BLOCK):
-        stop = min(start + ROW_BLOCK, X.shape[0])
+    """Multiply each row of X in place, in blocks of about VALUE_BLOCK stored values (bounded temporaries
+    whatever the number of genes per cell)."""
+    start = 0
+    while start < X.shape[0]:
+        # the first row whose values reach VALUE_BLOCK past this block's first value
+        stop = int(np.searchsorted(X.indptr, X.indptr[start] + VALUE_BLOCK, side="right")) - 1
+        stop = min(max(stop, start + 1), X.shape[0])
         lo, hi = X.indptr[start], X.indptr[stop]
-        per_entry = np.repeat(factors[start:stop], np.diff(X.indptr[start:stop + 1]))
-        X.data[lo:hi] *= per_entry.astype(X.data.dtype, copy=False)
+        per_entry = np.repeat(factors[start:stop].astype(X.data.dtype), np.diff(X.indptr[start:stop + 1]))
+        X.data[lo:hi] *= per_entry
+        start = stop
 
 
 def _row_sums(X: sp.csr_matrix) -> np.ndarray:
@@ -133,7 +143,9 @@ def normalize(X: sp.csr_matrix, mode: str = "auto", *, source: str = "input", co
     -------
     The normalized matrix and the kind that was found or declared.
     """
-    detected = detect_kind(X, source)  # NaN / negative checks apply in every mode
+    # NaN / negative checks apply in every mode; the kind is only worked out when it is asked for
+    # (auto) or to warn about a declared log-normalization that looks like counts
+    detected = detect_kind(X, source, detect=mode == "auto" or (announce and mode in BASES))
     kind = detected if mode == "auto" else mode
     if announce and mode in BASES and detected == "counts" and X.nnz:
         log.warning("%s: --input_normalization %s was given but the values are integers", source, mode)

@@ -28,14 +28,16 @@ def forward_rows(model: torch.nn.Module, X: sp.csr_matrix, rows: Optional[np.nda
                  *, chunk_size: int = 8192, covariates: Optional[np.ndarray] = None,
                  with_embedding: bool = False) -> Outputs:
     """Logits (and embeddings) of ``rows`` of X in eval mode; the model's mode is restored after."""
-    rows = np.arange(X.shape[0]) if rows is None else np.asarray(rows)
+    # all rows in order: contiguous slices (no fancy-index copy of each chunk)
+    rows = slice(None) if rows is None else np.asarray(rows)
+    n_rows = X.shape[0] if isinstance(rows, slice) else len(rows)
     was_training = model.training
     model.eval()
     precision = Precision(device)
     logits, embeddings = [], []
     try:
-        for positions in chunks(len(rows), chunk_size):
-            chunk_rows = rows[positions]
+        for positions in chunks(n_rows, chunk_size):
+            chunk_rows = slice(positions[0], positions[-1] + 1) if isinstance(rows, slice) else rows[positions]
             x = batch_tensor(X, chunk_rows, device)
             c = None if covariates is None else torch.from_numpy(covariates[chunk_rows]).to(device)
             with precision.autocast():

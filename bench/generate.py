@@ -75,7 +75,9 @@ def generate(n_cells: int, n_genes: int, out: Path, *, source: str = "kang", blo
     if n_genes < X.shape[1]:  # keep the most expressed genes
         keep = np.sort(np.argsort(-np.asarray((X > 0).sum(axis=0)).ravel())[:n_genes])
         X, genes = X[:, keep], genes[keep]
-    borrowed = pseudo_gene_plan(X.shape[1], n_genes, rng)
+    borrowed = pseudo_gene_plan(X.shape[1], n_genes, rng)  # drawn for every seed: keeps its cell stream
+    if seed != 0:  # every file of one width shares seed 0's pseudo-genes, so reference and target align
+        borrowed = pseudo_gene_plan(X.shape[1], n_genes, np.random.default_rng(0))
     gene_names = list(genes) + [f"{genes[g]}_pseudo{i}" for i, g in enumerate(borrowed)]
     picks = rng.integers(0, X.shape[0], size=n_cells)
     obs = pd.DataFrame({"cell_type": pd.Categorical(labels[picks]), "group": pd.Categorical(groups[picks])},

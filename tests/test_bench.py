@@ -4,6 +4,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -68,6 +69,10 @@ def test_scale_benchmark_quick(tmp_path):
     adata = ad.read_h5ad(tmp_path / "g.h5ad")
     assert adata.shape == (300, 1500) and info["nnz"] == adata.X.nnz
     assert adata.var_names.is_unique and (adata.X.data == adata.X.data.round()).all()
+    generated.generate(50, 1500, tmp_path / "g0.h5ad", seed=0)  # a target file aligns with its reference
+    other = ad.read_h5ad(tmp_path / "g0.h5ad")
+    assert list(other.var_names) == list(adata.var_names)
+    assert not np.array_equal(other.obs["cell_type"].to_numpy()[:50], adata.obs["cell_type"].to_numpy()[:50])
 
 
 def test_scale_out_benchmark_quick(tmp_path):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from scnym_cli.nn import CellTypeClassifier, InputDropout
+from scnym_cli.nn.classifier import Dropout
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -42,6 +43,24 @@ def test_input_dropout_keeps_the_log_cpm_scale_and_only_trains():
     assert 0.2 < dropped.float().mean() / (x > 0).float().mean() < 0.4
     assert torch.equal(layer.eval()(x), x)
     assert torch.equal(InputDropout(0.0).train()(x), x)
+
+
+def test_hidden_dropout_matches_torch_dropout_in_distribution():
+    torch.manual_seed(0)
+    x = torch.rand(400, 300) + 0.5
+    x.requires_grad_(True)
+    layer = Dropout(0.4).train()
+    out = layer(x)
+    dropped = out == 0
+    assert abs(dropped.float().mean().item() - 0.4) < 0.01
+    torch.testing.assert_close(out[~dropped], x[~dropped] / 0.6)  # survivors scaled by 1 / (1 - p)
+    out.sum().backward()
+    assert torch.equal(x.grad == 0, dropped)  # no gradient through dropped units
+    assert torch.equal(layer.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+    torch.manual_seed(1)
+    first = Dropout(0.5).train()(x)
+    torch.manual_seed(1)
+    assert torch.equal(first, Dropout(0.5).train()(x))  # seeded
 
 
 def test_covariates_enter_the_model_and_are_checked():

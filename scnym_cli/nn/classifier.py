@@ -37,6 +37,31 @@ class InputDropout(nn.Module):
         return torch.log1p(kept * (CPM / size)).to(x.dtype)
 
 
+class Dropout(nn.Module):
+    """Dropout (zero with probability p, scale survivors by 1 / (1 - p)), the mask drawn with rand_like.
+
+    The same distribution as torch's nn.Dropout, which on CPU draws its mask with bernoulli_: about
+    3x slower (a 256 x 256 activation, forward + backward on 2 cores: 0.90 ms vs 0.32 ms), and the
+    hidden dropouts were 16% of a supervised training step's time. On accelerators torch's fused
+    kernel is used.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return nn.functional.dropout(x, self.p, True)
+        keep = (torch.rand_like(x) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        return x * keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class HiddenBlock(nn.Module):
     """Linear -> BatchNorm -> Dropout -> ReLU."""
 
@@ -44,7 +69,7 @@ class HiddenBlock(nn.Module):
         super().__init__()
         self.linear = nn.Linear(n_in, n_out)
         self.norm = nn.BatchNorm1d(n_out, track_running_stats=track_running_stats) if batch_norm else nn.Identity()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.activation = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +87,7 @@ class ResidualBlock(nn.Module):
 
         self.linear1, self.norm1 = nn.Linear(n_hidden, n_hidden), norm()
         self.linear2, self.norm2 = nn.Linear(n_hidden, n_hidden), norm()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inner = torch.relu(self.norm1(self.linear1(x)))

@@ -5,13 +5,13 @@ PBMCs resampled with count noise) and 100k x 20,000 genes (CellBench); semi-supe
 target set a tenth the size (another seed). For each dataset, through the command line:
 
 - supervised and semi-supervised (MixMatch + adversary) training for ``--epochs`` epochs, no
-  cross-validation: seconds per epoch (median over epochs after the first), cells/s, peak memory,
-  and achieved FLOP/s of the dense layers;
+  cross-validation: seconds per epoch (median over epochs after the first; at least 10 epochs up to
+  10,000 cells), cells/s, peak memory, and achieved FLOP/s of the dense layers;
 - prediction of the whole file (streamed from disk): cells/s and peak memory.
 
 It also measures this machine's matrix-multiply ceiling (FLOP/s, torch, all threads) and, when the
-original scNym 0.3.2 is installed (bench/peers.py --install), its seconds per epoch on the 10k
-dataset with the same architecture, batch size and preset, in the same run.
+original scNym 0.3.2 is installed (bench/peers.py --install), its seconds per epoch on the 10k and
+100k datasets with the same architecture, batch size, preset and genes, in the same run.
 Writes ``<out>/scale.json``, ``scale.md`` and ``scale.png``.
 
     python bench/scale.py                           # all sizes (about an hour on 2 cores)
@@ -36,6 +36,7 @@ from common import RESULTS, WORK, machine, run_measured, scnym_command, write_js
 from generate import generate  # noqa: E402
 
 N_HIDDEN, N_CLASSES, BATCH = 256, 8, 256
+SMALL = 10_000  # cells
 
 
 def matmul_ceiling(seconds: float = 2.0) -> dict:
@@ -105,8 +106,10 @@ def train_case(data: Path, target: Path | None, cells: int, genes: int, args, ta
 
 def _train_case(data: Path, target: Path | None, cells: int, genes: int, args, tag: str, extra=()) -> dict:
     run = args.work / "runs" / tag
+    # epochs of small sets last about a second: more of them, so that one hiccup cannot move the median
+    epochs = args.epochs if cells > SMALL or args.quick else max(args.epochs, 10)
     command = [*scnym_command(), "train_tissue_independent", "--input_counts", str(data), "--lower_group",
-               "cell_type", "--out_path", str(run), "--n_folds", "0", "--n_epochs", str(args.epochs),
+               "cell_type", "--out_path", str(run), "--n_folds", "0", "--n_epochs", str(epochs),
                "--min_epochs", "1", "--patience", "0", "--overwrite", "true", "--quiet"]
     if target is not None:
         command += ["--unlabeled_counts", str(target), "--preset", "no_new_identity"]

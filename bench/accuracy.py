@@ -23,7 +23,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (PEER_TABLE, RESULTS, SPLITS, WORK, machine, materialize, run_measured,  # noqa: E402
-                    scnym_command, write_json)
+                    provenance, scnym_command, write_json, write_markdown)
 
 # method name -> extra training flags; QUERY is replaced by the query file, given as unlabeled
 # target data (transductive, like the peers scNym 0.3.2 and scANVI)
@@ -89,9 +89,7 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
 
 def markdown(summary: pd.DataFrame, info: dict, command: str) -> str:
     lines = ["# scnym accuracy on real label-transfer splits", "",
-             f"Command: `{command}`  ", f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gb']} GB; "
-             f"Python {info['python']}, torch {info['torch']}, scnym {info['scnym']} (commit {info['git_commit']}), "
-             f"{info['date']}.", "",
+             *provenance(command, info, f"Python {info['python']}."), "",
              "Balanced accuracy / accuracy on the query (mean ± sd over seeds); ECE = expected calibration error. "
              "Peer columns are quoted from ../shared/data/README.md (one seed, same machine type).", "",
              "| split | method | balanced acc. | accuracy | macro-F1 | ECE | train s | peak MB | logreg | "
@@ -163,9 +161,8 @@ def main(argv=None) -> pd.DataFrame:
     write_json(args.out / f"{args.tag}.json", {"command": command, "machine": info,
                                                "rows": rows.to_dict(orient="records"),
                                                "summary": summary.to_dict(orient="records")})
-    (args.out / f"{args.tag}.md").write_text(markdown(summary, info, command))
     plot(summary, args.out / f"{args.tag}.png")
-    print((args.out / f"{args.tag}.md").read_text())
+    write_markdown(args.out / f"{args.tag}.md", markdown(summary, info, command).splitlines())
     return rows
 
 

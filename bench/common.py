@@ -144,3 +144,17 @@ def scnym_command() -> list[str]:
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1, default=str))
+
+
+def provenance(command: str, info: dict, extra: str = "") -> list[str]:
+    """The first lines of every results file: the command and what it ran on."""
+    return [f"Command: `{command}`  ",
+            f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gb']} GB; torch {info['torch']}, "
+            f"scnym {info['scnym']} (commit {info['git_commit']}), {info['date']}." + (f" {extra}" if extra else "")]
+
+
+def write_markdown(path: Path, lines: Sequence[str]) -> None:
+    """Write a results summary and echo it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print(path.read_text())

@@ -20,7 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SHARED_DATA, WORK, machine, run_measured, scnym_command, write_json  # noqa: E402
+from common import (RESULTS, SHARED_DATA, WORK, machine, provenance, run_measured, scnym_command,  # noqa: E402
+                    write_json, write_markdown)
 
 KNOWN_MARKERS = {
     "B cells": ["CD79A", "MS4A1"],
@@ -75,9 +76,8 @@ def main(argv=None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "markers.json", payload)
     lines = ["# Marker genes found by scnym on Kang et al. 2018 control PBMCs", "",
-             f"Command: `{command}`  ", f"Machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, "
-             f"scnym {info['scnym']} (commit {info['git_commit']}), {info['date']}. Model: supervised, defaults, "
-             f"all 12,261 cells; markers with default settings ({found['seconds']:.0f} s).", "",
+             *provenance(command, info, "Model: supervised, defaults, all 12,261 cells; markers with default "
+                                        f"settings ({found['seconds']:.0f} s)."), "",
              f"Best rank of a known marker in each class's ranking (1,287 genes; hit = within the top {TOP}).", "",
              "| class | known markers | expected gradients | input optimization |", "|---|---|---|---|"]
     for name, markers in KNOWN_MARKERS.items():
@@ -90,9 +90,8 @@ def main(argv=None) -> dict:
     lines += ["", f"Hit rate: expected gradients {hit_rates['expected_gradients']:.0%}, input optimization "
               f"{hit_rates['input_optimization']:.0%}, over the {len(scored)} classes whose known markers are among "
               f"the file's genes ({', '.join(n for n in KNOWN_MARKERS if n not in scored)}: not in the data)."]
-    (args.out / "markers.md").write_text("\n".join(lines) + "\n")
     shutil.copy(work / "markers" / "marker_heatmap.png", args.out / "markers_heatmap.png")
-    print((args.out / "markers.md").read_text())
+    write_markdown(args.out / "markers.md", lines)
     return payload
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -32,8 +31,10 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, WORK, machine, run_measured, scnym_command, write_json  # noqa: E402
+from common import (RESULTS, WORK, machine, provenance, run_measured, scnym_command, write_json,  # noqa: E402
+                    write_markdown)
 from generate import generate  # noqa: E402
+from peers import PEER_SCRIPTS, PEERS, peer_python  # noqa: E402
 
 N_HIDDEN, N_CLASSES, BATCH = 256, 8, 256
 SMALL = 10_000  # cells
@@ -161,15 +162,15 @@ def scnym_032_case(data: Path, target: Path, cells: int, genes: int, args) -> di
     timer around training (loading, normalization and prediction excluded). It fits on 81% of the
     cells (a 90/10 split, then another 90/10 inside fit_model), so speed is compared per labeled cell.
     """
-    python = Path(os.environ.get("PEERS_DIR", Path.home() / "scnym-peers")) / "scnym-venv" / "bin" / "python"
-    runner = Path(os.environ.get("SCNYM_PEER_SCRIPTS", Path(__file__).resolve().parents[2] / "shared" / "peers"))
+    peer = PEERS["scnym"]
+    python, runner = peer_python(peer), PEER_SCRIPTS / peer.runner
     if not python.exists():
         return None
     runs = {}
     for epochs in (1, 3):
         out = args.work / "scnym032" / f"{cells}x{genes}_e{epochs}"
         measured = run_measured(
-            [str(python), str(runner / "run_scnym.py"), "--ref", str(data), "--query", str(target), "--label",
+            [str(python), str(runner), "--ref", str(data), "--query", str(target), "--label",
              "cell_type", "--out", str(out / "preds.csv"), "--n-epochs", str(epochs), "--batch-size", str(BATCH),
              "--config", "no_new_identity"], args.work / "logs" / f"scnym032_{cells}x{genes}_e{epochs}.log")
         meta = json.loads((out / "preds.meta.json").read_text())
@@ -287,9 +288,7 @@ def report(table: pd.DataFrame, ceiling: dict, comparison: list, info: dict, com
     write_json(out / "scale.json", {"command": command_line, "machine": info, "matmul_ceiling": ceiling,
                                          "rows": table.to_dict(orient="records"), "scnym_0.3.2_comparison": comparison})
     lines = ["# scnym at scale: training and prediction cost, peak memory", "",
-             f"Command: `{command_line}`  ",
-             f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gb']} GB; torch {info['torch']}, "
-             f"scnym {info['scnym']} (commit {info['git_commit']}), {info['date']}.", "",
+             *provenance(command_line, info), "",
              f"Matrix-multiply ceiling (float32, {ceiling['threads']} threads): "
              f"{ceiling['square_2048'] / 1e9:.1f} GFLOP/s on 2048^3, {ceiling['layer_256x2000x256'] / 1e9:.1f} "
              "GFLOP/s on the first layer's shape (256 x 2000 x 256).", "",
@@ -326,9 +325,8 @@ def report(table: pd.DataFrame, ceiling: dict, comparison: list, info: dict, com
                              f"{100 * r['achieved_gflops'] * 1e9 / best:.0f} | {r['peak_memory_mb']:.0f} |")
             speedup = pair["scnym"]["cells_per_second"] / pair["scnym_0.3.2"]["cells_per_second"]
             lines.append(f"| {pair['cells']:,} | **speed-up** | | **{speedup:.1f}x** | | | |")
-    (out / "scale.md").write_text("\n".join(lines) + "\n")
     plot(table, out / "scale.png")
-    print((out / "scale.md").read_text())
+    write_markdown(out / "scale.md", lines)
     return table
 
 

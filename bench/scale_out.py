@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, WORK, machine, run_measured, scnym_command, write_json  # noqa: E402
+from common import RESULTS, WORK, machine, provenance, run_measured, scnym_command, write_json, write_markdown  # noqa: E402,E501
 from scale import ensure_data, epoch_seconds  # noqa: E402
 
 
@@ -69,16 +69,14 @@ def main(argv=None) -> pd.DataFrame:
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "scale_out.json", {"command": command_line, "machine": info,
                                              "rows": table.to_dict(orient="records")})
-    lines = ["# Scaling out: training from disk, data-parallel training", "", f"Command: `{command_line}`  ",
-             f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gb']} GB; torch {info['torch']}, "
-             f"scnym {info['scnym']} (commit {info['git_commit']}), {info['date']}. Supervised, 2,000 genes, "
-             f"{args.epochs} epochs; seconds per epoch = median after the first.", "",
+    lines = ["# Scaling out: training from disk, data-parallel training", "",
+             *provenance(command_line, info, f"Supervised, 2,000 genes, {args.epochs} epochs; seconds per epoch = "
+                                             "median after the first; peak memory of the largest process."), "",
              "| cells | experiment | mode | s / epoch | cells / s | peak memory (MB) |", "|---|---|---|---|---|---|"]
     for _, r in table.iterrows():
         lines.append(f"| {r['cells']:,} | {r['experiment']} | {r['mode']} | {r['seconds_per_epoch']:.2f} | "
                      f"{r['cells_per_second']:,} | {r['peak_memory_mb']:.0f} |")
-    (args.out / "scale_out.md").write_text("\n".join(lines) + "\n")
-    print((args.out / "scale_out.md").read_text())
+    write_markdown(args.out / "scale_out.md", lines)
     return table
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SHARED_DATA, WORK, machine, run_measured, scnym_command, write_json  # noqa: E402
+from common import (RESULTS, SHARED_DATA, WORK, machine, provenance, run_measured, scnym_command,  # noqa: E402
+                    write_json, write_markdown)
 
 DATASETS = {
     "pbmc_chemistries": ("pbmc_3chemistries_small.h5ad", "cell_type", "donor"),
@@ -74,16 +75,14 @@ def main(argv=None) -> pd.DataFrame:
     write_json(args.out / "tissues.json", {"command": command_line, "machine": info,
                                            "rows": table.to_dict(orient="records")})
     lines = ["# Tissue-aware training on real data (a domain column as the upper group)", "",
-             f"Command: `{command_line}`  ", f"Machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, "
-             f"scnym {info['scnym']} (commit {info['git_commit']}), {info['date']}.", "",
+             *provenance(command_line, info), "",
              "Mean held-out balanced accuracy / accuracy over 5 folds (tissue-specific: all groups' held-out "
              "predictions pooled).", "", "| dataset (upper group) | command | balanced acc. | accuracy | seconds |",
              "|---|---|---|---|---|"]
     for _, r in table.iterrows():
         lines.append(f"| {r['dataset']} ({r['upper_group']}) | {r['command']} | {r['balanced_accuracy']:.3f} | "
                      f"{r['accuracy']:.3f} | {r['seconds']:.0f} |")
-    (args.out / "tissues.md").write_text("\n".join(lines) + "\n")
-    print((args.out / "tissues.md").read_text())
+    write_markdown(args.out / "tissues.md", lines)
     return table
 
 

@@ -100,3 +100,22 @@ def test_prediction_from_a_folder_of_shards(runner, trained_run, tmp_path):
     result = invoke(runner, "predict_cell_types", "--model_path", trained_run, "--input_counts", shards, "--out_path",
                     tmp_path / "c")
     assert result.exit_code != 0 and "other genes" in result.stderr
+
+
+def test_forward_passes_hold_one_dense_chunk_at_a_time():
+    """Evaluation of large data densifies one chunk; the previous chunk is freed first."""
+    import torch
+
+    from scnym_cli.nn import CellTypeClassifier
+    from scnym_cli.train.inference import forward_rows
+
+    n_cells, n_genes, chunk = 6000, 2000, 2000
+    X = sp.random(n_cells, n_genes, density=0.01, format="csr", random_state=0, dtype=np.float32)
+    model = CellTypeClassifier(n_genes=n_genes, n_classes=3, n_hidden=8, n_layers=1)
+    chunk_bytes = chunk * n_genes * 4
+    tracemalloc.start()
+    outputs = forward_rows(model, X, None, torch.device("cpu"), chunk_size=chunk)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert outputs.logits.shape == (n_cells, 3)
+    assert peak < 1.5 * chunk_bytes, (peak, chunk_bytes)

@@ -45,6 +45,9 @@ def forward_rows(model: torch.nn.Module, X: sp.csr_matrix, rows: Optional[np.nda
             logits.append(out.float().cpu().numpy())
             if with_embedding:
                 embeddings.append(embedding.float().cpu().numpy())
+            # drop this chunk before the next one is densified: two dense chunks alive at once
+            # doubled the peak memory of evaluation on large data
+            del x, out, embedding
     finally:
         model.train(was_training)
     n_classes = model.n_classes

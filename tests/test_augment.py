@@ -42,3 +42,17 @@ def test_log1p_mask_drops_the_same_genes_in_every_cell():
     zero_genes = (out == 0).all(dim=0)
     assert 0.15 < zero_genes.float().mean() < 0.35
     assert ((out == 0) == zero_genes.unsqueeze(0)).all()
+
+
+def test_a_cell_left_without_counts_stays_zero_not_nan():
+    """All of a cell's few measured values dropped: CPM / 0 must not turn its zeros into NaN (it did, and
+    killed training on 12 highly variable genes with 'the training loss became nan')."""
+    from scnym_cli.nn.classifier import InputDropout
+
+    torch.manual_seed(0)
+    x = torch.zeros(4, 6)
+    x[1, 2] = 3.0
+    for augment in (AUGMENTATIONS["log1p_drop"], AUGMENTATIONS["log1p_mask"], InputDropout(0.99).train()):
+        out = augment(x, 0.99) if not isinstance(augment, torch.nn.Module) else augment(x)
+        assert torch.isfinite(out).all()
+        assert torch.equal(out[0], torch.zeros(6))

@@ -21,7 +21,8 @@ def test_mixup_keeps_the_dominant_identity():
     q_u = torch.softmax(torch.randn(n_u, k) * 4, dim=1)
     # identity-coded inputs: column i of a mix is the share of sample i in it
     codes = torch.eye(n_l + n_u)
-    xl, yl, xu, yu, _, _ = mix_with_pool(codes[:n_l], y_l, codes[n_l:], q_u, alpha=0.3)
+    (xl, yl, none_l), (xu, yu, none_u) = mix_with_pool((codes[:n_l], y_l, None), (codes[n_l:], q_u, None), alpha=0.3)
+    assert none_l is None and none_u is None
     own_share = torch.cat([xl, xu]).diagonal()
     assert (own_share >= 0.5).all() and (own_share < 1).any()
     assert torch.equal(yl.argmax(1), y_l.argmax(1))          # labeled mixes keep their class
@@ -40,7 +41,7 @@ def test_sharpening_with_small_temperature_is_one_hot():
 
 def test_gradient_reversal_flips_the_embedding_gradient_but_not_the_heads():
     torch.manual_seed(0)
-    head = DomainClassifier(n_hidden=6, n_domains=3, n_layers=1)
+    head = DomainClassifier(n_inputs=6, n_domains=3, n_layers=1)
     embedding = torch.randn(8, 6, requires_grad=True)
     domains = torch.randint(3, (8,))
 

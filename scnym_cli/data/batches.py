@@ -45,9 +45,14 @@ class EpochSampler:
         self.rng = np.random.default_rng(seed)
         self.probabilities = None
         if balance_classes:
-            classes, inverse, counts = np.unique(codes[self.rows], return_inverse=True, return_counts=True)
-            weights = 1.0 / counts[inverse]
-            self.probabilities = weights / weights.sum()
+            self.balance_by(codes)
+
+    def balance_by(self, codes: np.ndarray) -> None:
+        """From the next epoch on, draw rows with probability 1 / (size of their class in ``codes``), a
+        code per row of the full matrix (labels, or pseudolabels of target cells)."""
+        classes, inverse, counts = np.unique(codes[self.rows], return_inverse=True, return_counts=True)
+        weights = 1.0 / counts[inverse]
+        self.probabilities = weights / weights.sum()
 
     def __len__(self) -> int:
         full, rest = divmod(len(self.rows), self.batch_size)

@@ -87,9 +87,11 @@ class DiskMatrix:
         stacked = sp.vstack(parts, format="csr")
         return stacked[np.argsort(np.concatenate(order), kind="stable")]
 
-    def iter_blocks(self) -> Iterator[sp.csr_matrix]:
-        for index in range(len(self.block_bounds)):
-            yield self.block(index)
+    def iter_blocks(self, parts: Optional[range] = None) -> Iterator[sp.csr_matrix]:
+        """Every block in row order (only those of the files numbered ``parts``, when given)."""
+        for index, (part_index, _, _) in enumerate(self.block_bounds):
+            if parts is None or part_index in parts:
+                yield self.block(index)
 
     def close(self) -> None:
         for part in self.parts:
@@ -144,6 +146,11 @@ class BlockShuffleSampler:
 
     def __len__(self) -> int:
         return len(self._inner)
+
+    def balance_by(self, codes: np.ndarray) -> None:
+        """From the next epoch on, draw class-balanced by ``codes`` within each window (see EpochSampler)."""
+        self.codes, self.balance = codes, True
+        self._inner.balance_by(codes)
 
     def forever(self) -> Iterator[np.ndarray]:
         while True:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -118,10 +118,12 @@ def require_overlap(data_genes: pd.Index, model_genes: Sequence[str], *, min_ove
 
 
 def align_genes(cells: CellMatrix, model_genes: Sequence[str], *, min_overlap: float = 0.5,
-                what: str = "data") -> tuple[CellMatrix, GeneOverlap]:
-    """Reorder ``cells`` to the model's genes, report the overlap, stop below ``min_overlap``."""
+                what: str = "data", report: bool = True) -> tuple[CellMatrix, GeneOverlap]:
+    """Reorder ``cells`` to the model's genes, report the overlap (unless ``report`` is False: an overlap
+    already reported), stop below ``min_overlap``."""
     model_genes = pd.Index([str(g) for g in model_genes])
-    overlap = require_overlap(cells.genes, model_genes, min_overlap=min_overlap, what=what, source=cells.source)
+    overlap = (require_overlap(cells.genes, model_genes, min_overlap=min_overlap, what=what, source=cells.source)
+               if report else measure_overlap(cells.genes, model_genes))
     if cells.genes.equals(model_genes):
         return cells, overlap
     X = reindex_columns(cells.X, cells.genes, model_genes)
@@ -177,3 +179,15 @@ def apply_gene_map(cells: CellMatrix, mapping: dict[str, str], what: str) -> tup
     """Translate the gene names of ``cells``; names that collide after translation keep their first column."""
     translated, report = translate_gene_names(cells.genes, mapping, what)
     return drop_duplicate_genes(cells.with_(genes=translated)), report
+
+
+def translate_for_model(genes: pd.Index, model_genes: Sequence[str], *, gene_map=None,
+                        gene_species: Optional[str] = None, what: str) -> pd.Index:
+    """The data's gene names in the model's naming: through --gene_map or --gene_species, else unchanged."""
+    if gene_map is not None:
+        return translate_gene_names(pd.Index(genes), read_gene_map(gene_map), what)[0]
+    if gene_species is not None:
+        from .orthologs import translate_species
+
+        return translate_species(pd.Index(genes), gene_species, model_genes, what)[0]
+    return pd.Index(genes)

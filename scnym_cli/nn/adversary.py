@@ -6,6 +6,8 @@ the reversed gradient pushes the embedding to make them indistinguishable.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -31,20 +33,24 @@ class DomainClassifier(nn.Module):
 
     Parameters
     ----------
-    n_hidden
-        Embedding width (the classifier's ``n_hidden``).
+    n_inputs
+        Width of what the head sees: the embedding (the classifier's ``n_hidden``), or the embedding x
+        class probabilities of a conditional adversary.
     n_domains
         Number of domains (>= 2).
     n_layers
         Hidden layers of the domain head (each Linear -> ReLU, its own weights).
+    n_hidden
+        Width of those hidden layers (default ``n_inputs``).
     """
 
-    def __init__(self, n_hidden: int, n_domains: int, n_layers: int = 1):
+    def __init__(self, n_inputs: int, n_domains: int, n_layers: int = 1, n_hidden: Optional[int] = None):
         super().__init__()
+        n_hidden = n_hidden or n_inputs
         layers: list[nn.Module] = []
-        for _ in range(n_layers):
-            layers += [nn.Linear(n_hidden, n_hidden), nn.ReLU()]
-        self.head = nn.Sequential(*layers, nn.Linear(n_hidden, n_domains))
+        for i in range(n_layers):
+            layers += [nn.Linear(n_inputs if i == 0 else n_hidden, n_hidden), nn.ReLU()]
+        self.head = nn.Sequential(*layers, nn.Linear(n_hidden if n_layers else n_inputs, n_domains))
         self.n_domains = n_domains
 
     def forward(self, embedding: torch.Tensor, reversal_weight: float) -> torch.Tensor:

@@ -33,8 +33,10 @@ class InputDropout(nn.Module):
             return x
         counts = torch.expm1(x.float())
         kept = counts * (torch.rand_like(counts) >= self.p)
-        size = kept.sum(dim=1, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)
-        return torch.log1p(kept * (CPM / size)).to(x.dtype)
+        size = kept.sum(dim=1, keepdim=True)
+        # a cell left with no counts stays all zero (CPM / 0 would make 0 x inf = NaN)
+        scale = torch.where(size > 0, CPM / size.clamp_min(1e-30), torch.zeros_like(size))
+        return torch.log1p(kept * scale).to(x.dtype)
 
 
 class Dropout(nn.Module):

@@ -15,21 +15,22 @@ POISSON_DEPTH = 2000.0
 
 
 def _to_log_cpm(counts: torch.Tensor) -> torch.Tensor:
-    size = counts.sum(dim=1, keepdim=True).clamp_min(torch.finfo(counts.dtype).tiny)
-    return torch.log1p(counts * (CPM / size))
+    """ln(CPM + 1); a cell left with no counts stays all zero (CPM / its size would be infinite, and
+    0 x inf is NaN)."""
+    size = counts.sum(dim=1, keepdim=True)
+    scale = torch.where(size > 0, CPM / size.clamp_min(1e-30), torch.zeros_like(size))
+    return torch.log1p(counts * scale)
 
 
 def log1p_drop(x: torch.Tensor, rate: float) -> torch.Tensor:
-    """Drop each measured value with probability ``rate`` (technical dropout), renormalize."""
+    """Drop each measured value with probability ``rate`` (technical dropout), renormalize.
+
+    The mask is drawn for every value (zeros stay zero whatever it says): on a 256-cell Kang batch
+    (1,287 genes, 28% non-zero) this is 3.2 ms against 5.2 ms for drawing only for the measured
+    values, whose ``nonzero()`` scan costs more than the draws it saves.
+    """
     counts = torch.expm1(x.float())
-    if counts.device.type != "cpu":
-        return _to_log_cpm(counts * (torch.rand_like(counts) >= rate)).to(x.dtype)
-    # zeros stay zero: drawing for the measured values only is 2x faster on CPU (a 256 x 2,000 batch
-    # at 15% density: 2.3 ms vs 5.4 ms), the same distribution
-    flat = counts.view(-1)  # expm1 made a new tensor: safe to change in place
-    measured = flat.nonzero().squeeze(1)
-    flat[measured[torch.rand(measured.shape[0]) < rate]] = 0
-    return _to_log_cpm(counts).to(x.dtype)
+    return _to_log_cpm(counts * (torch.rand_like(counts) >= rate)).to(x.dtype)
 
 
 def log1p_mask(x: torch.Tensor, rate: float) -> torch.Tensor:

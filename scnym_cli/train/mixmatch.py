@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,9 @@ class MixMatchSettings:
     unsup_burn_in_epochs: int = 0
     sharpen_temperature: float = 0.5
     pseudolabel_min_confidence: float = 0.0
+    pseudolabel_alignment: bool = False
+    adaptive_thresholds: bool = False
+    balance_target_classes: bool = False
     mixup_alpha: Optional[float] = 0.3
     augmentation: str = "log1p_drop"
     augmentation_rate: float = 0.1
@@ -57,10 +60,17 @@ class MixMatchSettings:
     dan_ramp_epochs: int = 20
     dan_use_conf_pseudolabels: bool = False
     dan_n_layers: int = 1
+    dan_conditional: bool = False
+    dan_on_mixes: bool = False
 
     @classmethod
     def from_config(cls, config) -> "MixMatchSettings":
         return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
+
+    @property
+    def needs_target_census(self) -> bool:
+        """Whether the trainer must predict every target cell once per epoch (see :meth:`update_census`)."""
+        return self.adaptive_thresholds or self.balance_target_classes
 
 
 def sigmoid_ramp(epoch: float, ramp_epochs: int) -> float:
@@ -76,42 +86,77 @@ def sharpen(probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(torch.log(probabilities.clamp_min(1e-12)) / temperature, dim=1)
 
 
-def mix_with_pool(x_l, y_l, x_u, q_u, alpha: float, cov_l=None, cov_u=None):
+def mix_with_pool(labeled: Sequence[Optional[torch.Tensor]], unlabeled: Sequence[Optional[torch.Tensor]],
+                  alpha: float) -> tuple[list, list]:
     """MixUp of labeled and unlabeled samples with one shuffled pool of both.
 
-    Every sample gets its own lambda' = max(lambda, 1 - lambda) >= 0.5: it stays the dominant
-    part of its mix, so the mix keeps its identity.
+    ``labeled`` and ``unlabeled`` are matching tuples of per-cell tensors (inputs, targets,
+    covariates, domain one-hots...; None entries stay None). Every sample gets its own
+    lambda' = max(lambda, 1 - lambda) >= 0.5: it stays the dominant part of its mix, so the mix
+    keeps its identity. Returns the mixed tuples of the labeled and the unlabeled samples.
     """
-    pool_x, pool_y = torch.cat([x_l, x_u]), torch.cat([y_l, q_u])
-    n = pool_x.shape[0]
-    partner = torch.randperm(n, device=pool_x.device)
-    lam = torch.distributions.Beta(alpha, alpha).sample((n, 1)).to(pool_x.device)
+    n_l = labeled[0].shape[0]
+    n = n_l + unlabeled[0].shape[0]
+    device = labeled[0].device
+    partner = torch.randperm(n, device=device)
+    lam = torch.distributions.Beta(alpha, alpha).sample((n, 1)).to(device)
     lam = torch.maximum(lam, 1 - lam)
-    mixed_x = lam * pool_x + (1 - lam) * pool_x[partner]
-    mixed_y = lam * pool_y + (1 - lam) * pool_y[partner]
-    mixed_cov = None
-    if cov_l is not None:
-        pool_c = torch.cat([cov_l, cov_u])
-        mixed_cov = lam * pool_c + (1 - lam) * pool_c[partner]
-    n_l = x_l.shape[0]
-    cl, cu = (mixed_cov[:n_l], mixed_cov[n_l:]) if mixed_cov is not None else (None, None)
-    return mixed_x[:n_l], mixed_y[:n_l], mixed_x[n_l:], mixed_y[n_l:], cl, cu
+    mixed_l, mixed_u = [], []
+    for a, b in zip(labeled, unlabeled):
+        if a is None:
+            mixed_l.append(None)
+            mixed_u.append(None)
+            continue
+        pool = torch.cat([a, b])
+        mixed = lam.to(pool.dtype) * pool + (1 - lam.to(pool.dtype)) * pool[partner]
+        mixed_l.append(mixed[:n_l])
+        mixed_u.append(mixed[n_l:])
+    return mixed_l, mixed_u
+
+
+def flexmatch_thresholds(probabilities: torch.Tensor, base: float) -> torch.Tensor:
+    """Per-class thresholds of FlexMatch (Zhang et al. 2021) from the predictions of every target cell.
+
+    A class's learning effect is the number of target cells predicted as it above ``base``, relative
+    to the best-learnt class (or to the cells not yet above ``base`` for any class, during warm-up);
+    its threshold is ``base`` x M(effect) with the convex M(x) = x / (2 - x): classes the model
+    places few cells in (often rare types) get lower thresholds, so their pseudolabels count.
+    """
+    n_classes = probabilities.shape[1]
+    confidence, classes = probabilities.max(dim=1)
+    above = confidence >= base
+    learnt = torch.bincount(classes[above], minlength=n_classes).float()
+    unused = float((~above).sum())
+    effect = learnt / max(float(learnt.max()), unused, 1.0)
+    return base * effect / (2.0 - effect)
 
 
 class SemiSupervisedObjective(Objective):
     """MixMatch + domain adversary; see the module docstring.
 
     Owns the domain classifier (its parameters join the optimizer) and the optional mean teacher.
+    ``labeled_prior`` (class frequencies of the labeled training cells) is what distribution
+    alignment aligns the target's pseudolabels to.
     """
 
     def __init__(self, model: nn.Module, settings: MixMatchSettings, n_domains: int,
-                 class_weight: Optional[torch.Tensor] = None):
+                 class_weight: Optional[torch.Tensor] = None, labeled_prior: Optional[torch.Tensor] = None):
         super().__init__(model)
         self.settings = settings
         self.class_weight = class_weight
+        self.n_domains = n_domains
         self.augment = AUGMENTATIONS[settings.augmentation]
-        self.domain_classifier = (DomainClassifier(model.n_hidden, n_domains, settings.dan_n_layers)
+        width = model.n_hidden * (model.n_classes if settings.dan_conditional else 1)
+        self.domain_classifier = (DomainClassifier(width, n_domains, settings.dan_n_layers, n_hidden=model.n_hidden)
                                   if settings.dan_max_weight > 0 else None)
+        prior = (torch.full((model.n_classes,), 1.0 / model.n_classes) if labeled_prior is None
+                 else labeled_prior.float() / labeled_prior.float().sum())
+        # distribution alignment: the labeled prior and a running mean of the target's guesses
+        self.register_buffer("labeled_prior", prior, persistent=False)
+        self.register_buffer("target_marginal", prior.clone(), persistent=False)
+        # per-class pseudolabel thresholds (FlexMatch updates them from the census of target predictions)
+        self.register_buffer("class_thresholds", torch.full((model.n_classes,), settings.pseudolabel_min_confidence),
+                             persistent=False)
         # the mean teacher is not a submodule: it is not trained, saved or synchronized
         teacher = copy.deepcopy(model).eval().requires_grad_(False) if settings.unsup_mean_teacher else None
         object.__setattr__(self, "teacher", teacher)
@@ -153,9 +198,40 @@ class SemiSupervisedObjective(Objective):
         average = total / views
         return average, average.max(dim=1).values
 
+    @torch.no_grad()
+    def align_distribution(self, guess: torch.Tensor) -> torch.Tensor:
+        """ReMixMatch's distribution alignment: guesses scaled by labeled prior / running target marginal,
+        renormalized, so the pseudolabels as a whole do not drift towards the large classes."""
+        if self.training:
+            self.target_marginal.mul_(0.99).add_(guess.mean(dim=0), alpha=0.01)
+        aligned = guess * (self.labeled_prior / self.target_marginal.clamp_min(1e-6))
+        return aligned / aligned.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def update_census(self, probabilities: torch.Tensor) -> None:
+        """Predictions of every target cell (once per epoch): FlexMatch's per-class thresholds."""
+        if self.settings.adaptive_thresholds:
+            thresholds = flexmatch_thresholds(probabilities.to(self.class_thresholds.device),
+                                              self.settings.pseudolabel_min_confidence)
+            self.class_thresholds.copy_(thresholds)
+
+    def _domain_features(self, model: nn.Module, embedding: torch.Tensor, logits: Optional[torch.Tensor]):
+        """What the domain classifier sees: the embedding, or (conditional adversary, CDAN) the outer product
+        of the class probabilities (not back-propagated through) and the embedding."""
+        if not self.settings.dan_conditional:
+            return embedding
+        if logits is None:
+            logits = model.classifier(embedding)
+        probabilities = torch.softmax(logits.detach().float(), dim=1).to(embedding.dtype)
+        return (probabilities.unsqueeze(2) * embedding.unsqueeze(1)).flatten(1)
+
     # ------------------------------------------------------------------ the step
-    def forward(self, batch: LabeledBatch, epoch: int, unlabeled: Optional[UnlabeledBatch] = None):
-        """Loss of one step; ``unlabeled`` may be None (domain adversary over labeled domains only)."""
+    def forward(self, batch: LabeledBatch, epoch: float, unlabeled: Optional[UnlabeledBatch] = None):
+        """Loss of one step; ``unlabeled`` may be None (domain adversary over labeled domains only).
+
+        ``epoch`` counts from 1 and may be fractional (epoch + share of its steps done), so the ramps
+        rise smoothly step by step.
+        """
         s, model = self.settings, self.model
         progress = epoch - 1  # ramps start at 0 in the first epoch
         unsup_weight = 0.0
@@ -167,24 +243,38 @@ class SemiSupervisedObjective(Objective):
         x_l = self._augment(batch.x)
         x_u = confident = None
         if unlabeled is not None:
-            guess, confidence = self.guess_labels(model, unlabeled.x, unlabeled.covariates)
-            confident = confidence >= s.pseudolabel_min_confidence
+            guess, _ = self.guess_labels(model, unlabeled.x, unlabeled.covariates)
+            if s.pseudolabel_alignment:
+                guess = self.align_distribution(guess)
+            confidence, guessed = guess.max(dim=1)
+            confident = confidence >= self.class_thresholds[guessed]
             targets_u = sharpen(guess, s.sharpen_temperature)
             x_u = self._augment(unlabeled.x)
             terms["confident_fraction"] = float(confident.float().mean())
 
+        domains_l = domains_u = None
+        if self.domain_classifier is not None and s.dan_on_mixes:
+            domains_l = F.one_hot(batch.domains, self.n_domains).float()
+            domains_u = None if unlabeled is None else F.one_hot(unlabeled.domains, self.n_domains).float()
+        mixed_embedding = mixed_logits = mixed_domains = None
         if unlabeled is not None and s.unsup_max_weight > 0 and bool(confident.any()):
-            cov_u = None if unlabeled.covariates is None else unlabeled.covariates[confident]
+            rows = confident
+            unlabeled_part = (x_u[rows], targets_u[rows],
+                              None if unlabeled.covariates is None else unlabeled.covariates[rows],
+                              None if domains_u is None else domains_u[rows])
+            labeled_part = (x_l, batch.target, batch.covariates, domains_l)
             if s.mixup_alpha:
-                xl, yl, xu, yu, cl, cu = mix_with_pool(x_l, batch.target, x_u[confident], targets_u[confident],
-                                                       s.mixup_alpha, batch.covariates, cov_u)
-            else:
-                xl, yl, xu, yu, cl, cu = x_l, batch.target, x_u[confident], targets_u[confident], batch.covariates, cov_u
-            logits = model(torch.cat([xl, xu]), None if cl is None else torch.cat([cl, cu]))
+                labeled_part, unlabeled_part = mix_with_pool(labeled_part, unlabeled_part, s.mixup_alpha)
+            xl, yl, cl, dl = labeled_part
+            xu, yu, cu, du = unlabeled_part
+            logits, embedding = model(torch.cat([xl, xu]), None if cl is None else torch.cat([cl, cu]),
+                                      return_embedding=True)
             logits_l, logits_u = logits[: xl.shape[0]], logits[xl.shape[0]:]
             per_cell = ((torch.softmax(logits_u.float(), dim=1) - yu) ** 2).mean(dim=1)
             # divided by all target cells of the batch: those below the threshold add exactly 0
             unsup_loss = per_cell.sum() / unlabeled.x.shape[0]
+            if dl is not None:
+                mixed_embedding, mixed_logits, mixed_domains = embedding, logits, torch.cat([dl, du])
         else:
             xl, yl, cl = mixup(x_l, batch.target, batch.covariates, s.mixup_alpha) if s.mixup_alpha \
                 else (x_l, batch.target, batch.covariates)
@@ -196,7 +286,14 @@ class SemiSupervisedObjective(Objective):
         terms.update(supervised_loss=float(sup_loss.detach()), unsupervised_loss=float(unsup_loss.detach()),
                      unsup_weight=unsup_weight)
         if self.domain_classifier is not None:
-            domain_loss, domain_accuracy = self.domain_loss(model, batch, x_l, unlabeled, x_u, confident, dan_weight)
+            if mixed_embedding is not None:  # the adversary on the mixed batch: no second forward pass
+                domain_logits = self.domain_classifier(
+                    self._domain_features(model, mixed_embedding, mixed_logits), dan_weight)
+                domain_loss = soft_cross_entropy(domain_logits, mixed_domains)
+                domain_accuracy = float((domain_logits.argmax(1) == mixed_domains.argmax(1)).float().mean())
+            else:
+                domain_loss, domain_accuracy = self.domain_loss(model, batch, x_l, unlabeled, x_u, confident,
+                                                                dan_weight)
             loss = loss + domain_loss
             terms.update(domain_loss=float(domain_loss.detach()), domain_accuracy=domain_accuracy,
                          dan_weight=dan_weight)
@@ -213,6 +310,6 @@ class SemiSupervisedObjective(Objective):
             covariates.append(None if unlabeled.covariates is None else unlabeled.covariates[rows])
         embedding = model.embed(torch.cat(inputs), None if covariates[0] is None else torch.cat(covariates))
         domains = torch.cat(domains)
-        logits = self.domain_classifier(embedding, dan_weight)
+        logits = self.domain_classifier(self._domain_features(model, embedding, None), dan_weight)
         loss = F.cross_entropy(logits.float(), domains)
         return loss, float((logits.argmax(1) == domains).float().mean())

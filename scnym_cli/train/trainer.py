@@ -15,6 +15,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -51,6 +52,23 @@ OPTIMIZERS: dict[str, Callable] = {
     "adamw": torch.optim.AdamW,
     "sgd": lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=0.9),
 }
+
+
+def one_cycle(step: int, total_steps: int, warmup: float = 0.3, start: float = 1 / 25, end: float = 1e-5) -> float:
+    """Learning-rate factor of the one-cycle policy (Smith & Topin 2019): a cosine warm-up from ``start`` to
+    1 over the first ``warmup`` share of the steps, then a cosine decay to ``end``; flat after the last step."""
+    t = min(step / total_steps, 1.0)
+    if t < warmup:
+        return start + (1 - start) * (1 - math.cos(math.pi * t / warmup)) / 2
+    return end + (1 - end) * (1 + math.cos(math.pi * (t - warmup) / (1 - warmup))) / 2
+
+
+def cosine(step: int, total_steps: int) -> float:
+    """Cosine annealing from 1 to 1e-4 over the run."""
+    return 1e-4 + (1 - 1e-4) * (1 + math.cos(math.pi * min(step / total_steps, 1.0))) / 2
+
+
+LR_SCHEDULES: dict[str, Callable[..., float]] = {"one_cycle": one_cycle, "cosine": cosine}
 
 
 @dataclass
@@ -145,13 +163,15 @@ class Trainer:
         self.show_progress = show_progress
 
     # ------------------------------------------------------------------ pieces
-    def _optimizer(self, objective: torch.nn.Module):
+    def _optimizer(self, objective: torch.nn.Module, steps_per_epoch: int):
+        """The optimizer and its learning-rate schedule, stepped after every batch (None: constant)."""
         c = self.config
         optimizer = OPTIMIZERS[c.optimizer](objective.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        scheduler = None
-        if c.optimizer == "sgd":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=c.n_epochs, eta_min=c.lr / 1e4)
-        return optimizer, scheduler
+        schedule = {"auto": "cosine" if c.optimizer == "sgd" else "constant"}.get(c.lr_schedule, c.lr_schedule)
+        if schedule == "constant":
+            return optimizer, None
+        shape = partial(LR_SCHEDULES[schedule], total_steps=max(c.n_epochs * steps_per_epoch, 1))
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, shape)
 
     def _objective(self, model: torch.nn.Module, data: TrainingData) -> Objective:
         """MixMatch / domain adversary when there is something to adapt to, else supervised."""
@@ -175,7 +195,8 @@ class Trainer:
         log.info("%s: %s on %d labeled and %d target cells", self.name,
                  " + ".join(n for n, on in (("MixMatch", mixmatch), ("domain adversary", adversary)) if on),
                  len(data.split.fit), len(data.unlabeled))
-        return SemiSupervisedObjective(model, settings, max(data.n_domains, 2), class_weight)
+        prior = torch.bincount(torch.from_numpy(data.codes[data.split.fit]), minlength=data.n_classes)
+        return SemiSupervisedObjective(model, settings, max(data.n_domains, 2), class_weight, labeled_prior=prior)
 
     def _sampler(self, data: TrainingData, rows: np.ndarray, *, balance_classes: bool, seed: int):
         """Shuffled batches; for data read from disk, shuffled within windows of blocks (bounded memory)."""
@@ -236,7 +257,8 @@ class Trainer:
         c = self.config
         model.to(self.device)
         objective = self._objective(model, data).to(self.device)
-        optimizer, scheduler = self._optimizer(objective)
+        sampler = self._sampler(data, data.split.fit, balance_classes=c.balance_classes, seed=c.seed)
+        optimizer, scheduler = self._optimizer(objective, max(len(sampler), 1))
         precision = Precision(self.device)
         ranks = distributed.current()
         step = objective
@@ -249,11 +271,12 @@ class Trainer:
                                  "needs at least 2 cells per batch")
         verify = ranks.active and os.environ.get(VERIFY_VARIABLE, "") == "1"
         verified_steps = 0
-        sampler = self._sampler(data, data.split.fit, balance_classes=c.balance_classes, seed=c.seed)
         semi_supervised = isinstance(objective, SemiSupervisedObjective)
-        target_batches = None
+        target_sampler = target_batches = None
         if semi_supervised and len(data.unlabeled):
-            target_batches = self._sampler(data, data.unlabeled, balance_classes=False, seed=c.seed + 1).forever()
+            target_sampler = self._sampler(data, data.unlabeled, balance_classes=False, seed=c.seed + 1)
+            target_batches = target_sampler.forever()
+        census = semi_supervised and target_sampler is not None and objective.settings.needs_target_census
         min_epochs = min(c.min_epochs, c.n_epochs)
         best_score, best_epoch, best_state = -math.inf, 0, None
         epoch_log = EpochLog(self.log_path)
@@ -267,7 +290,10 @@ class Trainer:
                     objective.train()
                     totals: dict[str, float] = {}
                     n_seen, n_correct = 0, 0
-                    for global_rows in sampler.epoch():
+                    if census:
+                        self._target_census(model, data, objective, target_sampler)
+                    steps_per_epoch = max(len(sampler), 1)
+                    for step_index, global_rows in enumerate(sampler.epoch()):
                         # every rank draws the same global batch and takes its share of it
                         rows = global_rows[ranks.rank::ranks.world_size]
                         batch = self._labeled_batch(data, rows)
@@ -276,10 +302,12 @@ class Trainer:
                             target = self._unlabeled_batch(data, next(target_batches)[ranks.rank::ranks.world_size])
                         optimizer.zero_grad(set_to_none=True)
                         with precision.autocast():
-                            loss, terms, logits = step(batch, epoch, target)
+                            loss, terms, logits = step(batch, epoch + step_index / steps_per_epoch, target)
                         precision.scaler.scale(loss).backward()
                         precision.scaler.step(optimizer)
                         precision.scaler.update()
+                        if scheduler is not None:
+                            scheduler.step()
                         objective.after_step()
                         if verify:
                             if not distributed.parameters_identical(objective):
@@ -293,8 +321,6 @@ class Trainer:
                         for key, value in terms.items():
                             totals[key] = totals.get(key, 0.0) + value * n
                     learning_rate = optimizer.param_groups[0]["lr"]
-                    if scheduler is not None:
-                        scheduler.step()
                     distributed.sync_buffers(model)  # identical models, identical evaluations on every rank
                     evaluation = self._evaluate(model, data)
                     score = self._score(evaluation)
@@ -330,6 +356,18 @@ class Trainer:
                  seconds)
         return FitResult(best_epoch, best_score, epoch, stopped_early, seconds, history, temperature,
                          semi_supervised, ranks.world_size, verified_steps)
+
+    def _target_census(self, model: torch.nn.Module, data: TrainingData, objective: SemiSupervisedObjective,
+                       target_sampler) -> None:
+        """Predict every target cell once (start of an epoch): per-class pseudolabel thresholds, and
+        target batches drawn class-balanced by pseudolabel."""
+        outputs = forward_rows(model, data.X, data.unlabeled, self.device, covariates=data.covariates)
+        probabilities = torch.softmax(torch.from_numpy(outputs.logits), dim=1)
+        objective.update_census(probabilities)
+        if objective.settings.balance_target_classes:
+            pseudolabels = np.full(data.X.shape[0], -1, dtype=np.int64)
+            pseudolabels[data.unlabeled] = probabilities.argmax(dim=1).numpy()
+            target_sampler.balance_by(pseudolabels)
 
     def _calibrate(self, model: torch.nn.Module, data: TrainingData) -> float:
         """Temperature that makes the best model's confidences calibrated on the selection split."""

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -14,7 +14,7 @@ import torch
 from ..config import Config
 from ..data import (UNLABELED, CellMatrix, GeneOverlap, LabelEncoding, align_genes, attach_metadata,
                     drop_duplicate_genes, normalize, read_expression, read_gene_list, read_labels, subset_genes)
-from ..data.genes import apply_gene_map, read_gene_map
+from ..data.genes import require_overlap, translate_for_model
 from ..data.labels import require_column
 from ..errors import ScnymError
 from ..train.device import resolve_device
@@ -35,12 +35,13 @@ def setup_runtime(config: Config) -> torch.device:
 
 
 def load_cells(config: Config, path: Path, *, metadata: Optional[Path] = None, adata=None,
-               gene_names_file: Optional[Path] = None, translate_genes: bool = False) -> tuple[CellMatrix, str]:
+               gene_names_file: Optional[Path] = None, translate_to: Optional[Sequence[str]] = None
+               ) -> tuple[CellMatrix, str]:
     """Read one input and bring it to ln(CPM+1) over all of its genes, then drop duplicate genes.
 
     ``adata`` (an AnnData already in memory) replaces reading ``path``; it is never modified.
-    ``gene_names_file`` defaults to ``config.input_gene_names``; ``translate_genes`` applies
-    ``config.gene_map`` (to data that will be aligned to a model's genes).
+    ``gene_names_file`` defaults to ``config.input_gene_names``; ``translate_to`` (the genes of the model
+    the data will be aligned to) applies ``config.gene_map`` / ``config.gene_species``.
     """
     if adata is not None:
         from ..data import cells_from_anndata
@@ -57,8 +58,10 @@ def load_cells(config: Config, path: Path, *, metadata: Optional[Path] = None, a
     X, kind = normalize(cells.X, config.input_normalization, source=cells.source, copy=copy)
     log.info("%s: %d cells x %d genes", cells.source, cells.n_cells, len(cells.genes))
     cells = drop_duplicate_genes(cells.with_(X=X))
-    if translate_genes and config.gene_map is not None:
-        cells, _ = apply_gene_map(cells, read_gene_map(config.gene_map), what=cells.source)
+    if translate_to is not None:
+        cells = drop_duplicate_genes(cells.with_(genes=translate_for_model(
+            cells.genes, translate_to, gene_map=config.gene_map, gene_species=config.gene_species,
+            what=cells.source)))
     return cells, kind
 
 
@@ -77,6 +80,7 @@ class TrainingInputs:
     domains: np.ndarray         # domain code per cell
     domain_names: tuple[str, ...]
     target_overlap: Optional[GeneOverlap] = None
+    gene_report: dict = field(default_factory=dict)  # how the training genes were chosen (counts)
     covariates: Optional[np.ndarray] = None         # one-hot of the upper group (tissue-dependent models)
     covariate_column: Optional[str] = None
     covariate_categories: tuple[str, ...] = ()
@@ -89,12 +93,6 @@ class TrainingInputs:
     @property
     def unlabeled_rows(self) -> np.ndarray:
         return np.flatnonzero(self.codes < 0)
-
-
-def _load_target(config: Config, genes) -> tuple[CellMatrix, GeneOverlap]:
-    target, _ = load_cells(config, config.unlabeled_counts, gene_names_file=config.unlabeled_genes,
-                           translate_genes=True)
-    return align_genes(target, genes, min_overlap=config.min_gene_overlap, what="unlabeled target data")
 
 
 def _stack(reference: CellMatrix, target: CellMatrix) -> CellMatrix:
@@ -137,16 +135,16 @@ def assign_domains(config: Config, cells: CellMatrix, labels: np.ndarray, n_refe
 BLOCK_ROWS = 8192
 
 
-def _open_disk_part(config: Config, path: Path, offset: int, *, translate: bool):
-    """A file as a DiskPart: its genes (after --gene_map when translating), its normalization kind."""
+def _open_disk_part(config: Config, path: Path, offset: int, *, translate_to: Optional[Sequence[str]] = None):
+    """A file as a DiskPart: its genes (translated to the naming of ``translate_to``), its normalization kind."""
     from ..data.disk import DiskPart
-    from ..data.genes import read_gene_map, translate_gene_names
     from ..data.stream import H5adChunks
 
     reader = H5adChunks(path, layer=config.input_layer, gene_column=config.gene_column)
     genes = reader.genes
-    if translate and config.gene_map is not None:
-        genes, _ = translate_gene_names(genes, read_gene_map(config.gene_map), str(path))
+    if translate_to is not None:
+        genes = translate_for_model(genes, translate_to, gene_map=config.gene_map,
+                                    gene_species=config.gene_species, what=str(path))
     _, kind = normalize(reader.read(0, min(BLOCK_ROWS, reader.n_cells)), config.input_normalization,
                         source=str(path), copy=False)
     return DiskPart(reader, pd.Index(genes), kind, offset)
@@ -156,13 +154,12 @@ def load_training_inputs_backed(config: Config) -> TrainingInputs:
     """Like :func:`load_training_inputs`, but the matrix stays on disk (a DiskMatrix); only the
     per-cell metadata is loaded. Genes, normalization and labels are handled the same way."""
     from ..data.disk import DiskMatrix
-    from ..data.genes import require_overlap
     from ..data.labels import join_metadata, labels_from_obs
     from ..data.stream import h5ad_files
 
     parts, offset = [], 0
     for path in h5ad_files(config.input_counts):
-        parts.append(_open_disk_part(config, path, offset, translate=False))
+        parts.append(_open_disk_part(config, path, offset))
         offset += parts[-1].reader.n_cells
         if not parts[-1].source_genes.equals(parts[0].source_genes):
             raise ScnymError(f"shard {path} has other genes than {parts[0].reader.source}; all shards must have "
@@ -180,20 +177,30 @@ def load_training_inputs_backed(config: Config) -> TrainingInputs:
                              f"{config.input_counts} (e.g. {', '.join(missing[:5])}); remove them or check the naming")
         genes = wanted
     reference_obs = obs
-    overlap = None
+    overlap = target_genes = None
+    n_reference_parts = len(parts)
     if config.unlabeled_counts is not None:
         for path in h5ad_files(config.unlabeled_counts):
-            part = _open_disk_part(config, path, offset, translate=True)
+            part = _open_disk_part(config, path, offset, translate_to=genes)
             overlap = require_overlap(part.source_genes, genes, min_overlap=config.min_gene_overlap,
                                       what="unlabeled target data", source=str(path))
+            target_genes = part.source_genes if target_genes is None else target_genes.intersection(
+                part.source_genes)
             parts.append(part)
             offset += part.reader.n_cells
-        target_obs = pd.concat([p.reader.obs for p in parts[len(h5ad_files(config.input_counts)):]], axis=0)
+        target_obs = pd.concat([p.reader.obs for p in parts[n_reference_parts:]], axis=0)
         clashes = target_obs.index.isin(reference_obs.index)
         target_obs.index = [f"{i}-target" if c else i for i, c in zip(target_obs.index, clashes)]
         obs = pd.concat([reference_obs, target_obs], axis=0, join="outer")
-    matrix = DiskMatrix(parts, genes, block_rows=BLOCK_ROWS,
-                        cache_blocks=2 * max(1, config.read_buffer_cells // BLOCK_ROWS) + 2)
+    cache_blocks = 2 * max(1, config.read_buffer_cells // BLOCK_ROWS) + 2
+
+    def datasets(candidates: pd.Index) -> list:  # one streamed pass over each side, for gene dispersions
+        matrix = DiskMatrix(parts, candidates, block_rows=BLOCK_ROWS, cache_blocks=1)
+        sides = [range(n_reference_parts), range(n_reference_parts, len(parts))]
+        return [matrix.iter_blocks(side) for side in sides if len(side)]
+
+    genes, gene_report = choose_genes(config, genes, target_genes, datasets)
+    matrix = DiskMatrix(parts, genes, block_rows=BLOCK_ROWS, cache_blocks=cache_blocks)
     cells = CellMatrix(matrix, genes, obs, str(config.input_counts))
     reference_labels = labels_from_obs(reference_obs, config.lower_group, "--lower_group", str(config.input_counts))
     labels = np.concatenate([reference_labels, np.full(offset - n_reference, UNLABELED, dtype=object)]).astype(str)
@@ -203,11 +210,39 @@ def load_training_inputs_backed(config: Config) -> TrainingInputs:
              "%d classes", n_reference, offset - n_reference, len(matrix.block_bounds), BLOCK_ROWS,
              int((codes >= 0).sum()), len(encoding.classes))
     domains, domain_names = assign_domains(config, cells, labels, n_reference)
-    return TrainingInputs(cells, labels, encoding, codes, parts[0].kind, domains, domain_names, overlap)
+    return TrainingInputs(cells, labels, encoding, codes, parts[0].kind, domains, domain_names, overlap,
+                          gene_report=gene_report)
+
+
+def choose_genes(config: Config, genes: pd.Index, target_genes: Optional[pd.Index],
+                 datasets: Callable[[pd.Index], list]) -> tuple[pd.Index, dict]:
+    """The training genes: the reference's (after --genes_to_use), those the target has too (--shared_genes),
+    then the --n_top_genes most variable; and a report of each step.
+
+    ``datasets(genes)`` gives the reference's and the target's row blocks over ``genes`` (for the
+    dispersions of highly variable genes).
+    """
+    report: dict = {"n_reference_genes": len(genes)}
+    if target_genes is not None and config.shared_genes:
+        shared = genes[genes.isin(target_genes)]
+        report["n_shared_genes"] = len(shared)
+        if len(shared) < len(genes):
+            log.info("training on the %d genes that the reference (%d genes) and the target data share "
+                     "(--shared_genes)", len(shared), len(genes))
+        genes = shared
+    if config.n_top_genes is not None and config.genes_to_use is None and config.n_top_genes < len(genes):
+        from ..data.gene_selection import highly_variable_genes
+
+        chosen = highly_variable_genes(datasets(genes), len(genes), config.n_top_genes)
+        log.info("training on %d highly variable genes of %d (--n_top_genes)", len(chosen), len(genes))
+        genes = genes[chosen]
+        report["n_highly_variable_genes"] = len(genes)
+    report["n_training_genes"] = len(genes)
+    return genes, report
 
 
 def load_training_inputs(config: Config) -> TrainingInputs:
-    """Reference (+ target) cells as configured: normalized, genes subset, labels encoded, domains."""
+    """Reference (+ target) cells as configured: normalized, genes chosen, labels encoded, domains."""
     if config.backed:
         return load_training_inputs_backed(config)
     cells, kind = load_cells(config, config.input_counts, metadata=config.training_metadata)
@@ -216,9 +251,22 @@ def load_training_inputs(config: Config) -> TrainingInputs:
         cells = subset_genes(cells, read_gene_list(config.genes_to_use, "--genes_to_use"))
     encoding = LabelEncoding.fit(labels, config.lower_group)
     n_reference = cells.n_cells
-    overlap = None
+    overlap = target = None
     if config.unlabeled_counts is not None:
-        target, overlap = _load_target(config, cells.genes)
+        target, _ = load_cells(config, config.unlabeled_counts, gene_names_file=config.unlabeled_genes,
+                               translate_to=cells.genes)
+        overlap = require_overlap(target.genes, cells.genes, min_overlap=config.min_gene_overlap,
+                                  what="unlabeled target data", source=target.source)
+
+    def datasets(genes: pd.Index) -> list:
+        sides = [cells] if target is None else [cells, target]
+        return [[align_genes(side, genes, min_overlap=0.0, what=side.source, report=False)[0].X] for side in sides]
+
+    genes, gene_report = choose_genes(config, cells.genes, None if target is None else target.genes, datasets)
+    if not genes.equals(cells.genes):
+        cells = subset_genes(cells, genes, what="the training genes")
+    if target is not None:
+        target, _ = align_genes(target, genes, min_overlap=0.0, what="unlabeled target data", report=False)
         cells = _stack(cells, target)
         labels = np.concatenate([labels, np.full(target.n_cells, UNLABELED, dtype=object)]).astype(str)
     codes = encoding.encode(labels)
@@ -227,4 +275,5 @@ def load_training_inputs(config: Config) -> TrainingInputs:
              len(encoding.classes), ", ".join(f"{c} {n}" for c, n in zip(encoding.classes, counts)),
              int((codes < 0).sum()))
     domains, domain_names = assign_domains(config, cells, labels, n_reference)
-    return TrainingInputs(cells, labels, encoding, codes, kind, domains, domain_names, overlap)
+    return TrainingInputs(cells, labels, encoding, codes, kind, domains, domain_names, overlap,
+                          gene_report=gene_report)

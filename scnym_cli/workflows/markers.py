@@ -135,7 +135,7 @@ def find_cell_type_markers(config: Config) -> dict:
         cells = labels = covariates = None
         if config.input_counts is not None:
             cells, _ = load_cells(config, config.input_counts, metadata=config.training_metadata,
-                                  translate_genes=True)
+                                  translate_to=genes)
             covariates = covariates_for(loaded.manifest, cells.obs, cells.source)
             cells, overlap = align_genes(cells, genes, min_overlap=config.min_gene_overlap, what="marker data")
             labels = require_column(cells.obs, config.lower_group, "--lower_group", cells.source).astype(str).to_numpy()

@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,7 +27,7 @@ import scipy.sparse as sp
 
 from ..config import Config
 from ..data import UNKNOWN, read_expression, read_gene_list
-from ..data.genes import GeneOverlap, read_gene_map, reindex_columns, require_overlap, translate_gene_names
+from ..data.genes import GeneOverlap, reindex_columns, require_overlap, translate_for_model
 from ..data.labels import join_metadata, require_column
 from ..data.normalize import normalize
 from ..data.stream import CellChunks, H5adChunks, InMemoryChunks, ShardedH5adChunks
@@ -73,6 +73,11 @@ class Predictor:
             self.models = {None: load_model(model_path, device)}
             self.classes = list(self.models[None].classes)
         self.description = str(model_path if self.routing else self.models[None].directory)
+
+    @property
+    def model_genes(self) -> list[str]:
+        """The genes of the model(s), in the naming a query's genes are translated to."""
+        return list(dict.fromkeys(g for m in self.models.values() for g in m.genes))
 
     @property
     def single(self) -> Optional[LoadedModel]:
@@ -151,12 +156,10 @@ def open_query(config: Config, path: Path, adata=None) -> CellChunks:
     return source
 
 
-def query_genes(config: Config, source: CellChunks) -> pd.Index:
-    """The query's gene names, translated through --gene_map when given."""
-    if config.gene_map is None:
-        return pd.Index(source.genes)
-    translated, _ = translate_gene_names(pd.Index(source.genes), read_gene_map(config.gene_map), source.source)
-    return translated
+def query_genes(config: Config, source: CellChunks, model_genes: Sequence[str]) -> pd.Index:
+    """The query's gene names, translated through --gene_map or --gene_species when given."""
+    return translate_for_model(pd.Index(source.genes), model_genes, gene_map=config.gene_map,
+                               gene_species=config.gene_species, what=source.source)
 
 
 def iterate_predictions(predictor: Predictor, source: CellChunks, config: Config, *, with_embedding: bool
@@ -271,7 +274,7 @@ def predict_cell_types(config: Config) -> dict:
 
 
 def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellChunks, started: float) -> dict:
-    overlap = predictor.prepare(query_genes(config, source), source.obs, source.source)
+    overlap = predictor.prepare(query_genes(config, source, predictor.model_genes), source.obs, source.source)
     (stage / "gene_overlap.json").write_text(json.dumps(overlap.to_dict(), indent=1))
     classes, key = predictor.classes, config.prediction_key
     annotated = None
@@ -360,7 +363,7 @@ class Predictions:
 
 def predict_in_memory(predictor: Predictor, source: CellChunks, config: Config) -> Predictions:
     """Every block's results gathered into arrays."""
-    overlap = predictor.prepare(query_genes(config, source), source.obs, source.source)
+    overlap = predictor.prepare(query_genes(config, source, predictor.model_genes), source.obs, source.source)
     parts = [result for _, result, _ in iterate_predictions(predictor, source, config, with_embedding=True)]
 
     def stack(name):

@@ -136,6 +136,7 @@ def train_one_model(directory: Path, config: Config, inputs: TrainingInputs, dat
                    "n_target": int(len(data.unlabeled)), "domains": list(inputs.domain_names),
                    f"{kind}_metrics": metrics, "input_normalization": inputs.input_kind,
                    "target_gene_overlap": inputs.target_overlap.to_dict() if inputs.target_overlap else None,
+                   "gene_selection": inputs.gene_report,
                }, "data_fingerprint": fingerprint})
     return ModelResult(name, fit.best_epoch, fit.epochs_run, fit.seconds, metrics if kind == "held_out" else {},
                        loss, predictions)

@@ -14,6 +14,7 @@ and peak memory of both steps. Writes ``<out>/<tag>.csv`` (one row per run), ``<
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -23,16 +24,41 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (PEER_TABLE, RESULTS, SPLITS, WORK, machine, materialize, provenance, query_scores,  # noqa: E402
-                    run_measured, scnym_command, write_json, write_markdown)
+from common import (PEER_TABLE, REPO, RESULTS, SPLITS, WORK, machine, materialize, provenance, query_scores,  # noqa: E402
+                    run_measured, scnym_command, shared_genes_file, write_json, write_markdown)
 
 # method name -> extra training flags; QUERY is replaced by the query file, given as unlabeled
 # target data (transductive, like the peers scNym 0.3.2 and scANVI)
 METHODS: dict[str, list[str]] = {
     "supervised": [],
-    "mixmatch": ["--unlabeled_counts", "QUERY", "--preset", "no_dan"],
-    "mixmatch_dan": ["--unlabeled_counts", "QUERY", "--preset", "default"],
+    "semi_supervised": ["--unlabeled_counts", "QUERY"],
+    "scnym_2021_supervised": ["-c", str(REPO / "configs" / "scnym_2021.txt")],
+    "scnym_2021": ["--unlabeled_counts", "QUERY", "-c", str(REPO / "configs" / "scnym_2021.txt")],
 }
+# One change each to the semi-supervised defaults (bench/results/ablation.md): name -> (flags, what it tries)
+ABLATIONS: dict[str, tuple[list[str], str]] = {
+    "every_gene": (["--n_top_genes", "none"], "every shared gene instead of the 2,000 most variable"),
+    "reference_genes": (["--shared_genes", "false"], "the reference's genes, those the target lacks zero-filled"),
+    "no_target_balance": (["--balance_target_classes", "false"], "target cells drawn uniformly, not balanced by "
+                          "pseudolabel"),
+    "distribution_alignment": (["--balance_target_classes", "false", "--pseudolabel_alignment", "true"],
+                               "distribution alignment (ReMixMatch) instead of pseudolabel-balanced target batches"),
+    "flexmatch_gate": (["--pseudolabel_min_confidence", "0.9", "--adaptive_thresholds", "true"],
+                       "open-set gating: pseudolabels only above per-class FlexMatch thresholds (base 0.9)"),
+    "confidence_gate": (["--pseudolabel_min_confidence", "0.9", "--dan_use_conf_pseudolabels", "true"],
+                        "open-set gating: MixMatch and the adversary only on target cells guessed with "
+                        "confidence >= 0.9"),
+    "conditional_adversary": (["--dan_conditional", "true"], "class-conditional adversary (CDAN)"),
+    "balanced_labeled": (["--balance_classes", "true"], "class-balanced labeled batches"),
+    "no_adversary": (["--dan_max_weight", "0"], "MixMatch only"),
+    "no_mixmatch": (["--unsup_max_weight", "0"], "domain adversary only"),
+    "unmixed_adversary": (["--dan_on_mixes", "false"], "the adversary on a second forward pass of unmixed cells"),
+    "slow_ramp": (["--unsup_ramp_epochs", "20"], "MixMatch weight ramped over the whole run (20 epochs), not 7"),
+    "select_by_loss": (["--selection_metric", "loss"], "keep the epoch of lowest reference selection loss, "
+                       "not the last"),
+}
+for _name, (_flags, _) in ABLATIONS.items():
+    METHODS[_name] = ["--unlabeled_counts", "QUERY", *_flags]
 QUICK_FLAGS = ["--n_epochs", "2", "--min_epochs", "1", "--n_hidden", "32", "--batch_size", "64"]
 
 
@@ -44,21 +70,6 @@ def evaluate(predictions: Path, query: Path, label: str) -> dict:
     truth = ad.read_h5ad(query, backed="r").obs[label].astype(str).reindex(table["cell_id"].astype(str)).to_numpy()
     classes = [c[len("prob_"):] for c in table.filter(like="prob_").columns]
     return query_scores(truth, table["predicted_label"].astype(str), table["confidence"], classes)
-
-
-def shared_genes_file(reference: Path, query: Path) -> Optional[Path]:
-    """Where the query holds under half of the reference's genes (the minimum overlap at prediction),
-    the genes the two share, as --genes_to_use (what every peer does by intersecting); else None."""
-    import anndata as ad
-
-    reference_genes = ad.read_h5ad(reference, backed="r").var_names
-    query_genes = ad.read_h5ad(query, backed="r").var_names
-    shared = reference_genes[reference_genes.isin(query_genes)]
-    if len(shared) >= 0.5 * len(reference_genes):
-        return None
-    path = reference.with_name(reference.stem + ".shared_genes.txt")
-    path.write_text("\n".join(shared) + "\n")
-    return path
 
 
 def run(command: list[str], log_path: Path, in_process: bool) -> dict:
@@ -97,6 +108,13 @@ def run_one(split_name: str, method: str, seed: int, args) -> dict:
         train += QUICK_FLAGS
     if args.n_epochs:
         train += ["--n_epochs", str(args.n_epochs)]
+    if args.num_threads:
+        train += ["--num_threads", str(args.num_threads)]
+    if args.resume and (run_dir / "row.json").exists():
+        previous = json.loads((run_dir / "row.json").read_text())
+        if previous.get("command") == shlex.join(train[len(scnym_command()):]):
+            print(f"{split_name:20s} {method:22s} seed {seed}: reused {run_dir}", flush=True)
+            return previous
     trained = run(train, run_dir / "train.log", args.in_process)
     predict = [*scnym_command(), "predict_cell_types", "--model_path", str(run_dir / "model"),
                "--input_counts", str(query), "--out_path", str(run_dir / "predictions"), "--overwrite", "true",
@@ -105,52 +123,109 @@ def run_one(split_name: str, method: str, seed: int, args) -> dict:
     metrics = evaluate(run_dir / "predictions" / "predictions.csv", query, split.label)
     row = {"split": split_name, "method": method, "seed": seed, **metrics,
            "train_seconds": trained["seconds"], "train_peak_mb": trained["peak_memory_mb"],
-           "predict_seconds": predicted["seconds"], "predict_peak_mb": predicted["peak_memory_mb"]}
-    print(f"{split_name:20s} {method:14s} seed {seed}: balanced accuracy {metrics['balanced_accuracy']:.4f} "
+           "predict_seconds": predicted["seconds"], "predict_peak_mb": predicted["peak_memory_mb"],
+           "in_process": bool(args.in_process), "command": shlex.join(train[len(scnym_command()):])}
+    write_json(run_dir / "row.json", row)
+    print(f"{split_name:20s} {method:22s} seed {seed}: balanced accuracy {metrics['balanced_accuracy']:.4f} "
           f"accuracy {metrics['accuracy']:.4f} ECE {metrics['ece']:.4f} novel AUROC {metrics['novel_auroc']:.3f} "
           f"({trained['seconds']:.0f} s)", flush=True)
     return row
 
 
+METRICS = ["balanced_accuracy", "accuracy", "macro_f1", "ece", "novel_auroc", "train_seconds", "train_peak_mb"]
+
+
 def summarize(rows: pd.DataFrame) -> pd.DataFrame:
-    metrics = ["balanced_accuracy", "accuracy", "macro_f1", "ece", "train_seconds", "train_peak_mb"]
-    grouped = rows.groupby(["split", "method"], sort=False)[metrics]
+    grouped = rows.groupby(["split", "method"], sort=False)[METRICS]
     summary = grouped.mean().join(grouped.std(ddof=0), rsuffix="_sd").reset_index()
     summary["n_seeds"] = grouped.size().to_numpy()
     return summary
 
 
-def markdown(summary: pd.DataFrame, info: dict, command: str) -> str:
+PEER_COLUMNS = {"logreg": "logistic regression", "celltypist": "CellTypist 1.7.1", "scnym": "scNym 0.3.2",
+                "scanvi": "scANVI 1.4.2"}
+
+
+def measured_peers(path: Path) -> pd.DataFrame:
+    """Balanced accuracy of the peers per split (mean over their seeds), from bench/peers.py's CSV; empty when
+    that file is absent. Splits the peers were not run on fall back to the figures quoted in
+    ../shared/data/README.md (marked *q*)."""
+    frame = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["split", "peer", "status"])
+    frame = frame[(frame["status"] == "ok") & frame["peer"].isin(list(PEER_COLUMNS))]
+    return frame.groupby(["split", "peer"])["balanced_accuracy"].mean().unstack("peer")
+
+
+def peer_cell(peers: pd.DataFrame, split: str, peer: str) -> str:
+    if split in peers.index and peer in peers.columns and pd.notna(peers.loc[split, peer]):
+        return f"{peers.loc[split, peer]:.3f}"
+    quoted = PEER_TABLE.get(split, {}).get({"scnym": "scnym_0.3.2"}.get(peer, peer))
+    return f"{quoted[0]:.3f} *q*" if quoted else "–"
+
+
+def markdown(summary: pd.DataFrame, info: dict, command: str, peers: pd.DataFrame) -> str:
+    methods = list(dict.fromkeys(summary["method"]))
+    splits = list(dict.fromkeys(summary["split"]))
+    table = summary.set_index(["split", "method"])
     lines = ["# scnym accuracy on real label-transfer splits", "",
              *provenance(command, info, f"Python {info['python']}."), "",
-             "Balanced accuracy / accuracy on the query (mean ± sd over seeds); ECE = expected calibration error. "
-             "Peer columns are quoted from ../shared/data/README.md (one seed, same machine type).", "",
-             "| split | method | balanced acc. | accuracy | macro-F1 | ECE | train s | peak MB | logreg | "
-             "CellTypist | scNym 0.3.2 | scANVI |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for _, r in summary.iterrows():
-        peers = PEER_TABLE.get(r["split"], {})
-        peer_cells = [f"{peers[p][0]:.3f} / {peers[p][1]:.3f}" if p in peers else ""
-                      for p in ("logreg", "celltypist", "scnym_0.3.2", "scanvi")]
-        lines.append(
-            f"| {SPLITS[r['split']].description} | {r['method']} | {r['balanced_accuracy']:.3f} ± "
-            f"{r['balanced_accuracy_sd']:.3f} | {r['accuracy']:.3f} ± {r['accuracy_sd']:.3f} | {r['macro_f1']:.3f} | "
-            f"{r['ece']:.3f} | {r['train_seconds']:.0f} | {r['train_peak_mb']:.0f} | " + " | ".join(peer_cells) + " |")
+             "Balanced accuracy on the query cells whose type the reference has (mean ± sd over seeds "
+             f"{', '.join(map(str, sorted(set(summary['n_seeds']))))} per cell); peers measured side by side by "
+             "`bench/peers.py` (bench/results/peers.csv; *q* = quoted from ../shared/data/README.md where not "
+             "measured). Methods: " + "; ".join(f"`{m}` {' '.join(METHODS[m]) or '(defaults)'}"
+                                              .replace(str(REPO) + "/", "") for m in methods) + ".", "",
+             "| split | shift | " + " | ".join(methods) + " | " + " | ".join(PEER_COLUMNS.values()) + " |",
+             "|---" * (2 + len(methods) + len(PEER_COLUMNS)) + "|"]
+    for split in splits:
+        cells = [f"{table.loc[(split, m), 'balanced_accuracy']:.3f} ± {table.loc[(split, m), 'balanced_accuracy_sd']:.3f}"
+                 if (split, m) in table.index else "–" for m in methods]
+        lines.append(f"| {SPLITS[split].description} | {SPLITS[split].shift} | " + " | ".join(cells) + " | "
+                     + " | ".join(peer_cell(peers, split, p) for p in PEER_COLUMNS) + " |")
+    means = [summary[summary["method"] == m]["balanced_accuracy"].mean() for m in methods]
+    lines.append("| **mean over splits** | | " + " | ".join(f"**{v:.3f}**" for v in means) + " | "
+                 + " | ".join("" for _ in PEER_COLUMNS) + " |")
+    lines += ["", "Accuracy, macro-F1, ECE (calibration error over known types), novelty AUROC of (1 - confidence) for "
+              "query cells of types the reference lacks, and train seconds (mean over seeds):", "",
+              "| split | method | accuracy | macro-F1 | ECE | novelty AUROC | train s |", "|---|---|---|---|---|---|---|"]
+    for (split, method), r in table.iterrows():
+        lines.append(f"| {SPLITS[split].description} | {method} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | "
+                     f"{r['ece']:.3f} | {r['novel_auroc']:.3f} | {r['train_seconds']:.0f} |")
+    if any(m in ABLATIONS for m in methods):
+        lines += ablation_table(summary, methods)
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: pd.DataFrame, path: Path) -> None:
+def ablation_table(summary: pd.DataFrame, methods: list[str]) -> list[str]:
+    """One row per method: balanced accuracy per split, the mean, and the change from the defaults
+    (semi_supervised) on average and on the split where it loses most."""
+    pivot = summary.pivot(index="method", columns="split", values="balanced_accuracy").reindex(methods)
+    splits = [s for s in SPLITS if s in pivot.columns]
+    base = pivot.loc["semi_supervised", splits] if "semi_supervised" in pivot.index else None
+    lines = ["", "## Ablation: one change at a time to the semi-supervised defaults", "",
+             "| method | what it changes | " + " | ".join(s for s in splits) + " | mean | Δ mean | worst Δ |",
+             "|---" * (5 + len(splits)) + "|"]
+    for method in methods:
+        values = pivot.loc[method, splits]
+        delta = (values - base) if base is not None else None
+        what = ABLATIONS[method][1] if method in ABLATIONS else {"semi_supervised": "**the defaults**",
+                                                                  "supervised": "no target data"}.get(method, "")
+        worst = "" if delta is None or method == "semi_supervised" else \
+            f"{delta.min():+.3f} ({delta.idxmin()})"
+        lines.append(f"| {method} | {what} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {values.mean():.3f} | "
+                     + ("" if delta is None else f"{delta.mean():+.3f}") + f" | {worst} |")
+    return lines
+
+
+def plot(summary: pd.DataFrame, path: Path, peers: pd.DataFrame) -> None:
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # this script's own process: a file, never a window
     import matplotlib.pyplot as plt
 
     splits = list(dict.fromkeys(summary["split"]))
-    methods = list(dict.fromkeys(summary["method"]))
-    peers = ["logreg", "celltypist", "scnym_0.3.2", "scanvi"]
-    bars = methods + peers
+    methods = [m for m in dict.fromkeys(summary["method"]) if m not in ABLATIONS][:4]
+    bars = methods + list(PEER_COLUMNS)
     width = 0.8 / len(bars)
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(splits)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(splits)), 4.5))
     for i, name in enumerate(bars):
         values, errors = [], []
         for split in splits:
@@ -159,15 +234,18 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
                 values.append(float(row["balanced_accuracy"].iloc[0]) if len(row) else np.nan)
                 errors.append(float(row["balanced_accuracy_sd"].iloc[0]) if len(row) else 0)
             else:
-                values.append(PEER_TABLE.get(split, {}).get(name, (np.nan,))[0])
+                cell = peer_cell(peers, split, name).split()[0]
+                values.append(float(cell) if cell != "–" else np.nan)
                 errors.append(0)
-        ax.bar(np.arange(len(splits)) + i * width, values, width, yerr=errors, label=name,
+        ax.bar(np.arange(len(splits)) + i * width, values, width, yerr=errors,
+               label=name if name in methods else PEER_COLUMNS[name],
                hatch="" if name in methods else "//", alpha=1.0 if name in methods else 0.6)
-    ax.set_xticks(np.arange(len(splits)) + 0.4 - width / 2, [SPLITS[s].description for s in splits], fontsize=8)
+    ax.set_xticks(np.arange(len(splits)) + 0.4 - width / 2, [SPLITS[s].description for s in splits], fontsize=7,
+                  rotation=25, ha="right")
     ax.set_ylabel("balanced accuracy on the query")
-    ax.set_ylim(0.5, 1.0)
+    ax.set_ylim(0.3, 1.0)
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title("scnym (solid) vs peers (hatched, quoted)")
+    ax.set_title("scnym (solid) vs peers (hatched)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -176,36 +254,53 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
 def main(argv=None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=["supervised", "semi_supervised"], choices=list(METHODS))
+    parser.add_argument("--ablation", action="store_true", help="add every method of ABLATIONS (and the 2021 "
+                                                                 "settings)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                         help="an extra method: a name and its training flags (QUERY = the query file), e.g. "
                              "'hvg=--n_top_genes 2000'; repeatable")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--n_epochs", type=int, default=None, help="override the default (100)")
+    parser.add_argument("--n_epochs", type=int, default=None, help="override the default")
+    parser.add_argument("--num_threads", type=int, default=None, help="--num_threads of every run (e.g. 1 when "
+                                                                       "two benchmarks share 2 cores)")
     parser.add_argument("--quick", action="store_true", help="tiny subsample and 2 epochs (for the test suite)")
     parser.add_argument("--in-process", action="store_true",
                         help="run the CLI inside this interpreter (faster for ablations; no peak-memory figures)")
+    parser.add_argument("--resume", action="store_true", help="reuse finished runs (same command) under --work")
+    parser.add_argument("--peers", type=Path, default=RESULTS / "peers.csv", help="bench/peers.py's results")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=WORK)
     parser.add_argument("--tag", default="accuracy")
     args = parser.parse_args(argv)
     command = "python bench/accuracy.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-
+    methods = list(args.methods)
+    if args.ablation:
+        methods += [m for m in ("scnym_2021", *ABLATIONS) if m not in methods]
     for variant in args.variant:
         name, _, flags = variant.partition("=")
         METHODS[name.strip()] = shlex.split(flags)
-        args.methods.append(name.strip())
-    rows = pd.DataFrame([run_one(s, m, seed, args) for s in args.splits for m in args.methods for seed in args.seeds])
-    summary = summarize(rows)
+        methods.append(name.strip())
+
     info = machine()
+    peers = measured_peers(args.peers)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows.to_csv(args.out / f"{args.tag}.csv", index=False)
+    rows: list[dict] = []
+    for split in args.splits:
+        for method in methods:
+            for seed in args.seeds:
+                rows.append(run_one(split, method, seed, args))
+                frame = pd.DataFrame(rows)
+                frame.drop(columns=["class_sizes", "per_class_recall", "novel_called_as"]).to_csv(
+                    args.out / f"{args.tag}.csv", index=False)   # after every run: partial results survive
+    frame = pd.DataFrame(rows)
+    summary = summarize(frame)
     write_json(args.out / f"{args.tag}.json", {"command": command, "machine": info,
-                                               "rows": rows.to_dict(orient="records"),
+                                               "rows": frame.to_dict(orient="records"),
                                                "summary": summary.to_dict(orient="records")})
-    plot(summary, args.out / f"{args.tag}.png")
-    write_markdown(args.out / f"{args.tag}.md", markdown(summary, info, command).splitlines())
-    return rows
+    plot(summary, args.out / f"{args.tag}.png", peers)
+    write_markdown(args.out / f"{args.tag}.md", markdown(summary, info, command, peers).splitlines())
+    return frame
 
 
 if __name__ == "__main__":

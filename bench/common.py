@@ -163,6 +163,21 @@ def materialize(split: TransferSplit, work: Path, max_cells: Optional[int] = Non
     return reference_path, query_path
 
 
+def shared_genes_file(reference: Path, query: Path) -> Optional[Path]:
+    """Where the query holds under half of the reference's genes (scnym's minimum overlap), the genes the two
+    share, for --genes_to_use (what every peer does by intersecting genes); else None."""
+    import anndata as ad
+
+    reference_genes = ad.read_h5ad(reference, backed="r").var_names
+    query_genes = ad.read_h5ad(query, backed="r").var_names
+    shared = reference_genes[reference_genes.isin(query_genes)]
+    if len(shared) >= 0.5 * len(reference_genes):
+        return None
+    path = reference.with_name(reference.stem + ".shared_genes.txt")
+    path.write_text("\n".join(shared) + "\n")
+    return path
+
+
 def query_scores(truth, predicted, confidence, reference_classes) -> dict:
     """Metrics of one run's query predictions, on the cells whose type the reference has (balanced accuracy
     over those types); cells of types the reference lacks are scored by how well (1 - confidence) ranks them

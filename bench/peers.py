@@ -40,7 +40,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (PEER_TABLE, REPO, RESULTS, SPLITS, WORK, machine, materialize, query_scores,  # noqa: E402
-                    run_measured, write_json)
+                    run_measured, shared_genes_file, write_json)
 
 PEER_SCRIPTS = Path(os.environ.get("SCNYM_PEER_SCRIPTS", REPO.parent / "shared" / "peers"))
 PEERS_DIR = Path(os.environ.get("PEERS_DIR", Path.home() / "scnym-peers"))
@@ -62,9 +62,18 @@ class Peer:
     flags: tuple[str, ...] = ()
     tag_counts: bool = False         # give run_linear.py uns["x_kind"] = "counts" when X holds counts
     counts_splits_only: bool = False  # only meaningful where X holds counts
+    ours: bool = False               # this repository's scnym: runner in bench/, given --genes-to-use where needed
+
+    @property
+    def runner_path(self) -> Path:
+        return (REPO / "bench" if self.ours else PEER_SCRIPTS) / self.runner
 
 
 PEERS = {p.name: p for p in [
+    Peer("scnym_cli", "scnym (this repository)", "run_scnym_cli.py", None, None, None, None,
+         "max calibrated class probability", ours=True),
+    Peer("scnym_cli_supervised", "scnym supervised", "run_scnym_cli.py", None, None, None, None,
+         "max calibrated class probability", flags=("--supervised",), ours=True),
     Peer("logreg", "logistic regression", "run_linear.py", None, None, None, "logreg",
          "max multinomial logistic-regression probability", tag_counts=True),
     Peer("celltypist", "CellTypist 1.7.1", "run_celltypist.py", "celltypist-venv", "install_celltypist.sh",
@@ -237,8 +246,11 @@ def run_one(split_name: str, peer: Peer, seed: int, args, environment: dict[str,
     run_dir = args.work / "peers" / split_name / peer.name / f"seed{seed}"
     predictions = run_dir / "predictions.csv"
     extra = [] if args.unbounded else BOUNDS.get((peer.name, split_name), ([], ""))[0]
-    runner = [str(peer_python(peer)), str(PEER_SCRIPTS / peer.runner), "--ref", str(reference), "--query", str(query),
+    runner = [str(peer_python(peer)), str(peer.runner_path), "--ref", str(reference), "--query", str(query),
               "--label", split.label, "--out", str(predictions), "--seed", str(seed), *peer.flags, *extra]
+    shared = shared_genes_file(reference, query) if peer.ours else None
+    if shared is not None:
+        runner += ["--genes-to-use", str(shared)]
     command = ["env", *[f"{k}={v}" for k, v in environment.items()], "nice", "-n", "19", *runner]
     row = {"split": split_name, "peer": peer.name, "seed": seed, "status": "ok", "x_is_counts": counts,
            "runner_flags": " ".join([*peer.flags, *extra]), "threads": environment.get("OMP_NUM_THREADS"),

@@ -91,7 +91,7 @@ class Config:
         "have: a gene the target lacks is 0 in every target cell and would only teach the model a difference.",
         "Inputs", _TRAIN)
     n_top_genes: Optional[int] = option(
-        None, "Train on this many highly variable genes (Seurat's dispersion, ranked over the reference and the "
+        2000, "Train on this many highly variable genes (Seurat's dispersion, ranked over the reference and the "
         "target data); none = every gene. Not applied when --genes_to_use is given.", "Inputs", _TRAIN, min=1)
     training_metadata: Optional[Path] = option(
         None, "CSV with per-cell labels, rows in cell order or matched by a cell-id column "
@@ -148,15 +148,21 @@ class Config:
         0.1, "Fraction of each training part held out (stratified) to select the best epoch.",
         "Training", _TRAIN, min=0.0, max=0.5, min_exclusive=True)
     batch_size: int = option(256, "Cells per training batch.", "Training", _TRAIN, min=2)
-    n_epochs: int = option(100, "Maximum training epochs.", "Training", _TRAIN, min=1)
+    n_epochs: int = option(20, "Maximum training epochs (scNym 2021: 100).", "Training", _TRAIN, min=1)
+    min_steps_per_epoch: int = option(
+        30, "An epoch makes at least this many optimizer steps (several passes over few cells), so that epochs, "
+        "and the ramps, patience and evaluations counted in them, mean similar training on small and large "
+        "data; 0 = one pass.", "Training", _TRAIN, min=0)
     patience: int = option(
-        40, "Stop after this many epochs without improvement of the selection metric (0 = never stop early).",
+        7, "Stop after this many epochs without improvement of the selection metric (0 = never stop early).",
         "Training", _TRAIN, min=0)
     min_epochs: int = option(
-        20, "Epochs before a best model may be kept (and before early stopping).", "Training", _TRAIN, min=0)
+        7, "Epochs before a best model may be kept (and before early stopping).", "Training", _TRAIN, min=0)
     selection_metric: str = option(
-        "loss", "Model-selection metric on the held-out selection split.", "Training", _TRAIN,
-        choices=("loss", "accuracy", "balanced_accuracy"))
+        "auto", "Which epoch's weights are kept: the best by a metric on the held-out selection split (loss, "
+        "accuracy, balanced_accuracy), or the last one (no early stopping); auto = loss for supervised training, "
+        "last with target data (the reference's selection cells cannot tell how well the target is placed).",
+        "Training", _TRAIN, choices=("auto", "loss", "accuracy", "balanced_accuracy", "last"))
     optimizer: str = option(
         "adadelta", "Optimizer (sgd uses momentum 0.9).", "Training", _TRAIN,
         choices=("adadelta", "adam", "adamw", "sgd"))
@@ -196,7 +202,7 @@ class Config:
     unsup_max_weight: float = option(
         1.0, "Maximum weight of the MixMatch (unsupervised) loss; 0 = no MixMatch.", "Semi-supervised", _TRAIN,
         min=0.0)
-    unsup_ramp_epochs: int = option(100, "Epochs over which the unsupervised weight ramps up (sigmoid).",
+    unsup_ramp_epochs: int = option(7, "Epochs over which the unsupervised weight ramps up (sigmoid).",
                                     "Semi-supervised", _TRAIN, min=0)
     unsup_burn_in_epochs: int = option(0, "Epochs of supervised training before the ramp starts.",
                                        "Semi-supervised", _TRAIN, min=0)
@@ -215,7 +221,7 @@ class Config:
         "for classes few target cells are confidently placed in (every target cell is predicted once per epoch).",
         "Semi-supervised", _TRAIN)
     balance_target_classes: bool = option(
-        False, "Draw target cells class-balanced by their pseudolabel (every target cell is predicted once per "
+        True, "Draw target cells class-balanced by their pseudolabel (every target cell is predicted once per "
         "epoch), so rare types weigh as much in MixMatch and the adversary as common ones.", "Semi-supervised",
         _TRAIN)
     augmentation: str = option(
@@ -235,7 +241,7 @@ class Config:
     dan_max_weight: float = option(
         0.1, "Maximum gradient-reversal weight of the domain adversary; 0 = no adversary.", "Semi-supervised",
         _TRAIN, min=0.0)
-    dan_ramp_epochs: int = option(20, "Epochs over which the adversary's weight ramps up (sigmoid).",
+    dan_ramp_epochs: int = option(7, "Epochs over which the adversary's weight ramps up (sigmoid).",
                                   "Semi-supervised", _TRAIN, min=0)
     dan_use_conf_pseudolabels: bool = option(
         False, "Only confidently pseudolabelled target cells enter the domain adversary.", "Semi-supervised", _TRAIN)
@@ -244,7 +250,7 @@ class Config:
         False, "Class-conditional adversary (CDAN): the domain classifier sees the embedding x the class "
         "probabilities, so domains are aligned class by class rather than as wholes.", "Semi-supervised", _TRAIN)
     dan_on_mixes: bool = option(
-        False, "The adversary classifies the domains of the MixMatch mixes (soft domain labels) instead of a second "
+        True, "The adversary classifies the domains of the MixMatch mixes (soft domain labels) instead of a second "
         "forward pass of the unmixed cells: one forward and backward pass per step instead of two.",
         "Semi-supervised", _TRAIN)
 
@@ -308,7 +314,8 @@ class Config:
     overwrite: bool = option(False, "Replace results already in out_path.", "Run")
     device: str = option("auto", "auto | cpu | cuda | cuda:N | mps.", "Run")
     num_threads: Optional[int] = option(
-        None, "CPU threads for torch (default: torch's choice).", "Run", min=1)
+        None, "CPU threads for torch (default: the CPUs this process may use, from its affinity mask and "
+        "SLURM_CPUS_PER_TASK, at most 2: more do not speed up this model).", "Run", min=1)
 
     # ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

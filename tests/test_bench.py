@@ -28,15 +28,38 @@ def test_accuracy_benchmark_quick(tmp_path, monkeypatch):
     shared_data("kang2018_ctrl_stim_small.h5ad")
     accuracy = load_bench("accuracy")
     rows = accuracy.main(["--quick", "--splits", "kang_ctrl_to_stim", "--seeds", "0", "--out", str(tmp_path / "r"),
-                          "--work", str(tmp_path / "w"), "--tag", "t"])
-    assert len(rows) == len(accuracy.METHODS)
+                          "--work", str(tmp_path / "w"), "--tag", "t", "--methods", "supervised", "semi_supervised",
+                          "no_adversary"])
+    assert list(rows["method"]) == ["supervised", "semi_supervised", "no_adversary"]
     table = pd.read_csv(tmp_path / "r" / "t.csv")
-    assert {"balanced_accuracy", "accuracy", "macro_f1", "ece", "train_seconds"} <= set(table.columns)
+    assert {"balanced_accuracy", "accuracy", "macro_f1", "ece", "train_seconds", "novel_auroc"} <= set(table.columns)
     assert table["balanced_accuracy"].between(0, 1).all()
     payload = json.loads((tmp_path / "r" / "t.json").read_text())
     assert payload["machine"]["cores"] and "python bench/accuracy.py" in payload["command"]
     assert (tmp_path / "r" / "t.png").stat().st_size > 0
-    assert "Kang ctrl -> stim" in (tmp_path / "r" / "t.md").read_text()
+    report = (tmp_path / "r" / "t.md").read_text()
+    assert "Kang ctrl -> stim" in report and "## Ablation" in report and "MixMatch only" in report
+    # --resume reuses finished runs with the same command
+    again = accuracy.main(["--quick", "--splits", "kang_ctrl_to_stim", "--seeds", "0", "--out", str(tmp_path / "r"),
+                           "--work", str(tmp_path / "w"), "--tag", "t2", "--methods", "supervised", "--resume"])
+    assert again["balanced_accuracy"].iloc[0] == rows["balanced_accuracy"].iloc[0]
+
+
+def test_strong_shift_splits_are_built_from_two_studies(tmp_path):
+    shared_data("zheng2017_sorted_pbmc.h5ad")
+    shared_data("zilionis2019_mouse_lung_immune.h5ad")
+    import anndata as ad
+
+    common = load_bench("common")
+    reference, query = common.materialize(common.SPLITS["human_pbmc_to_mouse_lung"], tmp_path, max_cells=100)
+    reference, query = ad.read_h5ad(reference), ad.read_h5ad(query)
+    assert set(reference.obs["cell_type"]) == {"B cell", "NK cell", "T cell", "monocyte"}
+    assert "neutrophil" in set(query.obs["cell_type"])
+    assert reference.var_names.isin(query.var_names).sum() > 7000     # mouse genes in human names (orthologs)
+    scores = common.query_scores(["B cell", "T cell", "neutrophil", "neutrophil"], ["B cell", "B cell", "T cell",
+                                 "B cell"], [0.9, 0.8, 0.3, 0.6], ["B cell", "T cell", "NK cell"])
+    assert scores["balanced_accuracy"] == 0.5 and scores["n_novel"] == 2      # over the known types only
+    assert scores["novel_auroc"] == 1.0 and scores["novel_called_as"] == {"T cell": 1, "B cell": 1}
 
 
 def test_markers_benchmark_quick(tmp_path):

@@ -13,11 +13,20 @@ from conftest import assert_one_line_error, invoke
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_defaults_match_the_2021_configs():
+def test_the_2021_config_file_brings_back_the_published_settings():
     c = Config()
-    assert (c.n_epochs, c.patience, c.lr, c.optimizer, c.weight_decay, c.batch_size) == \
-        (100, 40, 1.0, "adadelta", 1e-4, 256)
-    assert (c.n_hidden, c.n_layers, c.min_epochs, c.n_folds) == (256, 2, 20, 5)
+    assert (c.lr, c.optimizer, c.weight_decay, c.batch_size, c.n_hidden, c.n_layers, c.n_folds) == \
+        (1.0, "adadelta", 1e-4, 256, 256, 2, 5)                    # shared by the 2021 settings and ours
+    published = load_config(None, [REPO / "configs" / "scnym_2021.txt"])
+    assert (published.n_epochs, published.patience, published.min_epochs, published.min_steps_per_epoch) == \
+        (100, 40, 20, 0)
+    assert (published.unsup_ramp_epochs, published.dan_ramp_epochs) == (100, 20)
+    assert published.n_top_genes is None and not published.shared_genes and not published.dan_on_mixes
+    assert not published.balance_target_classes
+    changed = {k for k, v in published.to_dict().items() if v != c.to_dict()[k]}
+    assert changed == {"n_epochs", "patience", "min_epochs", "min_steps_per_epoch", "unsup_ramp_epochs",
+                       "dan_ramp_epochs", "n_top_genes", "shared_genes", "dan_on_mixes", "balance_target_classes",
+                       "selection_metric"}
 
 
 def test_precedence_defaults_files_flags(tmp_path):
@@ -99,7 +108,7 @@ def test_config_is_immutable_and_replace_validates():
     with pytest.raises(Exception):
         c.n_epochs = 3  # frozen
     d = c.replace(n_epochs="5")
-    assert d.n_epochs == 5 and c.n_epochs == 100
+    assert d.n_epochs == 5 and c.n_epochs == 20
     with pytest.raises(ScnymError):
         c.replace(n_epochs=-1)
 

@@ -165,3 +165,58 @@ def test_metrics():
     from scnym_cli.train.metrics import calibration_error   # the core, from confidence and correctness
 
     assert calibration_error(np.full(10, 0.99), np.arange(10) < 5) == pytest.approx(0.49)
+
+
+def test_small_data_epochs_make_at_least_min_steps_each():
+    sampler = EpochSampler(np.arange(100), 32, seed=0, min_batches=10)
+    batches = list(sampler.epoch())
+    assert len(batches) == len(sampler) == 12 and all(len(b) == 32 for b in batches)   # 4 passes of 100 cells
+    drawn = np.concatenate(batches)
+    assert set(drawn) == set(range(100)) and np.bincount(drawn).max() <= 4   # whole shuffled passes
+    assert len(EpochSampler(np.arange(1000), 32, seed=0, min_batches=10)) == 31   # large data: one pass
+    data = synthetic_training_data()
+    _, result = fit(Config(**{**FAST, "n_epochs": 2, "min_steps_per_epoch": 20}), data)
+    assert len(result.history) == 2
+
+
+@pytest.mark.parametrize("schedule", ["one_cycle", "cosine"])
+def test_learning_rate_schedules_step_per_batch(schedule):
+    from scnym_cli.train.trainer import cosine, one_cycle
+
+    data = synthetic_training_data()
+    _, result = fit(Config(**{**FAST, "optimizer": "adamw", "lr": 0.01, "lr_schedule": schedule}), data)
+    lrs = result.history["lr"].to_numpy()
+    assert result.history["select_accuracy"].max() > 0.8
+    if schedule == "one_cycle":   # up to the peak, then down to almost nothing
+        assert lrs.max() == pytest.approx(0.01, rel=0.2) and lrs[0] < lrs.max() and lrs[-1] < 0.2 * lrs.max()
+        assert one_cycle(0, 100) == pytest.approx(1 / 25) and one_cycle(30, 100) == pytest.approx(1.0)
+        assert one_cycle(100, 100) == pytest.approx(1e-5) and one_cycle(500, 100) == one_cycle(100, 100)
+    else:
+        assert np.all(np.diff(lrs) < 0) and cosine(0, 10) == 1.0 and cosine(10, 10) == pytest.approx(1e-4)
+
+
+def test_default_threads_follow_the_cpus_the_process_may_use(monkeypatch):
+    import os
+
+    from scnym_cli.train import device
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert device.available_cpus() == 8 and device.default_threads() == device.USEFUL_THREADS
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert device.available_cpus() == 1 and device.default_threads() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "16")
+    assert device.available_cpus() == 1
+
+
+def test_flushing_subnormals_survives_a_nested_block():
+    """Evaluation inside training used to switch flushing off for every epoch after the first."""
+    from scnym_cli.train.device import flush_denormals
+
+    subnormal = torch.tensor([1e-39], dtype=torch.float32)
+    with flush_denormals():
+        with flush_denormals():
+            pass
+        assert float(subnormal * 0.5) == 0.0          # still flushed
+    assert float(subnormal * 0.5) > 0.0               # restored to torch's default on the way out

@@ -35,13 +35,19 @@ class EpochSampler:
         1 / (size of its class): every class is seen equally often.
     drop_last
         Drop a last incomplete batch (batch norm needs more than one cell).
+    min_batches
+        An epoch has at least this many batches: with few cells it makes several shuffled passes, so
+        that epochs (and what is counted in epochs: ramps, patience, evaluation) mean a similar number
+        of optimizer steps on small and large data.
     """
 
     def __init__(self, rows: np.ndarray, batch_size: int, *, codes: Optional[np.ndarray] = None,
-                 balance_classes: bool = False, drop_last: bool = True, seed: int = 0):
+                 balance_classes: bool = False, drop_last: bool = True, seed: int = 0, min_batches: int = 0):
         self.rows = np.asarray(rows, dtype=np.int64)
         self.batch_size = int(min(batch_size, max(len(self.rows), 1)))
         self.drop_last = drop_last
+        one_pass = len(self.rows) // self.batch_size
+        self.passes = max(1, -(-int(min_batches) // max(one_pass, 1)))
         self.rng = np.random.default_rng(seed)
         self.probabilities = None
         if balance_classes:
@@ -55,7 +61,7 @@ class EpochSampler:
         self.probabilities = weights / weights.sum()
 
     def __len__(self) -> int:
-        full, rest = divmod(len(self.rows), self.batch_size)
+        full, rest = divmod(self.passes * len(self.rows), self.batch_size)
         return full if (self.drop_last or rest == 0) else full + 1
 
     def forever(self) -> Iterator[np.ndarray]:
@@ -65,9 +71,9 @@ class EpochSampler:
 
     def epoch(self) -> Iterator[np.ndarray]:
         if self.probabilities is None:
-            order = self.rng.permutation(self.rows)
+            order = np.concatenate([self.rng.permutation(self.rows) for _ in range(self.passes)])
         else:
-            order = self.rng.choice(self.rows, size=len(self.rows), replace=True, p=self.probabilities)
+            order = self.rng.choice(self.rows, size=self.passes * len(self.rows), replace=True, p=self.probabilities)
         for batch_index in range(len(self)):
             batch = order[batch_index * self.batch_size:(batch_index + 1) * self.batch_size]
             if len(batch) > 1 or not self.drop_last:

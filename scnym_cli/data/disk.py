@@ -130,7 +130,7 @@ class BlockShuffleSampler:
 
     def __init__(self, rows: np.ndarray, batch_size: int, matrix: DiskMatrix, *, window_blocks: int,
                  codes: Optional[np.ndarray] = None, balance_classes: bool = False, drop_last: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, min_batches: int = 0):
         from .batches import EpochSampler
 
         self.rows = np.sort(np.asarray(rows, dtype=np.int64))
@@ -138,8 +138,9 @@ class BlockShuffleSampler:
         self.block_ids = matrix.block_of(self.rows)
         self.unique_blocks = np.unique(self.block_ids)
         # the window's rows are shuffled by the in-memory sampler's own rule, on this sampler's rng
+        # (min_batches matters only for data within one window: larger data has more batches than that)
         self._inner = EpochSampler(self.rows, batch_size, codes=codes, balance_classes=balance_classes,
-                                   drop_last=drop_last, seed=seed)
+                                   drop_last=drop_last, seed=seed, min_batches=min_batches)
         self.codes, self.balance = codes, balance_classes
         self.batch_size, self.drop_last = self._inner.batch_size, drop_last
         self.block_rng = np.random.default_rng([seed, 1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -41,16 +42,47 @@ class flush_denormals(contextlib.ContextDecorator):
     Confident softmax outputs underflow to subnormal numbers (~1e-40) whose gradients then flow
     through every backward matrix product; CPUs process subnormals many times slower (measured:
     15x for a forward/backward pass of a trained model). Nothing scnym computes depends on values
-    that small. torch has no getter for this setting: on exit it is restored to torch's default (off).
+    that small. torch has no getter for this setting: on leaving the outermost scnym block it is
+    restored to torch's default (off). Blocks nest (evaluation inside training): an inner block's exit
+    leaves flushing on, which it did not before and cost every epoch after the first its speed-up.
     """
 
+    _depth = 0  # open blocks, process-wide like the flag itself
+
     def __enter__(self):
-        torch.set_flush_denormal(True)
+        if flush_denormals._depth == 0:
+            torch.set_flush_denormal(True)
+        flush_denormals._depth += 1
         return self
 
     def __exit__(self, *exc):
-        torch.set_flush_denormal(False)
+        flush_denormals._depth -= 1
+        if flush_denormals._depth == 0:
+            torch.set_flush_denormal(False)
         return False
+
+
+# torch's intra-op threads beyond which this model's steps get no faster (see default_threads)
+USEFUL_THREADS = 2
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask (taskset, cgroups, SLURM's binding), capped by
+    SLURM_CPUS_PER_TASK when set (SLURM does not always bind)."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        count = os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    if slurm.isdigit() and int(slurm) > 0:
+        count = min(count, int(slurm))
+    return max(count, 1)
+
+
+def default_threads() -> int:
+    """Threads for torch when --num_threads is not given: the CPUs this process may use, at most
+    USEFUL_THREADS (more do not speed up steps of a 256-wide MLP, and oversubscribe shared machines)."""
+    return min(available_cpus(), USEFUL_THREADS)
 
 
 @dataclass

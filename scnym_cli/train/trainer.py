@@ -198,14 +198,16 @@ class Trainer:
         prior = torch.bincount(torch.from_numpy(data.codes[data.split.fit]), minlength=data.n_classes)
         return SemiSupervisedObjective(model, settings, max(data.n_domains, 2), class_weight, labeled_prior=prior)
 
-    def _sampler(self, data: TrainingData, rows: np.ndarray, *, balance_classes: bool, seed: int):
+    def _sampler(self, data: TrainingData, rows: np.ndarray, *, balance_classes: bool, seed: int,
+                 min_batches: int = 0):
         """Shuffled batches; for data read from disk, shuffled within windows of blocks (bounded memory)."""
         c = self.config
         if isinstance(data.X, DiskMatrix):
             window = max(1, c.read_buffer_cells // data.X.block_rows)
             return BlockShuffleSampler(rows, c.batch_size, data.X, window_blocks=window, codes=data.codes,
-                                       balance_classes=balance_classes, seed=seed)
-        return EpochSampler(rows, c.batch_size, codes=data.codes, balance_classes=balance_classes, seed=seed)
+                                       balance_classes=balance_classes, seed=seed, min_batches=min_batches)
+        return EpochSampler(rows, c.batch_size, codes=data.codes, balance_classes=balance_classes, seed=seed,
+                            min_batches=min_batches)
 
     def _rows_to_device(self, array: Optional[np.ndarray], rows: np.ndarray) -> Optional[torch.Tensor]:
         return None if array is None else torch.from_numpy(array[rows]).to(self.device)
@@ -233,9 +235,20 @@ class Trainer:
         return {"select_loss": loss, "select_accuracy": metrics["accuracy"],
                 "select_balanced_accuracy": metrics["balanced_accuracy"]}
 
-    def _score(self, evaluation: dict[str, float]) -> float:
-        """Higher is better, whatever the metric."""
+    def _selection_metric(self, data: TrainingData) -> str:
+        """What picks the kept epoch. ``auto``: the selection loss for supervised training; the last epoch
+        when there are target cells, whose accuracy the reference's selection cells cannot show (on the
+        human -> mouse split the selection loss was lowest at epoch 7, where the target's balanced accuracy
+        was 0.61, against 0.93 at the end of the run)."""
         metric = self.config.selection_metric
+        if metric == "auto":
+            return "last" if len(data.unlabeled) else "loss"
+        return metric
+
+    def _score(self, evaluation: dict[str, float], metric: str) -> float:
+        """Higher is better, whatever the metric."""
+        if metric == "last":
+            return math.inf
         value = evaluation["select_loss"] if metric == "loss" else evaluation[f"select_{metric}"]
         if math.isnan(value):
             return -math.inf
@@ -257,7 +270,8 @@ class Trainer:
         c = self.config
         model.to(self.device)
         objective = self._objective(model, data).to(self.device)
-        sampler = self._sampler(data, data.split.fit, balance_classes=c.balance_classes, seed=c.seed)
+        sampler = self._sampler(data, data.split.fit, balance_classes=c.balance_classes, seed=c.seed,
+                                min_batches=c.min_steps_per_epoch)
         optimizer, scheduler = self._optimizer(objective, max(len(sampler), 1))
         precision = Precision(self.device)
         ranks = distributed.current()
@@ -278,6 +292,7 @@ class Trainer:
             target_batches = target_sampler.forever()
         census = semi_supervised and target_sampler is not None and objective.settings.needs_target_census
         min_epochs = min(c.min_epochs, c.n_epochs)
+        selection = self._selection_metric(data)
         best_score, best_epoch, best_state = -math.inf, 0, None
         epoch_log = EpochLog(self.log_path)
         started = time.perf_counter()
@@ -323,8 +338,8 @@ class Trainer:
                     learning_rate = optimizer.param_groups[0]["lr"]
                     distributed.sync_buffers(model)  # identical models, identical evaluations on every rank
                     evaluation = self._evaluate(model, data)
-                    score = self._score(evaluation)
-                    is_best = distributed.agree(epoch >= min_epochs and score > best_score)
+                    score = self._score(evaluation, selection)
+                    is_best = distributed.agree(epoch >= min_epochs and (score > best_score or selection == "last"))
                     if is_best:
                         best_score, best_epoch = score, epoch
                         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -339,7 +354,7 @@ class Trainer:
                     if not math.isfinite(row["train_loss"]):
                         raise ScnymError(f"{self.name}: the training loss became {row['train_loss']} at epoch "
                                          f"{epoch}; lower --lr or check the input values")
-                    if distributed.agree(bool(c.patience and epoch >= min_epochs and best_epoch
+                    if distributed.agree(bool(c.patience and selection != "last" and epoch >= min_epochs and best_epoch
                                               and epoch - best_epoch >= c.patience)):
                         stopped_early = True
                         break
@@ -351,9 +366,12 @@ class Trainer:
             best_epoch = epoch
         temperature = self._calibrate(model, data) if c.calibrate else 1.0
         seconds = time.perf_counter() - started
-        log.info("%s: best epoch %d of %d (%s %.4f)%s, temperature %.3f, %.1f s", self.name, best_epoch, epoch,
-                 c.selection_metric, abs(best_score), ", stopped early" if stopped_early else "", temperature,
-                 seconds)
+        kept = ("the last" if selection == "last" else
+                f"best by {selection} {abs(best_score):.4f}" if math.isfinite(best_score) else "no selection")
+        log.info("%s: kept epoch %d of %d (%s)%s, temperature %.3f, %.1f s", self.name, best_epoch, epoch, kept,
+                 ", stopped early" if stopped_early else "", temperature, seconds)
+        if selection == "last":
+            best_score = float("nan")
         return FitResult(best_epoch, best_score, epoch, stopped_early, seconds, history, temperature,
                          semi_supervised, ranks.world_size, verified_steps)
 

@@ -17,7 +17,7 @@ from ..data import (UNLABELED, CellMatrix, GeneOverlap, LabelEncoding, align_gen
 from ..data.genes import require_overlap, translate_for_model
 from ..data.labels import require_column
 from ..errors import ScnymError
-from ..train.device import resolve_device
+from ..train.device import default_threads, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,7 @@ def setup_runtime(config: Config) -> torch.device:
     """Resolve the device and the CPU thread count, once per command; join a torchrun process group."""
     from ..train import distributed
 
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    torch.set_num_threads(config.num_threads or default_threads())
     ranks, device = distributed.initialize(resolve_device(config.device))
     log.info("device: %s (%d CPU threads)%s", device, torch.get_num_threads(),
              f", rank {ranks.rank} of {ranks.world_size}" if ranks.active else "")

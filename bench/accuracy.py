@@ -51,11 +51,7 @@ ABLATIONS: dict[str, tuple[list[str], str]] = {
     "conditional_adversary": (["--dan_conditional", "true"], "class-conditional adversary (CDAN)"),
     "balanced_labeled": (["--balance_classes", "true"], "class-balanced labeled batches"),
     "no_adversary": (["--dan_max_weight", "0"], "MixMatch only"),
-    "no_mixmatch": (["--unsup_max_weight", "0"], "domain adversary only"),
     "unmixed_adversary": (["--dan_on_mixes", "false"], "the adversary on a second forward pass of unmixed cells"),
-    "slow_ramp": (["--unsup_ramp_epochs", "20"], "MixMatch weight ramped over the whole run (20 epochs), not 7"),
-    "select_by_loss": (["--selection_metric", "loss"], "keep the epoch of lowest reference selection loss, "
-                       "not the last"),
 }
 for _name, (_flags, _) in ABLATIONS.items():
     METHODS[_name] = ["--unlabeled_counts", "QUERY", *_flags]
@@ -255,8 +251,7 @@ def main(argv=None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
     parser.add_argument("--methods", nargs="*", default=["supervised", "semi_supervised"], choices=list(METHODS))
-    parser.add_argument("--ablation", action="store_true", help="add every method of ABLATIONS (and the 2021 "
-                                                                 "settings)")
+    parser.add_argument("--ablation", action="store_true", help="add every method of ABLATIONS")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                         help="an extra method: a name and its training flags (QUERY = the query file), e.g. "
                              "'hvg=--n_top_genes 2000'; repeatable")
@@ -276,7 +271,7 @@ def main(argv=None) -> pd.DataFrame:
     command = "python bench/accuracy.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     methods = list(args.methods)
     if args.ablation:
-        methods += [m for m in ("scnym_2021", *ABLATIONS) if m not in methods]
+        methods += [m for m in ABLATIONS if m not in methods]
     for variant in args.variant:
         name, _, flags = variant.partition("=")
         METHODS[name.strip()] = shlex.split(flags)

@@ -251,6 +251,8 @@ def run_one(split_name: str, peer: Peer, seed: int, args, environment: dict[str,
     shared = shared_genes_file(reference, query) if peer.ours else None
     if shared is not None:
         runner += ["--genes-to-use", str(shared)]
+    if peer.ours and args.quick:  # seconds, not a benchmark
+        runner += ["--n_epochs", "2", "--min_steps_per_epoch", "2", "--n_hidden", "32", "--batch_size", "64"]
     command = ["env", *[f"{k}={v}" for k, v in environment.items()], "nice", "-n", "19", *runner]
     row = {"split": split_name, "peer": peer.name, "seed": seed, "status": "ok", "x_is_counts": counts,
            "runner_flags": " ".join([*peer.flags, *extra]), "threads": environment.get("OMP_NUM_THREADS"),
@@ -495,14 +497,15 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--unbounded", action="store_true", help="drop the epoch bounds of BOUNDS")
     parser.add_argument("--resume", action="store_true", help="reuse finished runs (same command) under --work")
     parser.add_argument("--quick", action="store_true",
-                        help=f"logistic regression only, on {QUICK_CELLS} cells of Kang ctrl -> stim (test suite)")
+                        help=f"logistic regression and a 2-epoch scnym only, on {QUICK_CELLS} cells of Kang ctrl -> stim "
+                             "(test suite)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=WORK)
     parser.add_argument("--tag", default="peers")
     args = parser.parse_args(argv)
     command = "python bench/peers.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.quick:
-        args.peers, args.splits = ["logreg"], ["kang_ctrl_to_stim"]
+        args.peers, args.splits = ["logreg", "scnym_cli"], ["kang_ctrl_to_stim"]
     peers = [PEERS[name] for name in args.peers]
 
     installed = install(peers) if args.install else {}

@@ -148,16 +148,16 @@ class Config:
         0.1, "Fraction of each training part held out (stratified) to select the best epoch.",
         "Training", _TRAIN, min=0.0, max=0.5, min_exclusive=True)
     batch_size: int = option(256, "Cells per training batch.", "Training", _TRAIN, min=2)
-    n_epochs: int = option(20, "Maximum training epochs (scNym 2021: 100).", "Training", _TRAIN, min=1)
+    n_epochs: int = option(15, "Maximum training epochs (scNym 2021: 100).", "Training", _TRAIN, min=1)
     min_steps_per_epoch: int = option(
         30, "An epoch makes at least this many optimizer steps (several passes over few cells), so that epochs, "
         "and the ramps, patience and evaluations counted in them, mean similar training on small and large "
         "data; 0 = one pass.", "Training", _TRAIN, min=0)
     patience: int = option(
-        7, "Stop after this many epochs without improvement of the selection metric (0 = never stop early).",
+        5, "Stop after this many epochs without improvement of the selection metric (0 = never stop early).",
         "Training", _TRAIN, min=0)
     min_epochs: int = option(
-        7, "Epochs before a best model may be kept (and before early stopping).", "Training", _TRAIN, min=0)
+        5, "Epochs before a best model may be kept (and before early stopping).", "Training", _TRAIN, min=0)
     selection_metric: str = option(
         "auto", "Which epoch's weights are kept: the best by a metric on the held-out selection split (loss, "
         "accuracy, balanced_accuracy), or the last one (no early stopping); auto = loss for supervised training, "
@@ -202,7 +202,7 @@ class Config:
     unsup_max_weight: float = option(
         1.0, "Maximum weight of the MixMatch (unsupervised) loss; 0 = no MixMatch.", "Semi-supervised", _TRAIN,
         min=0.0)
-    unsup_ramp_epochs: int = option(7, "Epochs over which the unsupervised weight ramps up (sigmoid).",
+    unsup_ramp_epochs: int = option(15, "Epochs over which the unsupervised weight ramps up (sigmoid).",
                                     "Semi-supervised", _TRAIN, min=0)
     unsup_burn_in_epochs: int = option(0, "Epochs of supervised training before the ramp starts.",
                                        "Semi-supervised", _TRAIN, min=0)
@@ -241,7 +241,7 @@ class Config:
     dan_max_weight: float = option(
         0.1, "Maximum gradient-reversal weight of the domain adversary; 0 = no adversary.", "Semi-supervised",
         _TRAIN, min=0.0)
-    dan_ramp_epochs: int = option(7, "Epochs over which the adversary's weight ramps up (sigmoid).",
+    dan_ramp_epochs: int = option(5, "Epochs over which the adversary's weight ramps up (sigmoid).",
                                   "Semi-supervised", _TRAIN, min=0)
     dan_use_conf_pseudolabels: bool = option(
         False, "Only confidently pseudolabelled target cells enter the domain adversary.", "Semi-supervised", _TRAIN)

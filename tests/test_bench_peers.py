@@ -31,16 +31,18 @@ def test_peers_benchmark_quick(tmp_path):
     out, work = tmp_path / "r", tmp_path / "w"
     rows = peers.main(["--quick", "--out", str(out), "--work", str(work), "--tag", "t"])
 
-    assert len(rows) == 1 and rows["status"].tolist() == ["ok"], rows.get("error")
+    assert len(rows) == 2 and rows["status"].tolist() == ["ok", "ok"], rows.get("error")
     table = pd.read_csv(out / "t.csv")
-    assert table["peer"].tolist() == ["logreg"] and table["split"].tolist() == ["kang_ctrl_to_stim"]
-    assert table["n_scored"].tolist() == [peers.QUICK_CELLS]
+    assert table["peer"].tolist() == ["logreg", "scnym_cli"] and set(table["split"]) == {"kang_ctrl_to_stim"}
+    assert table["n_scored"].tolist() == [peers.QUICK_CELLS] * 2
+    assert "run_scnym_cli.py" in table["command"].iloc[1]    # this repository's scnym, side by side
     for column in ("balanced_accuracy", "accuracy", "macro_f1", "ece"):
         assert table[column].between(0, 1).all(), column
-    assert table["balanced_accuracy"].iloc[0] > 0.5  # five PBMC types: far above chance
+    assert table["balanced_accuracy"].iloc[0] > 0.5  # five PBMC types: far above chance (scnym: 2 epochs only)
     assert (table["seconds"] > 0).all() and (table["peak_mb"] > 0).all()
     assert table["runner_train_s"].notna().all()  # the runner's own meta.json was read
     assert "run_linear.py" in table["command"].iloc[0]
+    assert table["runner_train_s"].iloc[1] > 0 and table["runner_predict_s"].iloc[1] > 0
 
     payload = json.loads((out / "t.json").read_text())
     assert "python bench/peers.py --quick" in payload["command"]

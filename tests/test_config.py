@@ -108,7 +108,7 @@ def test_config_is_immutable_and_replace_validates():
     with pytest.raises(Exception):
         c.n_epochs = 3  # frozen
     d = c.replace(n_epochs="5")
-    assert d.n_epochs == 5 and c.n_epochs == 20
+    assert d.n_epochs == 5 and c.n_epochs == 15
     with pytest.raises(ScnymError):
         c.replace(n_epochs=-1)
 

@@ -116,7 +116,7 @@ def test_domain_adversary_terms_and_confident_only_option():
     target = UnlabeledBatch(x_u, domains=torch.tensor([1, 1]))
     for only_confident, n_cells in ((False, 4), (True, 3)):
         settings = MixMatchSettings(pseudolabel_min_confidence=0.9, augmentation="none", dan_ramp_epochs=0,
-                                    dan_use_conf_pseudolabels=only_confident)
+                                    dan_use_conf_pseudolabels=only_confident, dan_on_mixes=False)
         objective = SemiSupervisedObjective(model, settings, n_domains=2)
         seen = []
         original = objective.domain_classifier.forward
@@ -167,3 +167,74 @@ def test_unknown_preset_is_suggested():
 
     with pytest.raises(ScnymError, match="did you mean 'no_dan'"):
         load_config(None, [], {"preset": "no-dan"})
+
+
+def test_flexmatch_thresholds_are_lower_for_classes_few_cells_are_placed_in():
+    from scnym_cli.train.mixmatch import flexmatch_thresholds
+
+    classes = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
+    confident = torch.full((100,), 0.95)
+    thresholds = flexmatch_thresholds(classes, confident, 3, base=0.9)
+    assert thresholds[0] == pytest.approx(0.9)                       # the best-learnt class: the base
+    assert thresholds[1] == pytest.approx(0.9 * 0.5 / 1.5)           # effect 1/2 -> M = 1/3
+    assert thresholds[2] < thresholds[1] < thresholds[0]
+    # warm-up: while most cells are not above the base (or not guessed yet: -1), every threshold is low
+    early = flexmatch_thresholds(torch.tensor([0] * 10 + [-1] * 90), torch.full((100,), 0.95), 3, base=0.9)
+    assert early[0] == pytest.approx(0.9 * (10 / 90) / (2 - 10 / 90)) and early[1] == 0
+
+
+def test_distribution_alignment_pulls_guesses_towards_the_labeled_prior():
+    model = LogitsAreInputs(2)
+    settings = MixMatchSettings(pseudolabel_alignment=True, augmentation="none", dan_max_weight=0.0)
+    objective = SemiSupervisedObjective(model, settings, n_domains=2, labeled_prior=torch.tensor([50, 50]))
+    skewed = torch.tensor([[0.9, 0.1]]).repeat(8, 1)               # the target's guesses drift to class 0
+    for _ in range(800):   # a running mean with momentum 0.99
+        aligned = objective.align_distribution(skewed)
+    torch.testing.assert_close(objective.target_marginal, torch.tensor([0.9, 0.1]), atol=0.01, rtol=0)
+    torch.testing.assert_close(aligned[0], torch.tensor([0.5, 0.5]), atol=0.02, rtol=0)   # prior / marginal
+    torch.testing.assert_close(aligned.sum(1), torch.ones(8))
+
+
+def test_the_census_records_guesses_and_balances_target_batches_by_pseudolabel():
+    from scnym_cli.data.batches import EpochSampler
+    from scnym_cli.train.trainer import TargetCensus
+
+    target_rows = np.arange(100, 400)
+    census = TargetCensus(target_rows, record=True)
+    guess = torch.zeros(300, 3)
+    guess[:240, 0], guess[240:290, 1], guess[290:, 2] = 0.9, 0.8, 0.7   # pseudolabels: 240 / 50 / 10 cells
+    census.record(target_rows[::-1].copy(), guess.flip(0))             # rows in any order
+    assert list(np.bincount(census.classes)) == [240, 50, 10]
+    sampler = EpochSampler(target_rows, 100, seed=0)
+    settings = MixMatchSettings(adaptive_thresholds=True, pseudolabel_min_confidence=0.75, dan_max_weight=0.0)
+    objective = SemiSupervisedObjective(LogitsAreInputs(3), settings, n_domains=2)
+    census.apply(objective, sampler, n_rows=400)
+    drawn = np.concatenate([np.concatenate(list(sampler.epoch())) for _ in range(20)])
+    shares = np.bincount(census.classes[drawn - 100], minlength=3) / len(drawn)
+    np.testing.assert_allclose(shares, 1 / 3, atol=0.03)              # rare pseudolabels drawn as often
+    # FlexMatch: class 2 (confidence 0.7, below the base 0.75) counts as unused, its threshold is 0
+    assert objective.class_thresholds[2] == 0 and objective.class_thresholds[0] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("on_mixes", [True, False])
+@pytest.mark.parametrize("conditional", [True, False])
+def test_adversary_variants_train_a_real_classifier(on_mixes, conditional):
+    from scnym_cli.nn import CellTypeClassifier
+
+    torch.manual_seed(0)
+    model = CellTypeClassifier(n_genes=20, n_classes=3, n_hidden=8)
+    settings = MixMatchSettings(dan_on_mixes=on_mixes, dan_conditional=conditional, dan_ramp_epochs=0)
+    objective = SemiSupervisedObjective(model, settings, n_domains=2)
+    assert objective.domain_classifier.head[0].in_features == (24 if conditional else 8)
+    embeds = []
+    original = model.embed
+    model.embed = lambda *a, **k: embeds.append(a[0].shape[0]) or original(*a, **k)
+    x = torch.rand(16, 20) * 5
+    batch = LabeledBatch(x[:8], torch.eye(3)[torch.arange(8) % 3], domains=torch.zeros(8, dtype=torch.long))
+    target = UnlabeledBatch(x[8:], domains=torch.ones(8, dtype=torch.long))
+    loss, terms, _ = objective(batch, epoch=1, unlabeled=target)
+    loss.backward()
+    assert terms["dan_weight"] == pytest.approx(0.1) and 0 <= terms["domain_accuracy"] <= 1
+    # the teacher's guess, the mixed batch, and (unmixed adversary only) a second pass over 16 cells
+    assert embeds == ([8, 16] if on_mixes else [8, 16, 16])
+    assert all(p.grad is not None for p in objective.domain_classifier.parameters())

@@ -100,7 +100,7 @@ def measure_overlap(data_genes: pd.Index, model_genes: pd.Index) -> GeneOverlap:
 
 
 def require_overlap(data_genes: pd.Index, model_genes: Sequence[str], *, min_overlap: float, what: str,
-                    source: str) -> GeneOverlap:
+                    source: str, missing_genes: str = "were set to 0") -> GeneOverlap:
     """Measure and report the overlap; stop, saying what matched, below ``min_overlap``."""
     model_genes = pd.Index([str(g) for g in model_genes])
     overlap = measure_overlap(data_genes, model_genes)
@@ -112,7 +112,7 @@ def require_overlap(data_genes: pd.Index, model_genes: Sequence[str], *, min_ove
             "species) or lower --min_gene_overlap")
     log.info("%s: %s", what, overlap.describe())
     if overlap.n_missing and overlap.fraction_found < 0.9:
-        log.warning("%s: %d model genes are missing and were set to 0 (e.g. %s)", what, overlap.n_missing,
+        log.warning("%s: %d model genes are missing and %s (e.g. %s)", what, overlap.n_missing, missing_genes,
                     ", ".join(overlap.missing_examples[:5]))
     return overlap
 

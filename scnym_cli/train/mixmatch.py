@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,14 +42,15 @@ class UnlabeledBatch:
 class MixMatchSettings:
     """The semi-supervised keys of a Config, gathered for the objective."""
 
+    # the defaults of Config (bench/results/ablation.md says why each)
     unsup_max_weight: float = 1.0
-    unsup_ramp_epochs: int = 100
+    unsup_ramp_epochs: int = 15
     unsup_burn_in_epochs: int = 0
     sharpen_temperature: float = 0.5
     pseudolabel_min_confidence: float = 0.0
     pseudolabel_alignment: bool = False
     adaptive_thresholds: bool = False
-    balance_target_classes: bool = False
+    balance_target_classes: bool = True
     mixup_alpha: Optional[float] = 0.3
     augmentation: str = "log1p_drop"
     augmentation_rate: float = 0.1
@@ -57,11 +59,11 @@ class MixMatchSettings:
     unsup_mean_teacher: bool = False
     mean_teacher_decay: float = 0.999
     dan_max_weight: float = 0.1
-    dan_ramp_epochs: int = 20
+    dan_ramp_epochs: int = 5
     dan_use_conf_pseudolabels: bool = False
     dan_n_layers: int = 1
     dan_conditional: bool = False
-    dan_on_mixes: bool = False
+    dan_on_mixes: bool = True
 
     @classmethod
     def from_config(cls, config) -> "MixMatchSettings":
@@ -114,17 +116,16 @@ def mix_with_pool(labeled: Sequence[Optional[torch.Tensor]], unlabeled: Sequence
     return mixed_l, mixed_u
 
 
-def flexmatch_thresholds(probabilities: torch.Tensor, base: float) -> torch.Tensor:
-    """Per-class thresholds of FlexMatch (Zhang et al. 2021) from the predictions of every target cell.
+def flexmatch_thresholds(classes: torch.Tensor, confidence: torch.Tensor, n_classes: int, base: float) -> torch.Tensor:
+    """Per-class thresholds of FlexMatch (Zhang et al. 2021) from the latest guess of every target cell
+    (its class, -1 for a cell not guessed yet, and its confidence).
 
     A class's learning effect is the number of target cells predicted as it above ``base``, relative
     to the best-learnt class (or to the cells not yet above ``base`` for any class, during warm-up);
     its threshold is ``base`` x M(effect) with the convex M(x) = x / (2 - x): classes the model
     places few cells in (often rare types) get lower thresholds, so their pseudolabels count.
     """
-    n_classes = probabilities.shape[1]
-    confidence, classes = probabilities.max(dim=1)
-    above = confidence >= base
+    above = (confidence >= base) & (classes >= 0)
     learnt = torch.bincount(classes[above], minlength=n_classes).float()
     unused = float((~above).sum())
     effect = learnt / max(float(learnt.max()), unused, 1.0)
@@ -157,6 +158,7 @@ class SemiSupervisedObjective(Objective):
         # per-class pseudolabel thresholds (FlexMatch updates them from the census of target predictions)
         self.register_buffer("class_thresholds", torch.full((model.n_classes,), settings.pseudolabel_min_confidence),
                              persistent=False)
+        self.last_guess: Optional[torch.Tensor] = None
         # the mean teacher is not a submodule: it is not trained, saved or synchronized
         teacher = copy.deepcopy(model).eval().requires_grad_(False) if settings.unsup_mean_teacher else None
         object.__setattr__(self, "teacher", teacher)
@@ -208,12 +210,12 @@ class SemiSupervisedObjective(Objective):
         return aligned / aligned.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
-    def update_census(self, probabilities: torch.Tensor) -> None:
-        """Predictions of every target cell (once per epoch): FlexMatch's per-class thresholds."""
+    def update_census(self, classes: np.ndarray, confidence: np.ndarray) -> None:
+        """The latest guess of every target cell (once per epoch): FlexMatch's per-class thresholds."""
         if self.settings.adaptive_thresholds:
-            thresholds = flexmatch_thresholds(probabilities.to(self.class_thresholds.device),
-                                              self.settings.pseudolabel_min_confidence)
-            self.class_thresholds.copy_(thresholds)
+            thresholds = flexmatch_thresholds(torch.from_numpy(classes), torch.from_numpy(confidence),
+                                              self.model.n_classes, self.settings.pseudolabel_min_confidence)
+            self.class_thresholds.copy_(thresholds.to(self.class_thresholds.device))
 
     def _domain_features(self, model: nn.Module, embedding: torch.Tensor, logits: Optional[torch.Tensor]):
         """What the domain classifier sees: the embedding, or (conditional adversary, CDAN) the outer product
@@ -244,6 +246,7 @@ class SemiSupervisedObjective(Objective):
         x_u = confident = None
         if unlabeled is not None:
             guess, _ = self.guess_labels(model, unlabeled.x, unlabeled.covariates)
+            self.last_guess = guess  # the trainer's census of target pseudolabels reads it
             if s.pseudolabel_alignment:
                 guess = self.align_distribution(guess)
             confidence, guessed = guess.max(dim=1)

@@ -154,6 +154,46 @@ class EpochLog:
         return pd.DataFrame(self.rows)
 
 
+class TargetCensus:
+    """The latest pseudolabel (class and confidence) of every target cell: what pseudolabel-balanced target
+    batches and FlexMatch's per-class thresholds are computed from, at the start of every epoch.
+
+    In one process the guesses MixMatch's teacher makes for each target batch are recorded as they come
+    (no extra pass over the target; a cell not guessed yet has class -1). With several processes each
+    sees only its share of every batch, so the census is a forward pass over every target cell at the
+    start of each epoch instead, identical on every rank (all ranks must draw the same batches).
+    """
+
+    def __init__(self, target_rows: np.ndarray, *, record: bool):
+        self.rows = np.asarray(target_rows)
+        self.recording = record
+        self.classes = np.full(len(self.rows), -1, dtype=np.int64)
+        self.confidence = np.zeros(len(self.rows), dtype=np.float32)
+
+    def record(self, rows: np.ndarray, guess: torch.Tensor) -> None:
+        if not self.recording:
+            return
+        positions = np.searchsorted(self.rows, rows)
+        confidence, classes = guess.detach().float().max(dim=1)
+        self.classes[positions] = classes.cpu().numpy()
+        self.confidence[positions] = confidence.cpu().numpy()
+
+    def refresh(self, trainer: "Trainer", model: torch.nn.Module, data: "TrainingData", epoch: int) -> None:
+        """With several processes: predict every target cell now (from the second epoch on)."""
+        if self.recording or epoch == 1:
+            return
+        outputs = forward_rows(model, data.X, self.rows, trainer.device, covariates=data.covariates)
+        confidence, classes = torch.softmax(torch.from_numpy(outputs.logits), dim=1).max(dim=1)
+        self.classes, self.confidence = classes.numpy(), confidence.numpy()
+
+    def apply(self, objective: SemiSupervisedObjective, target_sampler, n_rows: int) -> None:
+        objective.update_census(self.classes, self.confidence)
+        if objective.settings.balance_target_classes:
+            pseudolabels = np.full(n_rows, -1, dtype=np.int64)
+            pseudolabels[self.rows] = self.classes   # cells not guessed yet share the code -1
+            target_sampler.balance_by(pseudolabels)
+
+
 class Trainer:
     """Fit a model on :class:`TrainingData` according to the training keys of a :class:`Config`."""
 
@@ -290,7 +330,9 @@ class Trainer:
         if semi_supervised and len(data.unlabeled):
             target_sampler = self._sampler(data, data.unlabeled, balance_classes=False, seed=c.seed + 1)
             target_batches = target_sampler.forever()
-        census = semi_supervised and target_sampler is not None and objective.settings.needs_target_census
+        census = None
+        if semi_supervised and target_sampler is not None and objective.settings.needs_target_census:
+            census = TargetCensus(data.unlabeled, record=not ranks.active)
         min_epochs = min(c.min_epochs, c.n_epochs)
         selection = self._selection_metric(data)
         best_score, best_epoch, best_state = -math.inf, 0, None
@@ -305,16 +347,18 @@ class Trainer:
                     objective.train()
                     totals: dict[str, float] = {}
                     n_seen, n_correct = 0, 0
-                    if census:
-                        self._target_census(model, data, objective, target_sampler)
+                    if census is not None:
+                        census.refresh(self, model, data, epoch)
+                        census.apply(objective, target_sampler, data.X.shape[0])
                     steps_per_epoch = max(len(sampler), 1)
                     for step_index, global_rows in enumerate(sampler.epoch()):
                         # every rank draws the same global batch and takes its share of it
                         rows = global_rows[ranks.rank::ranks.world_size]
                         batch = self._labeled_batch(data, rows)
-                        target = None
+                        target = target_rows = None
                         if target_batches is not None:
-                            target = self._unlabeled_batch(data, next(target_batches)[ranks.rank::ranks.world_size])
+                            target_rows = next(target_batches)[ranks.rank::ranks.world_size]
+                            target = self._unlabeled_batch(data, target_rows)
                         optimizer.zero_grad(set_to_none=True)
                         with precision.autocast():
                             loss, terms, logits = step(batch, epoch + step_index / steps_per_epoch, target)
@@ -324,6 +368,8 @@ class Trainer:
                         if scheduler is not None:
                             scheduler.step()
                         objective.after_step()
+                        if census is not None and objective.last_guess is not None:
+                            census.record(target_rows, objective.last_guess)
                         if verify:
                             if not distributed.parameters_identical(objective):
                                 raise RuntimeError(f"{self.name}: parameters differ between ranks after step "
@@ -374,18 +420,6 @@ class Trainer:
             best_score = float("nan")
         return FitResult(best_epoch, best_score, epoch, stopped_early, seconds, history, temperature,
                          semi_supervised, ranks.world_size, verified_steps)
-
-    def _target_census(self, model: torch.nn.Module, data: TrainingData, objective: SemiSupervisedObjective,
-                       target_sampler) -> None:
-        """Predict every target cell once (start of an epoch): per-class pseudolabel thresholds, and
-        target batches drawn class-balanced by pseudolabel."""
-        outputs = forward_rows(model, data.X, data.unlabeled, self.device, covariates=data.covariates)
-        probabilities = torch.softmax(torch.from_numpy(outputs.logits), dim=1)
-        objective.update_census(probabilities)
-        if objective.settings.balance_target_classes:
-            pseudolabels = np.full(data.X.shape[0], -1, dtype=np.int64)
-            pseudolabels[data.unlabeled] = probabilities.argmax(dim=1).numpy()
-            target_sampler.balance_by(pseudolabels)
 
     def _calibrate(self, model: torch.nn.Module, data: TrainingData) -> float:
         """Temperature that makes the best model's confidences calibrated on the selection split."""

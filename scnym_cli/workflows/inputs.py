@@ -132,6 +132,8 @@ def assign_domains(config: Config, cells: CellMatrix, labels: np.ndarray, n_refe
 
 
 BLOCK_ROWS = 8192
+# what happens to reference genes the target lacks, by --shared_genes
+MISSING_TARGET_GENES = {True: "are left out of training (--shared_genes)", False: "were set to 0 in the target"}
 
 
 def _open_disk_part(config: Config, path: Path, offset: int, *, translate_to: Optional[Sequence[str]] = None):
@@ -182,7 +184,8 @@ def load_training_inputs_backed(config: Config) -> TrainingInputs:
         for path in h5ad_files(config.unlabeled_counts):
             part = _open_disk_part(config, path, offset, translate_to=genes)
             overlap = require_overlap(part.source_genes, genes, min_overlap=config.min_gene_overlap,
-                                      what="unlabeled target data", source=str(path))
+                                      what="unlabeled target data", source=str(path),
+                                      missing_genes=MISSING_TARGET_GENES[config.shared_genes])
             target_genes = part.source_genes if target_genes is None else target_genes.intersection(
                 part.source_genes)
             parts.append(part)
@@ -255,7 +258,8 @@ def load_training_inputs(config: Config) -> TrainingInputs:
         target, _ = load_cells(config, config.unlabeled_counts, gene_names_file=config.unlabeled_genes,
                                translate_to=cells.genes)
         overlap = require_overlap(target.genes, cells.genes, min_overlap=config.min_gene_overlap,
-                                  what="unlabeled target data", source=target.source)
+                                  what="unlabeled target data", source=target.source,
+                                  missing_genes=MISSING_TARGET_GENES[config.shared_genes])
 
     def datasets(genes: pd.Index) -> list:
         sides = [cells] if target is None else [cells, target]

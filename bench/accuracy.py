@@ -43,11 +43,12 @@ ABLATIONS: dict[str, tuple[list[str], str]] = {
                           "pseudolabel"),
     "distribution_alignment": (["--balance_target_classes", "false", "--pseudolabel_alignment", "true"],
                                "distribution alignment (ReMixMatch) instead of pseudolabel-balanced target batches"),
-    "flexmatch_gate": (["--pseudolabel_min_confidence", "0.9", "--adaptive_thresholds", "true"],
-                       "open-set gating: pseudolabels only above per-class FlexMatch thresholds (base 0.9)"),
-    "confidence_gate": (["--pseudolabel_min_confidence", "0.9", "--dan_use_conf_pseudolabels", "true"],
-                        "open-set gating: MixMatch and the adversary only on target cells guessed with "
+    "no_gate": (["--pseudolabel_min_confidence", "0", "--adaptive_thresholds", "false"],
+                "every target cell pseudolabelled, mixed and aligned (no FlexMatch thresholds)"),
+    "confidence_gate": (["--adaptive_thresholds", "false", "--dan_use_conf_pseudolabels", "true"],
+                        "one fixed gate: MixMatch and the adversary only on target cells guessed with "
                         "confidence >= 0.9"),
+    "last_epoch": (["--selection_metric", "last"], "the last epoch kept instead of the lowest selection loss"),
     "conditional_adversary": (["--dan_conditional", "true"], "class-conditional adversary (CDAN)"),
     "balanced_labeled": (["--balance_classes", "true"], "class-balanced labeled batches"),
     "no_adversary": (["--dan_max_weight", "0"], "MixMatch only"),
@@ -89,6 +90,16 @@ def run(command: list[str], log_path: Path, in_process: bool) -> dict:
     return {"seconds": round(time.perf_counter() - started, 2), "peak_memory_mb": None}
 
 
+def defaults_fingerprint() -> str:
+    """A digest of scnym's default settings: a run is reused (--resume) only if its command *and* the
+    defaults it ran under are today's, since the same command means another model once a default changes."""
+    import hashlib
+
+    from scnym_cli.config import Config, render_key_value
+
+    return hashlib.sha256(render_key_value(Config(), with_help=False).encode()).hexdigest()[:12]
+
+
 def run_one(split_name: str, method: str, seed: int, args) -> dict:
     split = SPLITS[split_name]
     reference, query = materialize(split, args.work / "data", max_cells=200 if args.quick else None)
@@ -108,9 +119,11 @@ def run_one(split_name: str, method: str, seed: int, args) -> dict:
         train += ["--num_threads", str(args.num_threads)]
     if args.resume and (run_dir / "row.json").exists():
         previous = json.loads((run_dir / "row.json").read_text())
-        if previous.get("command") == shlex.join(train[len(scnym_command()):]):
+        if (previous.get("command") == shlex.join(train[len(scnym_command()):])
+                and previous.get("defaults") == defaults_fingerprint()):
             print(f"{split_name:20s} {method:22s} seed {seed}: reused {run_dir}", flush=True)
-            return previous
+            # scored afresh from the run's predictions (the scoring may have grown since)
+            return {**previous, **evaluate(run_dir / "predictions" / "predictions.csv", query, split.label)}
     trained = run(train, run_dir / "train.log", args.in_process)
     predict = [*scnym_command(), "predict_cell_types", "--model_path", str(run_dir / "model"),
                "--input_counts", str(query), "--out_path", str(run_dir / "predictions"), "--overwrite", "true",
@@ -120,7 +133,8 @@ def run_one(split_name: str, method: str, seed: int, args) -> dict:
     row = {"split": split_name, "method": method, "seed": seed, **metrics,
            "train_seconds": trained["seconds"], "train_peak_mb": trained["peak_memory_mb"],
            "predict_seconds": predicted["seconds"], "predict_peak_mb": predicted["peak_memory_mb"],
-           "in_process": bool(args.in_process), "command": shlex.join(train[len(scnym_command()):])}
+           "in_process": bool(args.in_process), "command": shlex.join(train[len(scnym_command()):]),
+           "defaults": defaults_fingerprint()}
     write_json(run_dir / "row.json", row)
     print(f"{split_name:20s} {method:22s} seed {seed}: balanced accuracy {metrics['balanced_accuracy']:.4f} "
           f"accuracy {metrics['accuracy']:.4f} ECE {metrics['ece']:.4f} novel AUROC {metrics['novel_auroc']:.3f} "
@@ -149,6 +163,34 @@ def measured_peers(path: Path) -> pd.DataFrame:
     frame = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["split", "peer", "status"])
     frame = frame[(frame["status"] == "ok") & frame["peer"].isin(list(PEER_COLUMNS))]
     return frame.groupby(["split", "peer"])["balanced_accuracy"].mean().unstack("peer")
+
+
+def per_class_recall(rows: pd.DataFrame, peer_rows: list[dict], methods: list[str]) -> list[str]:
+    """Recall of every query type per method (mean over seeds) and peer: what explains a gap."""
+    lines = ["", "## Per-class recall on the query", "",
+             "Mean over seeds (peers: over the seeds they ran); n = query cells of the type. Types the reference "
+             "lacks (*novel*) cannot be recalled; no method calls cells Unknown by default."]
+    peers = pd.DataFrame([r for r in peer_rows if r.get("status") == "ok" and r.get("peer") in PEER_COLUMNS])
+    for split in dict.fromkeys(rows["split"]):
+        mine = rows[(rows["split"] == split) & rows["method"].isin(methods)]
+        if not len(mine):
+            continue
+        sizes, reference = mine["class_sizes"].iloc[0], set(mine["reference_classes"].iloc[0])
+        shown = [m for m in methods if m in set(mine["method"])]
+        theirs = peers[peers["split"] == split] if len(peers) else peers
+        peer_names = [p for p in PEER_COLUMNS if len(theirs) and p in set(theirs["peer"])]
+        lines += ["", f"**{SPLITS[split].description}**", "",
+                  "| type | n | " + " | ".join(shown + [PEER_COLUMNS[p] for p in peer_names]) + " |",
+                  "|---" * (2 + len(shown) + len(peer_names)) + "|"]
+        for name, n in sorted(sizes.items(), key=lambda item: -item[1]):
+            if name not in reference:
+                lines.append(f"| {name} (*novel*) | {n} |" + " |" * (len(shown) + len(peer_names)))
+                continue
+            cells = []
+            for subset in [mine[mine["method"] == m] for m in shown] + [theirs[theirs["peer"] == p] for p in peer_names]:
+                cells.append(f"{np.mean([r[name] for r in subset['per_class_recall']]):.2f}")
+            lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def peer_cell(peers: pd.DataFrame, split: str, peer: str) -> str:
@@ -286,7 +328,8 @@ def main(argv=None) -> pd.DataFrame:
             for seed in args.seeds:
                 rows.append(run_one(split, method, seed, args))
                 frame = pd.DataFrame(rows)
-                frame.drop(columns=["class_sizes", "per_class_recall", "novel_called_as"]).to_csv(
+                frame.drop(columns=["class_sizes", "per_class_recall", "novel_called_as", "reference_classes"],
+                           errors="ignore").to_csv(
                     args.out / f"{args.tag}.csv", index=False)   # after every run: partial results survive
     frame = pd.DataFrame(rows)
     summary = summarize(frame)
@@ -294,7 +337,11 @@ def main(argv=None) -> pd.DataFrame:
                                                "rows": frame.to_dict(orient="records"),
                                                "summary": summary.to_dict(orient="records")})
     plot(summary, args.out / f"{args.tag}.png", peers)
-    write_markdown(args.out / f"{args.tag}.md", markdown(summary, info, command, peers).splitlines())
+    peer_json = args.peers.with_suffix(".json")
+    peer_rows = json.loads(peer_json.read_text())["rows"] if peer_json.exists() else []
+    report = markdown(summary, info, command, peers) + "\n".join(
+        per_class_recall(frame, peer_rows, [m for m in methods if m not in ABLATIONS])) + "\n"
+    write_markdown(args.out / f"{args.tag}.md", report.splitlines())
     return frame
 
 

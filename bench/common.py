@@ -203,6 +203,7 @@ def query_scores(truth, predicted, confidence, reference_classes) -> dict:
     metrics["per_class_recall"] = {str(k): float(np.mean(predicted[truth == k] == k)) for k in sizes.index}
     novel = predicted[~known]
     metrics["novel_called_as"] = {str(k): int(v) for k, v in pd.Series(novel).value_counts().items()}
+    metrics["reference_classes"] = sorted(map(str, reference_classes))
     return metrics
 
 

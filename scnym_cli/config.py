@@ -93,6 +93,9 @@ class Config:
     n_top_genes: Optional[int] = option(
         2000, "Train on this many highly variable genes (Seurat's dispersion, ranked over the reference and the "
         "target data); none = every gene. Not applied when --genes_to_use is given.", "Inputs", _TRAIN, min=1)
+    variable_in: str = option(
+        "both", "Where --n_top_genes are ranked: both (the reference and the target: genes variable in both "
+        "first) or reference.", "Inputs", _TRAIN, choices=("both", "reference"))
     training_metadata: Optional[Path] = option(
         None, "CSV with per-cell labels, rows in cell order or matched by a cell-id column "
         "(default: the h5ad obs / loom column attributes).", "Inputs", _READS_LABELS, must_exist=True)
@@ -159,10 +162,9 @@ class Config:
     min_epochs: int = option(
         5, "Epochs before a best model may be kept (and before early stopping).", "Training", _TRAIN, min=0)
     selection_metric: str = option(
-        "auto", "Which epoch's weights are kept: the best by a metric on the held-out selection split (loss, "
-        "accuracy, balanced_accuracy), or the last one (no early stopping); auto = loss for supervised training, "
-        "last with target data (the reference's selection cells cannot tell how well the target is placed).",
-        "Training", _TRAIN, choices=("auto", "loss", "accuracy", "balanced_accuracy", "last"))
+        "loss", "Which epoch's weights are kept: the best by a metric on the held-out selection split (loss, "
+        "accuracy, balanced_accuracy), or the last one (no early stopping).",
+        "Training", _TRAIN, choices=("loss", "accuracy", "balanced_accuracy", "last"))
     optimizer: str = option(
         "adadelta", "Optimizer (sgd uses momentum 0.9).", "Training", _TRAIN,
         choices=("adadelta", "adam", "adamw", "sgd"))
@@ -209,15 +211,15 @@ class Config:
     sharpen_temperature: float = option(0.5, "MixMatch sharpening temperature T of the pseudolabels.",
                                         "Semi-supervised", _TRAIN, min=0.0, min_exclusive=True)
     pseudolabel_min_confidence: float = option(
-        0.0, "Target cells whose guessed class is less confident than this get no unsupervised loss and are "
-        "not mixed (0.9 in new_identity_discovery).", "Semi-supervised", _TRAIN, min=0.0, max=1.0,
+        0.9, "Target cells whose guessed class is less confident than this (scaled per class with "
+        "--adaptive_thresholds) get no unsupervised loss and are not mixed; 0 = every target cell.", "Semi-supervised", _TRAIN, min=0.0, max=1.0,
         max_exclusive=True)
     pseudolabel_alignment: bool = option(
         False, "Distribution alignment (ReMixMatch): scale pseudolabels by the labeled class frequencies over a "
         "running mean of the target's guesses, so they do not drift towards the large classes.", "Semi-supervised",
         _TRAIN)
     adaptive_thresholds: bool = option(
-        False, "Per-class pseudolabel thresholds (FlexMatch): pseudolabel_min_confidence x a factor that is lower "
+        True, "Per-class pseudolabel thresholds (FlexMatch): pseudolabel_min_confidence x a factor that is lower "
         "for classes few target cells are confidently placed in (every target cell is predicted once per epoch).",
         "Semi-supervised", _TRAIN)
     balance_target_classes: bool = option(

@@ -72,6 +72,11 @@ def test_training_genes_are_shared_with_the_target_then_highly_variable(runner, 
     chosen = load_training_inputs(config.replace(n_top_genes=12))
     assert len(chosen.cells.genes) == 12 and {"gene010", "gene014"} <= set(chosen.cells.genes)
     assert chosen.gene_report["n_highly_variable_genes"] == 12
+    # --variable_in reference: ranked on the reference's cells alone
+    reference_rows = np.setdiff1d(np.arange(inputs.cells.X.shape[0]), inputs.unlabeled_rows)
+    by_reference = highly_variable_genes([[inputs.cells.X[reference_rows]]], 70, 12)
+    from_reference = load_training_inputs(config.replace(n_top_genes=12, variable_in="reference"))
+    assert list(from_reference.cells.genes) == list(inputs.cells.genes[by_reference])
     every = load_training_inputs(config.replace(shared_genes=False))
     assert len(every.cells.genes) == 80                                     # the target's missing genes are 0
     backed = load_training_inputs(config.replace(n_top_genes=12, backed=True))

@@ -235,7 +235,9 @@ def choose_genes(config: Config, genes: pd.Index, target_genes: Optional[pd.Inde
     if config.n_top_genes is not None and config.genes_to_use is None and config.n_top_genes < len(genes):
         from ..data.gene_selection import highly_variable_genes
 
-        chosen = highly_variable_genes(datasets(genes), len(genes), config.n_top_genes)
+        sides = datasets(genes)
+        chosen = highly_variable_genes(sides[:1] if config.variable_in == "reference" else sides, len(genes),
+                                       config.n_top_genes)
         log.info("training on %d highly variable genes of %d (--n_top_genes)", len(chosen), len(genes))
         genes = genes[chosen]
         report["n_highly_variable_genes"] = len(genes)

@@ -39,10 +39,8 @@ METHODS: dict[str, list[str]] = {
 ABLATIONS: dict[str, tuple[list[str], str]] = {
     "every_gene": (["--n_top_genes", "none"], "every shared gene instead of the 2,000 most variable"),
     "reference_genes": (["--shared_genes", "false"], "the reference's genes, those the target lacks zero-filled"),
-    "no_target_balance": (["--balance_target_classes", "false"], "target cells drawn uniformly, not balanced by "
-                          "pseudolabel"),
-    "distribution_alignment": (["--balance_target_classes", "false", "--pseudolabel_alignment", "true"],
-                               "distribution alignment (ReMixMatch) instead of pseudolabel-balanced target batches"),
+    "target_balance": (["--balance_target_classes", "true"], "target cells drawn class-balanced by pseudolabel"),
+    "distribution_alignment": (["--pseudolabel_alignment", "true"], "distribution alignment (ReMixMatch)"),
     "no_gate": (["--pseudolabel_min_confidence", "0", "--adaptive_thresholds", "false"],
                 "every target cell pseudolabelled, mixed and aligned (no FlexMatch thresholds)"),
     "confidence_gate": (["--adaptive_thresholds", "false", "--dan_use_conf_pseudolabels", "true"],

@@ -449,6 +449,9 @@ def notes_for(rows: pd.DataFrame) -> list[str]:
     if len(reused):
         notes.append(f"{len(reused)} of {len(rows)} rows were measured by an earlier invocation with the same runner "
                      "command and reused here (`--resume`); `started` in the CSV says when each run was measured.")
+    if "merged_from" in rows.columns:
+        for earlier, count in rows["merged_from"].dropna().value_counts(sort=False).items():
+            notes.append(f"{count} rows come from an earlier report (`--merge`), measured by `{earlier}`.")
     recovered = rows[rows["recovered"].eq(True)] if "recovered" in rows.columns else rows.iloc[:0]
     for _, r in recovered.iterrows():
         notes.append(f"{PEERS[r['peer']].title} on {SPLITS[r['split']].description}: the benchmark driver was stopped "
@@ -471,6 +474,18 @@ def notes_for(rows: pd.DataFrame) -> list[str]:
         notes.append(f"FAILED: {PEERS[r['peer']].title} on {SPLITS[r['split']].description} (seed {r['seed']}): "
                      f"{r['error']}")
     return notes
+
+
+def merged_rows(paths: list[Path], running: list[tuple[str, str, int]]) -> list[dict]:
+    """The rows of earlier result files (--merge) that this invocation does not run again, each marked
+    with the command that measured it."""
+    rows = []
+    for path in paths:
+        payload = json.loads(path.read_text())
+        for row in payload["rows"]:
+            if (row["split"], row["peer"], row["seed"]) not in running and row["peer"] in PEERS:
+                rows.append({**row, "merged_from": payload["command"]})
+    return rows
 
 
 def write_outputs(rows: list[dict], args, info: dict, command: str) -> pd.DataFrame:
@@ -502,6 +517,9 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=WORK)
     parser.add_argument("--tag", default="peers")
+    parser.add_argument("--merge", type=Path, nargs="*", default=[], metavar="JSON",
+                        help="earlier results (<tag>.json) whose runs join this report, unless this invocation runs "
+                             "the same split x peer x seed; their commands are listed in the notes")
     args = parser.parse_args(argv)
     command = "python bench/peers.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.quick:
@@ -517,6 +535,7 @@ def main(argv=None) -> pd.DataFrame:
         environment.update({name: str(args.threads) for name in THREAD_VARIABLES})
     rows: list[dict] = []
     frame = pd.DataFrame()
+    merged = merged_rows(args.merge, [(s, p.name, seed) for s in args.splits for p in peers for seed in args.seeds])
     for split_name in args.splits:
         for peer in peers:
             if peer.counts_splits_only and not holds_counts(materialize(SPLITS[split_name], args.work / "data",
@@ -524,7 +543,7 @@ def main(argv=None) -> pd.DataFrame:
                 continue
             for seed in args.seeds:
                 rows.append(run_one(split_name, peer, seed, args, environment))
-                frame = write_outputs(rows, args, info, command)  # after every run: partial results survive
+                frame = write_outputs(merged + rows, args, info, command)  # after every run: partial results survive
     print((args.out / f"{args.tag}.md").read_text())
     return frame
 

@@ -223,7 +223,7 @@ class Config:
         "for classes few target cells are confidently placed in (every target cell is predicted once per epoch).",
         "Semi-supervised", _TRAIN)
     balance_target_classes: bool = option(
-        True, "Draw target cells class-balanced by their pseudolabel (every target cell is predicted once per "
+        False, "Draw target cells class-balanced by their pseudolabel (every target cell is predicted once per "
         "epoch), so rare types weigh as much in MixMatch and the adversary as common ones.", "Semi-supervised",
         _TRAIN)
     augmentation: str = option(

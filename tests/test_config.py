@@ -22,10 +22,9 @@ def test_the_2021_config_file_brings_back_the_published_settings():
         (100, 40, 20, 0)
     assert (published.unsup_ramp_epochs, published.dan_ramp_epochs) == (100, 20)
     assert published.n_top_genes is None and not published.shared_genes and not published.dan_on_mixes
-    assert not published.balance_target_classes
     changed = {k for k, v in published.to_dict().items() if v != c.to_dict()[k]}
     assert changed == {"n_epochs", "patience", "min_epochs", "min_steps_per_epoch", "unsup_ramp_epochs",
-                       "dan_ramp_epochs", "n_top_genes", "shared_genes", "dan_on_mixes", "balance_target_classes",
+                       "dan_ramp_epochs", "n_top_genes", "shared_genes", "dan_on_mixes",
                        "pseudolabel_min_confidence", "adaptive_thresholds"}
 
 

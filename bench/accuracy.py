@@ -122,6 +122,8 @@ def run_one(split_name: str, method: str, seed: int, args) -> dict:
             print(f"{split_name:20s} {method:22s} seed {seed}: reused {run_dir}", flush=True)
             # scored afresh from the run's predictions (the scoring may have grown since)
             return {**previous, **evaluate(run_dir / "predictions" / "predictions.csv", query, split.label)}
+    if args.reuse_only:
+        return None
     trained = run(train, run_dir / "train.log", args.in_process)
     predict = [*scnym_command(), "predict_cell_types", "--model_path", str(run_dir / "model"),
                "--input_counts", str(query), "--out_path", str(run_dir / "predictions"), "--overwrite", "true",
@@ -198,10 +200,38 @@ def peer_cell(peers: pd.DataFrame, split: str, peer: str) -> str:
     return f"{quoted[0]:.3f} *q*" if quoted else "–"
 
 
-def markdown(summary: pd.DataFrame, info: dict, command: str, peers: pd.DataFrame) -> str:
+def peer_mean(peers: pd.DataFrame, splits: list[str], peer: str) -> str:
+    """A peer's mean over the splits it has a figure for (how many, when not all)."""
+    values = [float(cell.split()[0]) for cell in (peer_cell(peers, s, peer) for s in splits) if cell != "–"]
+    if not values:
+        return ""
+    return f"**{np.mean(values):.3f}**" + ("" if len(values) == len(splits) else f" ({len(values)} splits)")
+
+
+def earlier_runs(path: Optional[Path]) -> pd.DataFrame:
+    """Balanced accuracy per split x method (mean over seeds) of an earlier commit's runs (--before: a CSV
+    with split, method, seed, balanced_accuracy and commit columns); empty without one."""
+    if path is None or not path.exists():
+        return pd.DataFrame(columns=["split", "method", "balanced_accuracy", "commit"])
+    frame = pd.read_csv(path)
+    return frame.groupby(["split", "method"], as_index=False).agg(
+        balanced_accuracy=("balanced_accuracy", "mean"), n_seeds=("seed", "size"), commit=("commit", "first"))
+
+
+def before_columns(before: pd.DataFrame, methods: list[str]) -> list[tuple[str, str]]:
+    """(method, column title) of the earlier runs shown next to today's."""
+    return [(m, f"{m} at {before[before['method'] == m]['commit'].iloc[0]}") for m in methods
+            if m in set(before["method"])]
+
+
+def markdown(summary: pd.DataFrame, info: dict, command: str, peers: pd.DataFrame,
+             before: Optional[pd.DataFrame] = None, frame: Optional[pd.DataFrame] = None) -> str:
     methods = list(dict.fromkeys(summary["method"]))
     splits = list(dict.fromkeys(summary["split"]))
     table = summary.set_index(["split", "method"])
+    before = before if before is not None else earlier_runs(None)
+    earlier = before_columns(before, [m for m in methods if m not in ABLATIONS])
+    previous = before.set_index(["split", "method"])["balanced_accuracy"]
     lines = ["# scnym accuracy on real label-transfer splits", "",
              *provenance(command, info, f"Python {info['python']}."), "",
              "Balanced accuracy on the query cells whose type the reference has (mean ± sd over seeds "
@@ -209,45 +239,59 @@ def markdown(summary: pd.DataFrame, info: dict, command: str, peers: pd.DataFram
              "`bench/peers.py` (bench/results/peers.csv; *q* = quoted from ../shared/data/README.md where not "
              "measured). Methods: " + "; ".join(f"`{m}` {' '.join(METHODS[m]) or '(defaults)'}"
                                               .replace(str(REPO) + "/", "") for m in methods) + ".", "",
-             "| split | shift | " + " | ".join(methods) + " | " + " | ".join(PEER_COLUMNS.values()) + " |",
-             "|---" * (2 + len(methods) + len(PEER_COLUMNS)) + "|"]
+             *([f"Columns *at <commit>*: the same methods with the code and defaults of that commit (`--before`; "
+                "mean over its seeds)."] if earlier else []), "",
+             "| split | shift | " + " | ".join(methods + [title for _, title in earlier]) + " | "
+             + " | ".join(PEER_COLUMNS.values()) + " |",
+             "|---" * (2 + len(methods) + len(earlier) + len(PEER_COLUMNS)) + "|"]
     for split in splits:
         cells = [f"{table.loc[(split, m), 'balanced_accuracy']:.3f} ± {table.loc[(split, m), 'balanced_accuracy_sd']:.3f}"
                  if (split, m) in table.index else "–" for m in methods]
+        cells += [f"{previous[(split, m)]:.3f}" if (split, m) in previous.index else "–" for m, _ in earlier]
         lines.append(f"| {SPLITS[split].description} | {SPLITS[split].shift} | " + " | ".join(cells) + " | "
                      + " | ".join(peer_cell(peers, split, p) for p in PEER_COLUMNS) + " |")
     means = [summary[summary["method"] == m]["balanced_accuracy"].mean() for m in methods]
+    means += [previous[[(s, m) for s in splits if (s, m) in previous.index]].mean() for m, _ in earlier]
     lines.append("| **mean over splits** | | " + " | ".join(f"**{v:.3f}**" for v in means) + " | "
-                 + " | ".join("" for _ in PEER_COLUMNS) + " |")
+                 + " | ".join(peer_mean(peers, splits, p) for p in PEER_COLUMNS) + " |")
     lines += ["", "Accuracy, macro-F1, ECE (calibration error over known types), novelty AUROC of (1 - confidence) for "
               "query cells of types the reference lacks, and train seconds (mean over seeds):", "",
               "| split | method | accuracy | macro-F1 | ECE | novelty AUROC | train s |", "|---|---|---|---|---|---|---|"]
     for (split, method), r in table.iterrows():
         lines.append(f"| {SPLITS[split].description} | {method} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | "
                      f"{r['ece']:.3f} | {r['novel_auroc']:.3f} | {r['train_seconds']:.0f} |")
-    if any(m in ABLATIONS for m in methods):
-        lines += ablation_table(summary, methods)
+    if frame is not None and any(m in ABLATIONS for m in methods):
+        lines += ablation_table(frame, methods)
     return "\n".join(lines) + "\n"
 
 
-def ablation_table(summary: pd.DataFrame, methods: list[str]) -> list[str]:
-    """One row per method: balanced accuracy per split, the mean, and the change from the defaults
-    (semi_supervised) on average and on the split where it loses most."""
-    pivot = summary.pivot(index="method", columns="split", values="balanced_accuracy").reindex(methods)
-    splits = [s for s in SPLITS if s in pivot.columns]
-    base = pivot.loc["semi_supervised", splits] if "semi_supervised" in pivot.index else None
+def ablation_table(frame: pd.DataFrame, methods: list[str]) -> list[str]:
+    """One row per method: balanced accuracy per split (mean over its seeds), the mean, and the change from
+    the defaults (semi_supervised) on the same seeds, on average and on the split where it loses most."""
+    splits = [s for s in SPLITS if s in set(frame["split"])]
+    base = frame[frame["method"] == "semi_supervised"].set_index(["split", "seed"])["balanced_accuracy"]
     lines = ["", "## Ablation: one change at a time to the semi-supervised defaults", "",
-             "| method | what it changes | " + " | ".join(s for s in splits) + " | mean | Δ mean | worst Δ |",
-             "|---" * (5 + len(splits)) + "|"]
+             "Balanced accuracy per split (mean over the method's seeds); Δ = the method minus the defaults "
+             "(`semi_supervised`) on the same splits and seeds.", "",
+             "| method | what it changes | seeds | " + " | ".join(SPLITS[s].description for s in splits)
+             + " | mean | Δ mean | worst Δ |", "|---" * (6 + len(splits)) + "|"]
     for method in methods:
-        values = pivot.loc[method, splits]
-        delta = (values - base) if base is not None else None
+        mine = frame[frame["method"] == method]
+        if not len(mine):
+            continue
+        values = mine.groupby("split")["balanced_accuracy"].mean().reindex(splits)
+        paired = mine.set_index(["split", "seed"])["balanced_accuracy"]
+        paired = paired[paired.index.isin(base.index)]
+        delta = (paired - base[paired.index]).groupby(level="split").mean().reindex(splits)
         what = ABLATIONS[method][1] if method in ABLATIONS else {"semi_supervised": "**the defaults**",
                                                                   "supervised": "no target data"}.get(method, "")
-        worst = "" if delta is None or method == "semi_supervised" else \
-            f"{delta.min():+.3f} ({delta.idxmin()})"
-        lines.append(f"| {method} | {what} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {values.mean():.3f} | "
-                     + ("" if delta is None else f"{delta.mean():+.3f}") + f" | {worst} |")
+        worst = "" if method == "semi_supervised" or delta.isna().all() else \
+            f"{delta.min():+.3f} ({SPLITS[delta.idxmin()].description})"
+        seeds = ", ".join(map(str, sorted(set(mine["seed"]))))
+        lines.append(f"| {method} | {what} | {seeds} | " + " | ".join(
+            "–" if pd.isna(v) else f"{v:.3f}" for v in values) + f" | {values.mean():.3f} | "
+            + ("" if method == "semi_supervised" or delta.isna().all() else f"{delta.mean():+.3f}")
+            + f" | {worst} |")
     return lines
 
 
@@ -307,6 +351,12 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=WORK)
     parser.add_argument("--tag", default="accuracy")
+    parser.add_argument("--reuse_only", action="store_true",
+                        help="with --resume: report the finished runs only, run nothing (e.g. some methods at more "
+                             "seeds than others)")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="an earlier commit's runs (CSV: split, method, seed, balanced_accuracy, commit), shown "
+                             "next to today's")
     args = parser.parse_args(argv)
     command = "python bench/accuracy.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     methods = list(args.methods)
@@ -324,7 +374,10 @@ def main(argv=None) -> pd.DataFrame:
     for split in args.splits:
         for method in methods:
             for seed in args.seeds:
-                rows.append(run_one(split, method, seed, args))
+                row = run_one(split, method, seed, args)
+                if row is None:  # --reuse_only and never run
+                    continue
+                rows.append(row)
                 frame = pd.DataFrame(rows)
                 frame.drop(columns=["class_sizes", "per_class_recall", "novel_called_as", "reference_classes"],
                            errors="ignore").to_csv(
@@ -337,7 +390,7 @@ def main(argv=None) -> pd.DataFrame:
     plot(summary, args.out / f"{args.tag}.png", peers)
     peer_json = args.peers.with_suffix(".json")
     peer_rows = json.loads(peer_json.read_text())["rows"] if peer_json.exists() else []
-    report = markdown(summary, info, command, peers) + "\n".join(
+    report = markdown(summary, info, command, peers, earlier_runs(args.before), frame) + "\n".join(
         per_class_recall(frame, peer_rows, [m for m in methods if m not in ABLATIONS])) + "\n"
     write_markdown(args.out / f"{args.tag}.md", report.splitlines())
     return frame

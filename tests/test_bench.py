@@ -43,6 +43,16 @@ def test_accuracy_benchmark_quick(tmp_path, monkeypatch):
     again = accuracy.main(["--quick", "--splits", "kang_ctrl_to_stim", "--seeds", "0", "--out", str(tmp_path / "r"),
                            "--work", str(tmp_path / "w"), "--tag", "t2", "--methods", "supervised", "--resume"])
     assert again["balanced_accuracy"].iloc[0] == rows["balanced_accuracy"].iloc[0]
+    # --reuse_only reports what ran and runs nothing; --before shows an earlier commit's figures
+    before = tmp_path / "before.csv"
+    pd.DataFrame({"split": ["kang_ctrl_to_stim"] * 2, "method": ["supervised"] * 2, "seed": [0, 1],
+                  "balanced_accuracy": [0.5, 0.7], "commit": ["abc1234"] * 2}).to_csv(before, index=False)
+    only = accuracy.main(["--quick", "--splits", "kang_ctrl_to_stim", "--seeds", "0", "1", "--out", str(tmp_path / "r"),
+                          "--work", str(tmp_path / "w"), "--tag", "t3", "--methods", "supervised", "--resume",
+                          "--reuse_only", "--before", str(before)])
+    assert only["seed"].tolist() == [0]
+    report = (tmp_path / "r" / "t3.md").read_text()
+    assert "supervised at abc1234" in report and "| 0.600 |" in report
 
 
 def test_strong_shift_splits_are_built_from_two_studies(tmp_path):

@@ -496,8 +496,9 @@ def suggest_key(key: str) -> str:
 
 
 # ---------------------------------------------------------------------- presets
-# The named configurations of scNym's 2021 API, as changes to the built-in defaults (which are
-# the 2021 "default" config). Read-only: no run can change them.
+# The named configurations of scNym's 2021 API, as changes to the built-in defaults ("default" is
+# the defaults themselves; configs/scnym_2021.txt brings back the 2021 training settings). Read-only:
+# no run can change them.
 PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "default": MappingProxyType({}),
     "no_new_identity": MappingProxyType({"pseudolabel_min_confidence": 0.0, "dan_use_conf_pseudolabels": False}),

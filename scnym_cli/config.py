@@ -212,8 +212,8 @@ class Config:
                                         "Semi-supervised", _TRAIN, min=0.0, min_exclusive=True)
     pseudolabel_min_confidence: float = option(
         0.9, "Target cells whose guessed class is less confident than this (scaled per class with "
-        "--adaptive_thresholds) get no unsupervised loss and are not mixed; 0 = every target cell.", "Semi-supervised", _TRAIN, min=0.0, max=1.0,
-        max_exclusive=True)
+        "--adaptive_thresholds) get no unsupervised loss and are not mixed; 0 = every target cell.",
+        "Semi-supervised", _TRAIN, min=0.0, max=1.0, max_exclusive=True)
     pseudolabel_alignment: bool = option(
         False, "Distribution alignment (ReMixMatch): scale pseudolabels by the labeled class frequencies over a "
         "running mean of the target's guesses, so they do not drift towards the large classes.", "Semi-supervised",

@@ -206,7 +206,8 @@ def test_the_census_records_guesses_and_balances_target_batches_by_pseudolabel()
     census.record(target_rows[::-1].copy(), guess.flip(0))             # rows in any order
     assert list(np.bincount(census.classes)) == [240, 50, 10]
     sampler = EpochSampler(target_rows, 100, seed=0)
-    settings = MixMatchSettings(adaptive_thresholds=True, pseudolabel_min_confidence=0.75, dan_max_weight=0.0)
+    settings = MixMatchSettings(adaptive_thresholds=True, balance_target_classes=True, pseudolabel_min_confidence=0.75,
+                                dan_max_weight=0.0)
     objective = SemiSupervisedObjective(LogitsAreInputs(3), settings, n_domains=2)
     census.apply(objective, sampler, n_rows=400)
     drawn = np.concatenate([np.concatenate(list(sampler.epoch())) for _ in range(20)])

@@ -393,8 +393,8 @@ class Trainer:
                     if not math.isfinite(row["train_loss"]):
                         raise ScnymError(f"{self.name}: the training loss became {row['train_loss']} at epoch "
                                          f"{epoch}; lower --lr or check the input values")
-                    if distributed.agree(bool(c.patience and selection != "last" and epoch >= min_epochs and best_epoch
-                                              and epoch - best_epoch >= c.patience)):
+                    if distributed.agree(bool(c.patience and selection != "last" and epoch >= min_epochs
+                                              and best_epoch and epoch - best_epoch >= c.patience)):
                         stopped_early = True
                         break
         finally:

@@ -48,7 +48,8 @@ ABLATIONS: dict[str, tuple[list[str], str]] = {
                         "confidence >= 0.9"),
     "last_epoch": (["--selection_metric", "last"], "the last epoch kept instead of the lowest selection loss"),
     "conditional_adversary": (["--dan_conditional", "true"], "class-conditional adversary (CDAN)"),
-    "balanced_labeled": (["--balance_classes", "true"], "class-balanced labeled batches"),
+    "unbalanced_labeled": (["--balance_classes", "false"], "labeled cells drawn as they come, not class-balanced"),
+    "domain_batch_norm": (["--domain_batch_norm", "true"], "domain-specific batch norm (DSBN)"),
     "no_adversary": (["--dan_max_weight", "0"], "MixMatch only"),
     "unmixed_adversary": (["--dan_on_mixes", "false"], "the adversary on a second forward pass of unmixed cells"),
 }

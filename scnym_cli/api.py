@@ -19,7 +19,9 @@ import pandas as pd
 from .config import Config, ConfigLayer, build_config
 from .data import (UNLABELED, LabelEncoding, align_genes, cells_from_anndata, drop_duplicate_genes, normalize,
                    read_labels)
+from .data.labels import require_column
 from .errors import ScnymError
+from .report import evaluate_labeled
 from .store import load_model
 from .workflows.inputs import TrainingInputs, assign_domains, setup_runtime
 from .workflows.predict import Predictor, annotate, open_query, predict_in_memory
@@ -163,7 +165,8 @@ def scnym_api(
         ``"Unlabeled"`` are the target data (MixMatch + domain adversary). After training, every
         cell of ``adata`` is predicted. ``"predict"``: predict with ``trained_model``.
     groupby
-        obs column with cell-type labels (train).
+        obs column with cell-type labels (train). With ``task="predict"``, optional: the known labels of
+        the cells, scored in ``uns[key_added]["evaluation"]``.
     domain_groupby
         obs column with each cell's domain (donor, technology, ...) for the domain adversary
         (train; default: labeled vs unlabeled cells).
@@ -194,7 +197,10 @@ def scnym_api(
     - ``obsm["X_scnym"]``: the model's cell embedding
     - ``uns[key_added + "_classes"]``: class order of the probability columns
     - ``uns[key_added]``: ``params`` (the effective config), ``model_path``, ``classes``,
-      ``gene_overlap``, and after training ``train_results`` (the run summary)
+      ``gene_overlap``, and after training ``train_results`` (the run summary); when predicting with
+      ``groupby``, ``evaluation``: ``metrics`` (accuracy, balanced accuracy, macro-F1, ECE), ``per_class``
+      (precision, recall, F1, support of every class), ``confusion`` (counts; true x predicted) and
+      ``reliability`` (accuracy and mean confidence per confidence bin)
     """
     if task not in ("train", "predict"):
         raise ScnymError(f"task must be 'train' or 'predict', not {task!r}")
@@ -219,6 +225,9 @@ def scnym_api(
     device = setup_runtime(effective)
     predictor = Predictor(model_path, effective, device)
     result = predict_in_memory(predictor, open_query(effective, "adata", adata=adata), effective)
+    if task == "predict" and groupby is not None:
+        truth = require_column(adata.obs, groupby, "groupby", "adata").astype(str).to_numpy()
+        extra["evaluation"] = evaluate_labeled(truth, result.labels, result.confidence, result.classes).to_dict()
     _write_results(target, result, key_added, extra)
     log.info("scnym_api: wrote obs[%r], obs[%r], obsm[%r], obsm['X_scnym'], uns[%r]", key_added,
              f"{key_added}_confidence", f"{key_added}_probabilities", key_added)

@@ -175,8 +175,11 @@ class Config:
         "then cosine decay), cosine; auto = cosine for sgd, else constant.", "Training", _TRAIN,
         choices=("auto", "constant", "one_cycle", "cosine"))
     weight_decay: float = option(1e-4, "Weight decay.", "Training", _TRAIN, min=0.0)
-    balance_classes: bool = option(
-        False, "Sample training cells with inverse class frequency (class-balanced batches).", "Training", _TRAIN)
+    balance_classes: Optional[bool] = option(
+        None, "Sample labeled training cells with inverse class frequency (class-balanced batches); auto (empty) = "
+        "balanced when target cells are given (semi-supervised: +0.005 mean balanced accuracy, +0.046 on 3' v2) "
+        "and weight_classes is off, not in supervised runs (-0.004 mean, -0.028 human -> mouse).",
+        "Training", _TRAIN)
     weight_classes: bool = option(
         False, "Weight the loss of each class by its inverse frequency.", "Training", _TRAIN)
     mixup_alpha: Optional[float] = option(
@@ -255,6 +258,10 @@ class Config:
         True, "The adversary classifies the domains of the MixMatch mixes (soft domain labels) instead of a second "
         "forward pass of the unmixed cells: one forward and backward pass per step instead of two.",
         "Semi-supervised", _TRAIN)
+    domain_batch_norm: bool = option(
+        False, "Domain-specific batch norm (DSBN): with target cells, every batch-norm layer keeps separate "
+        "statistics and scales for reference and target cells; the model then predicts every query with the "
+        "target's (the data it was adapted to).", "Semi-supervised", _TRAIN)
 
     # ---------------------------------------------------------------- Prediction
     model_path: Optional[Path] = option(
@@ -320,6 +327,13 @@ class Config:
         "SLURM_CPUS_PER_TASK, at most 2: more do not speed up this model).", "Run", min=1)
 
     # ----------------------------------------------------------------
+    def balances_labeled_classes(self, adapting: bool) -> bool:
+        """balance_classes resolved for a run: as given, else (auto) when adapting to target cells and the loss
+        is not class-weighted already."""
+        if self.balance_classes is not None:
+            return self.balance_classes
+        return adapting and not self.weight_classes
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (paths as strings)."""
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
@@ -417,6 +431,8 @@ def parse_bool(value: Any) -> bool:
 def _type_name(hint: Any) -> str:
     base, optional = _unwrap_optional(hint)
     name = {bool: "bool", int: "int", float: "float", str: "text", Path: "path"}[base]
+    if optional and base is bool:
+        return "bool | auto"
     return f"{name} | none" if optional else name
 
 
@@ -436,6 +452,8 @@ def _parse_value(key: str, value: Any) -> Any:
             return ""
         raise ValueError(f"a value is required ({_type_name(_HINTS[key])})")
     if base is bool:
+        if optional and isinstance(value, str) and value.strip().lower() == "auto":
+            return None   # an optional switch: None = decided by the run (balance_classes)
         return parse_bool(value)
     if base is int:
         if isinstance(value, bool):
@@ -625,7 +643,7 @@ def render_key_value(config: Config, keys: Iterable[str] | None = None, with_hel
         lines += ["", f"# ---- {section}"]
         for key in in_section:
             value = getattr(config, key)
-            text = "" if value is None else str(value)
+            text = ("auto" if _unwrap_optional(_HINTS[key])[0] is bool else "") if value is None else str(value)
             if with_help:
                 lines.append(f"# {describe(key)['help']}")
             lines.append(f"{key}: {text}".rstrip())
@@ -646,6 +664,8 @@ def render_markdown_table() -> str:
             info = describe(f.name)
             used = ", ".join(sorted({short[c] for c in info["commands"]}))
             default = "" if info["default"] is None else f"`{info['default']}`"
+            if info["default"] is None and _unwrap_optional(_HINTS[f.name])[0] is bool:
+                default = "`auto`"
             choices = f" One of: {', '.join(info['choices'])}." if info["choices"] else ""
             rows.append(f"| `{f.name}` | {default} | {used} | {info['help']}{choices} |")
         rows.append("")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -41,9 +42,12 @@ def plot_training_curve(history: pd.DataFrame, path: Path, title: str, best_epoc
 
 
 def confusion_table(truth: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> pd.DataFrame:
-    """Counts, rows = true class, columns = predicted class (classes + any extra predicted labels)."""
-    predicted_classes = list(classes) + sorted(set(map(str, predicted)) - set(classes))
-    table = pd.crosstab(pd.Categorical(np.asarray(truth, dtype=str), categories=list(classes)),
+    """Counts, rows = true class (classes + any other true labels), columns = predicted class (classes + any
+    other predicted labels, e.g. Unknown)."""
+    classes = [str(c) for c in classes]
+    true_classes = classes + sorted(set(map(str, truth)) - set(classes))
+    predicted_classes = classes + sorted(set(map(str, predicted)) - set(classes))
+    table = pd.crosstab(pd.Categorical(np.asarray(truth, dtype=str), categories=true_classes),
                         pd.Categorical(np.asarray(predicted, dtype=str), categories=predicted_classes),
                         dropna=False)
     table.index.name, table.columns.name = "true", "predicted"
@@ -73,6 +77,76 @@ def plot_confusion_matrix(table: pd.DataFrame, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_reliability_diagram(table: pd.DataFrame, path: Path, title: str, ece: float) -> None:
+    """Accuracy against confidence per bin (bars, width = bin), the diagonal of perfect calibration, and
+    how many cells each bin holds."""
+    plt = _pyplot()
+    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(4.8, 5.6), sharex=True, height_ratios=(3, 1))
+    filled = table[table["n_cells"] > 0]
+    width = float((table["bin_high"] - table["bin_low"]).iloc[0])
+    ax.bar(filled["bin_low"], filled["accuracy"], width=width, align="edge", edgecolor="black", color="#7aa6d6",
+           label="accuracy")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="calibrated")
+    ax.scatter(filled["mean_confidence"], filled["accuracy"], color="black", s=10, zorder=3,
+               label="mean confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(f"{title}\nECE {ece:.3f}", fontsize=9)
+    ax_count.bar(table["bin_low"], table["n_cells"], width=width, align="edge", edgecolor="black", color="#bbbbbb")
+    ax_count.set_xlabel("confidence")
+    ax_count.set_ylabel("cells")
+    ax_count.set_xlim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@dataclass
+class LabeledEvaluation:
+    """Predictions scored against known labels: per-class table, confusion matrix, reliability bins, ECE."""
+
+    metrics: dict
+    per_class: pd.DataFrame
+    confusion: pd.DataFrame
+    reliability: pd.DataFrame
+
+    def to_dict(self) -> dict:
+        """Plain values (for JSON summaries and AnnData.uns)."""
+        return {"metrics": self.metrics, "per_class": self.per_class.to_dict(orient="list"),
+                "confusion": {"true": [str(i) for i in self.confusion.index],
+                              "predicted": [str(c) for c in self.confusion.columns],
+                              "counts": self.confusion.to_numpy().tolist()},
+                "reliability": self.reliability.to_dict(orient="list")}
+
+
+def evaluate_labeled(truth: Sequence[str], predicted: Sequence[str], confidence: np.ndarray,
+                     classes: Sequence[str]) -> LabeledEvaluation:
+    """Scores of predictions whose true labels are known. Confusion rows: the model's classes, then labels it
+    does not know (they count as errors); the ECE and the reliability bins cover cells of known classes."""
+    from .train.metrics import calibration_error, classification_metrics, per_class_metrics, reliability_table
+
+    truth, predicted = np.asarray(truth, dtype=str), np.asarray(predicted, dtype=str)
+    confidence = np.asarray(confidence, dtype=float)
+    known = np.isin(truth, [str(c) for c in classes])
+    correct = predicted[known] == truth[known]
+    metrics = {**classification_metrics(truth, predicted), "ece": calibration_error(confidence[known], correct)}
+    return LabeledEvaluation(metrics, per_class_metrics(truth, predicted, classes),
+                             confusion_table(truth, predicted, classes), reliability_table(confidence[known], correct))
+
+
+def write_labeled_report(directory: Path, evaluation: LabeledEvaluation, title: str) -> None:
+    """``per_class_metrics.csv``, ``confusion_matrix.csv`` / ``.png`` (row-normalized colours, counts),
+    ``reliability.csv`` / ``reliability_diagram.png`` in ``directory``."""
+    evaluation.per_class.to_csv(directory / "per_class_metrics.csv", index=False)
+    evaluation.confusion.to_csv(directory / "confusion_matrix.csv")
+    n_cells = int(evaluation.confusion.to_numpy().sum())
+    plot_confusion_matrix(evaluation.confusion, directory / "confusion_matrix.png", f"{title} ({n_cells} cells)")
+    evaluation.reliability.to_csv(directory / "reliability.csv", index=False)
+    plot_reliability_diagram(evaluation.reliability, directory / "reliability_diagram.png", title,
+                             evaluation.metrics["ece"])
 
 
 def plot_marker_heatmap(top_markers: dict[str, list[str]], genes: Sequence[str], cells, labels, path: Path,

@@ -82,6 +82,19 @@ def test_in_place_and_predict(tmp_path):
                              str(tmp_path / "q.h5ad"), "--out_path", str(tmp_path / "p")])
     table = pd.read_csv(tmp_path / "p" / "predictions.csv")
     assert (table["predicted_label"].to_numpy() == result.obs["scNym"].astype(str).to_numpy()).all()
+    assert "evaluation" not in result.uns["scNym"]
+    # known labels: scored as the CLI scores a labeled query
+    scored = api.scnym_api(query, "predict", trained_model=tmp_path / "m", groupby="cell_type", copy=True)
+    evaluation = scored.uns["scNym"]["evaluation"]
+    CliRunner().invoke(app, ["predict_cell_types", "--model_path", str(tmp_path / "m"), "--input_counts",
+                             str(tmp_path / "q.h5ad"), "--out_path", str(tmp_path / "p2"), "--lower_group",
+                             "cell_type"])
+    per_class = pd.read_csv(tmp_path / "p2" / "per_class_metrics.csv")
+    np.testing.assert_allclose(evaluation["per_class"]["recall"], per_class["recall"])
+    summary = json.loads((tmp_path / "p2" / "prediction_summary.json").read_text())
+    assert evaluation["metrics"] == pytest.approx(summary["metrics_vs_cell_type"])
+    assert np.asarray(evaluation["confusion"]["counts"]).sum() == 50
+    scored.write_h5ad(tmp_path / "scored.h5ad")       # h5ad can store the evaluation
 
 
 def test_scnym_03_nested_config_is_understood(tmp_path):

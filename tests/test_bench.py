@@ -55,6 +55,47 @@ def test_accuracy_benchmark_quick(tmp_path, monkeypatch):
     assert "supervised at abc1234" in report and "| 0.600 |" in report
 
 
+def test_normalization_probes_quick(tmp_path):
+    import torch
+
+    import scnym_cli.workflows.predict as predict_module
+
+    shared_data("kang2018_ctrl_stim_small.h5ad")
+    common = ["--quick", "--splits", "kang_ctrl_to_stim", "--seeds", "0", "--out", str(tmp_path / "r"),
+              "--work", str(tmp_path / "w")]
+    load_bench("accuracy").main([*common, "--methods", "supervised", "semi_supervised"])
+    probes = load_bench("normalization_probes")
+    original = predict_module.forward_rows
+    probes.main([*common, "--tag", "p"])
+    assert predict_module.forward_rows is original          # the AdaBN patch is undone
+    rows = pd.DataFrame(json.loads((tmp_path / "r" / "p.json").read_text())["rows"])
+    assert sorted(rows["method"]) == sorted(["supervised", "supervised+adabn", "semi_supervised",
+                                             "semi_supervised+adabn", "semi_supervised+gene_means"])
+    assert rows["balanced_accuracy"].between(0, 1).all()
+    report = (tmp_path / "r" / "p.md").read_text()
+    assert "Kang ctrl -> stim" in report and "mean over splits" in report
+    # the scaled query: same cells, ln(CPM + 1) rows, gene means moved towards the reference's
+    import anndata as ad
+
+    data = tmp_path / "w" / "data"
+    scaled = ad.read_h5ad(next((tmp_path / "w" / "probes" / "data").glob("*_gene_means.h5ad")))
+    query = ad.read_h5ad(data / "kang_ctrl_to_stim_max200_query.h5ad")
+    assert list(scaled.obs_names) == list(query.obs_names)
+    np.testing.assert_allclose(np.expm1(scaled.X.toarray().astype(np.float64)).sum(axis=1), 1e6, rtol=1e-3)
+    # AdaBN leaves the model's own statistics as they were
+    from scnym_cli.nn import CellTypeClassifier
+
+    model = CellTypeClassifier(n_genes=3, n_classes=2, n_hidden=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    import scipy.sparse as sp
+
+    with probes.adabn_prediction():
+        outputs = predict_module.forward_rows(
+            model, sp.csr_matrix(np.random.default_rng(0).random((10, 3), np.float32)), None, torch.device("cpu"))
+    assert outputs.logits.shape == (10, 2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_strong_shift_splits_are_built_from_two_studies(tmp_path):
     shared_data("zheng2017_sorted_pbmc.h5ad")
     shared_data("zilionis2019_mouse_lung_immune.h5ad")

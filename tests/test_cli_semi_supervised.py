@@ -67,6 +67,36 @@ def test_prediction_uses_the_stored_temperature(runner, tmp_path, files):
     np.testing.assert_allclose(predicted, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_domain_specific_batch_norm_is_trained_saved_and_used_for_the_query(runner, tmp_path, files):
+    import anndata as ad
+    import torch
+
+    from scnym_cli.nn.classifier import REFERENCE, TARGET
+    from scnym_cli.store import load_model
+
+    reference, target = files
+    run = train(runner, tmp_path / "run", "--input_counts", reference, "--unlabeled_counts", target,
+                "--n_folds", "0", "--domain_batch_norm", "true")
+    loaded = load_model(run)
+    assert loaded.manifest["model"]["kwargs"]["n_norm_domains"] == 2
+    norms = loaded.model.encoder[0].norm.norms
+    assert not torch.allclose(norms[REFERENCE].running_mean, norms[TARGET].running_mean)   # both trained
+    result = invoke(runner, "predict_cell_types", "--model_path", run, "--input_counts", target, "--out_path",
+                    tmp_path / "p", "--write_logits", "true")
+    assert result.exit_code == 0, result.output
+    x = ad.read_h5ad(target).X.toarray()
+    x = torch.from_numpy(np.log1p(x / x.sum(1, keepdims=True) * 1e6)).float()
+    genes = list(ad.read_h5ad(target).var_names)
+    x = x[:, [genes.index(g) for g in loaded.genes]]
+    written = pd.read_csv(tmp_path / "p" / "logits.csv").iloc[:, 1:].to_numpy()
+    with torch.no_grad():
+        np.testing.assert_allclose(written, loaded.model(x, domain=TARGET).numpy(), rtol=1e-4, atol=1e-4)
+    # without the option, or without target cells, a plain model
+    plain = train(runner, tmp_path / "plain", "--input_counts", reference, "--n_folds", "0",
+                  "--domain_batch_norm", "true")
+    assert "n_norm_domains" not in load_model(plain).manifest["model"]["kwargs"]
+
+
 def test_no_ssl_really_turns_semi_supervision_off(runner, tmp_path, files):
     reference, target = files
     with_target = train(runner, tmp_path / "a", "--input_counts", reference, "--unlabeled_counts", target,

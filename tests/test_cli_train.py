@@ -18,7 +18,12 @@ MODEL_FILES = {"00_best_model_weights.safetensors", "model.json", "train_idx.csv
 def test_output_layout(trained_run):
     top = {p.name for p in trained_run.iterdir()}
     assert {"celltype_label.csv", "fold_eval_acc.csv", "fold_eval_losses.csv", "fold00", "fold01", "all_data",
-            "confusion_matrix.png", "confusion_matrix.csv", "scnym_config.json", "run_summary.json"} <= top
+            "confusion_matrix.png", "confusion_matrix.csv", "per_class_metrics.csv", "reliability.csv",
+            "reliability_diagram.png", "scnym_config.json", "run_summary.json"} <= top
+    # the pooled held-out cells of every fold, class by class
+    per_class = pd.read_csv(trained_run / "per_class_metrics.csv")
+    held_out = sum(len(pd.read_csv(trained_run / f / "predictions.csv")) for f in ("fold00", "fold01"))
+    assert per_class["support"].sum() == held_out and per_class["recall"].between(0, 1).all()
     assert not any(name.startswith(".") for name in top)
     assert not list(trained_run.parent.glob(".run.partial-*"))
     for name in ("fold00", "fold01", "all_data"):

@@ -25,7 +25,8 @@ def test_the_2021_config_file_brings_back_the_published_settings():
     changed = {k for k, v in published.to_dict().items() if v != c.to_dict()[k]}
     assert changed == {"n_epochs", "patience", "min_epochs", "min_steps_per_epoch", "unsup_ramp_epochs",
                        "dan_ramp_epochs", "n_top_genes", "shared_genes", "dan_on_mixes",
-                       "pseudolabel_min_confidence", "adaptive_thresholds"}
+                       "pseudolabel_min_confidence", "adaptive_thresholds", "balance_classes"}
+    assert published.balance_classes is False and c.balance_classes is None   # auto: balanced when adapting
 
 
 def test_precedence_defaults_files_flags(tmp_path):

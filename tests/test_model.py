@@ -78,3 +78,43 @@ def test_hyperparameters_rebuild_the_same_architecture():
     clone = CellTypeClassifier(**model.hyperparameters)
     assert [k for k in model.state_dict()] == [k for k in clone.state_dict()]
     clone.load_state_dict(model.state_dict())
+
+
+def test_domain_specific_batch_norm_normalizes_each_domain_by_its_own_statistics():
+    from scnym_cli.nn.classifier import REFERENCE, TARGET, DomainBatchNorm
+
+    torch.manual_seed(0)
+    norm = DomainBatchNorm(4, 2, track_running_stats=True).train()
+    x = torch.randn(40, 4)
+    x[20:] = x[20:] * 3 + 10                                # the target: shifted and scaled
+    domain = torch.tensor([REFERENCE] * 20 + [TARGET] * 20)
+    out = norm(x, domain)
+    for rows in (slice(0, 20), slice(20, 40)):              # each domain's rows centred and scaled apart
+        torch.testing.assert_close(out[rows].mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[rows].std(0, unbiased=False), torch.ones(4), atol=1e-3, rtol=0)
+    # a plain batch norm over the mixed batch leaves the shift in
+    assert torch.nn.BatchNorm1d(4)(x)[20:].mean() > 0.5
+    assert norm.norms[TARGET].running_mean.mean() > 0.5 > norm.norms[REFERENCE].running_mean.abs().mean()
+    # one cell of a domain in a batch: normalized by its domain's running statistics, no error
+    single = norm(x[:3], torch.tensor([REFERENCE, REFERENCE, TARGET]))
+    assert torch.isfinite(single).all()
+    norm.eval()                                              # eval: each domain's running statistics
+    torch.testing.assert_close(norm(x[20:], TARGET), norm(x[20:], torch.full((20,), TARGET)))
+    assert not torch.allclose(norm(x[20:], TARGET), norm(x[20:], REFERENCE))
+
+
+def test_a_classifier_with_domain_specific_batch_norm_routes_rows_and_reloads(tmp_path):
+    from scnym_cli.nn.classifier import TARGET
+    from scnym_cli.store import load_model, save_model
+
+    torch.manual_seed(0)
+    model = CellTypeClassifier(n_genes=10, n_classes=3, n_hidden=6, n_norm_domains=2).train()
+    x = torch.rand(16, 10)
+    model(x, domain=torch.tensor([0] * 8 + [1] * 8)).sum().backward()
+    model.eval()
+    assert model.hyperparameters["n_norm_domains"] == 2
+    assert "n_norm_domains" not in CellTypeClassifier(n_genes=10, n_classes=3).hyperparameters
+    save_model(tmp_path, model, genes=[f"g{i}" for i in range(10)], classes=["a", "b", "c"], config={})
+    loaded = load_model(tmp_path).model
+    torch.testing.assert_close(loaded(x, domain=TARGET), model(x, domain=TARGET))
+    assert not torch.allclose(model(x, domain=TARGET), model(x))          # the reference's by default

@@ -40,6 +40,39 @@ def test_prediction_csv(runner, trained_run, tmp_path, query):
     assert summary["gene_overlap"]["fraction_found"] == 1.0
 
 
+def test_a_labeled_query_gets_per_class_metrics_a_confusion_matrix_and_a_reliability_diagram(
+        runner, trained_run, tmp_path, query):
+    query = query.copy()
+    labels = query.obs["cell_type"].astype(str).to_numpy().copy()
+    labels[:7] = "novel_type"                     # a type the model does not know: 7 certain errors
+    query.obs["cell_type"] = labels
+    table = predict(runner, trained_run, write_h5ad(query, tmp_path / "q.h5ad"), tmp_path / "p",
+                    "--lower_group", "cell_type")
+    out = tmp_path / "p"
+    per_class = pd.read_csv(out / "per_class_metrics.csv").set_index("class")
+    assert list(per_class.index) == ["type_0", "type_1", "type_2", "novel_type"]
+    assert per_class.loc["novel_type", "support"] == 7 and not per_class.loc["novel_type", "in_reference"]
+    assert per_class.loc["novel_type", "recall"] == 0
+    for name in ["type_0", "type_1", "type_2"]:   # recall and precision as counted from the predictions
+        is_true, called = labels == name, table["predicted_label"].to_numpy() == name
+        assert per_class.loc[name, "support"] == is_true.sum() and per_class.loc[name, "predicted"] == called.sum()
+        assert per_class.loc[name, "recall"] == pytest.approx((is_true & called).sum() / is_true.sum())
+        assert per_class.loc[name, "precision"] == pytest.approx((is_true & called).sum() / called.sum())
+    confusion = pd.read_csv(out / "confusion_matrix.csv", index_col=0)
+    assert confusion.to_numpy().sum() == 90 and confusion.loc["novel_type"].sum() == 7
+    assert confusion.loc["type_1", "type_1"] == ((labels == "type_1") & (table["predicted_label"] == "type_1")).sum()
+    reliability = pd.read_csv(out / "reliability.csv")
+    assert reliability["n_cells"].sum() == 83 and len(reliability) == 10      # cells of known types
+    assert (out / "confusion_matrix.png").stat().st_size > 0 and (out / "reliability_diagram.png").stat().st_size > 0
+    summary = json.loads((out / "prediction_summary.json").read_text())
+    assert 0 <= summary["metrics_vs_cell_type"]["ece"] <= 1
+    assert [r["class"] for r in summary["per_class_vs_cell_type"]] == list(per_class.index)
+    # an unlabeled query writes none of them
+    predict(runner, trained_run, write_h5ad(make_counts(n_cells=30, seed=8), tmp_path / "u.h5ad"), tmp_path / "u",
+            "--lower_group", "no_such_column")
+    assert not (tmp_path / "u" / "per_class_metrics.csv").exists()
+
+
 def test_annotated_h5ad(runner, trained_run, tmp_path, query):
     table = predict(runner, trained_run, write_h5ad(query, tmp_path / "q.h5ad"), tmp_path / "p",
                     "--prediction_key", "celltype_pred", "--write_embedding", "true", "--write_logits", "yes")

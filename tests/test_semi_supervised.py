@@ -239,3 +239,22 @@ def test_adversary_variants_train_a_real_classifier(on_mixes, conditional):
     # the teacher's guess, the mixed batch, and (unmixed adversary only) a second pass over 16 cells
     assert embeds == ([8, 16] if on_mixes else [8, 16, 16])
     assert all(p.grad is not None for p in objective.domain_classifier.parameters())
+
+
+def test_with_domain_specific_batch_norm_reference_and_target_rows_are_normalized_apart():
+    from scnym_cli.nn import CellTypeClassifier
+    from scnym_cli.nn.classifier import REFERENCE, TARGET
+
+    torch.manual_seed(0)
+    model = CellTypeClassifier(n_genes=20, n_classes=3, n_hidden=8, n_norm_domains=2)
+    objective = SemiSupervisedObjective(model, MixMatchSettings(dan_on_mixes=False), n_domains=2)
+    seen = []
+    original = model.embed
+    model.embed = lambda x, covariates=None, domain=None: seen.append(domain) or original(x, covariates, domain)
+    x = torch.rand(16, 20) * 5
+    batch = LabeledBatch(x[:8], torch.eye(3)[torch.arange(8) % 3], domains=torch.zeros(8, dtype=torch.long))
+    objective(batch, epoch=1, unlabeled=UnlabeledBatch(x[8:], domains=torch.ones(8, dtype=torch.long)))
+    guess, mixed, adversary = seen
+    assert guess == TARGET                                   # the teacher guesses with the target's statistics
+    for rows in (mixed, adversary):                          # labeled rows first, then target rows
+        assert rows.tolist() == [REFERENCE] * 8 + [TARGET] * 8

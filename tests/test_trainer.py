@@ -113,6 +113,32 @@ def test_balanced_sampler_draws_classes_equally():
     assert sorted(plain) == list(range(1000))
 
 
+@pytest.mark.parametrize("setting, weight_classes, adapting, balanced", [
+    (None, False, True, True), (None, False, False, False), (None, True, True, False),
+    (False, False, True, False), (True, False, False, True)])
+def test_labeled_batches_are_class_balanced_when_adapting_unless_told(monkeypatch, setting, weight_classes, adapting,
+                                                                      balanced):
+    import dataclasses
+
+    data = synthetic_training_data()
+    if adapting:   # the held-out cells play an unlabeled target
+        domains = np.zeros(len(data.codes), dtype=np.int64)
+        domains[data.split.held_out] = 1
+        data = dataclasses.replace(data, unlabeled=data.split.held_out, domains=domains)
+    asked = []
+    original = Trainer._sampler
+
+    def recording(self, data, rows, *, balance_classes, seed, min_batches=0):
+        asked.append((len(rows), balance_classes))
+        return original(self, data, rows, balance_classes=balance_classes, seed=seed, min_batches=min_batches)
+
+    monkeypatch.setattr(Trainer, "_sampler", recording)
+    config = Config(**{**FAST, "n_epochs": 1, "balance_classes": setting, "weight_classes": weight_classes})
+    fit(config, data)
+    assert asked[0] == (len(data.split.fit), balanced)          # the labeled cells' batches
+    assert all(not b for _, b in asked[1:])                      # target cells: drawn as they come
+
+
 def test_sampler_drops_a_last_batch_of_one():
     batches = list(EpochSampler(np.arange(65), 32, seed=0).epoch())
     assert [len(b) for b in batches] == [32, 32]

@@ -8,7 +8,7 @@ layers, which silently tied their weights).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -64,36 +64,86 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+# Which domain's batch-norm statistics normalize a batch: one for all rows (REFERENCE or TARGET), or one
+# per row. Models without domain-specific batch norm ignore it.
+Domain = Union[int, torch.Tensor, None]
+REFERENCE, TARGET = 0, 1
+
+
+class DomainBatchNorm(nn.Module):
+    """Domain-specific batch norm (DSBN, Chang et al. 2019): one BatchNorm1d -- statistics and affine
+    scale -- per domain (0 = reference, 1 = target); each row is normalized by its domain's.
+
+    In training every domain's rows of a batch form their own batch, so the layers below need not
+    remove the shift between domains for the layers above to see it removed.
+    """
+
+    def __init__(self, n_features: int, n_domains: int, track_running_stats: bool):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.BatchNorm1d(n_features, track_running_stats=track_running_stats)
+                                   for _ in range(n_domains))
+
+    def forward(self, x: torch.Tensor, domain: Domain = None) -> torch.Tensor:
+        if domain is None or isinstance(domain, int):
+            return self._normalize(self.norms[domain or 0], x)
+        out = torch.empty_like(x)
+        for index, norm in enumerate(self.norms):
+            rows = domain == index
+            if bool(rows.any()):
+                out[rows] = self._normalize(norm, x[rows])
+        return out
+
+    @staticmethod
+    def _normalize(norm: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+        if norm.training and x.shape[0] < 2 and norm.track_running_stats:
+            # one cell of a domain in a batch has no batch statistics: its domain's running ones serve
+            return nn.functional.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias,
+                                            False, 0.0, norm.eps)
+        return norm(x)
+
+
+def _norm_layer(n_features: int, batch_norm: bool, track_running_stats: bool, n_domains: int) -> nn.Module:
+    if not batch_norm:
+        return nn.Identity()
+    if n_domains > 1:
+        return DomainBatchNorm(n_features, n_domains, track_running_stats)
+    return nn.BatchNorm1d(n_features, track_running_stats=track_running_stats)
+
+
+def _normalize(norm: nn.Module, x: torch.Tensor, domain: Domain) -> torch.Tensor:
+    return norm(x, domain) if isinstance(norm, DomainBatchNorm) else norm(x)
+
+
 class HiddenBlock(nn.Module):
     """Linear -> BatchNorm -> Dropout -> ReLU."""
 
-    def __init__(self, n_in: int, n_out: int, dropout: float, batch_norm: bool, track_running_stats: bool):
+    def __init__(self, n_in: int, n_out: int, dropout: float, batch_norm: bool, track_running_stats: bool,
+                 n_domains: int = 1):
         super().__init__()
         self.linear = nn.Linear(n_in, n_out)
-        self.norm = nn.BatchNorm1d(n_out, track_running_stats=track_running_stats) if batch_norm else nn.Identity()
+        self.norm = _norm_layer(n_out, batch_norm, track_running_stats, n_domains)
         self.dropout = Dropout(dropout)
         self.activation = nn.ReLU()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.dropout(self.norm(self.linear(x))))
+    def forward(self, x: torch.Tensor, domain: Domain = None) -> torch.Tensor:
+        return self.activation(self.dropout(_normalize(self.norm, self.linear(x), domain)))
 
 
 class ResidualBlock(nn.Module):
     """x -> ReLU(x + Dropout(BN(Linear(ReLU(BN(Linear(x)))))))."""
 
-    def __init__(self, n_hidden: int, dropout: float, batch_norm: bool, track_running_stats: bool):
+    def __init__(self, n_hidden: int, dropout: float, batch_norm: bool, track_running_stats: bool,
+                 n_domains: int = 1):
         super().__init__()
-
-        def norm() -> nn.Module:
-            return nn.BatchNorm1d(n_hidden, track_running_stats=track_running_stats) if batch_norm else nn.Identity()
-
-        self.linear1, self.norm1 = nn.Linear(n_hidden, n_hidden), norm()
-        self.linear2, self.norm2 = nn.Linear(n_hidden, n_hidden), norm()
+        self.linear1 = nn.Linear(n_hidden, n_hidden)
+        self.norm1 = _norm_layer(n_hidden, batch_norm, track_running_stats, n_domains)
+        self.linear2 = nn.Linear(n_hidden, n_hidden)
+        self.norm2 = _norm_layer(n_hidden, batch_norm, track_running_stats, n_domains)
         self.dropout = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inner = torch.relu(self.norm1(self.linear1(x)))
-        return torch.relu(x + self.dropout(self.norm2(self.linear2(inner))))
+    def forward(self, x: torch.Tensor, domain: Domain = None) -> torch.Tensor:
+        inner = torch.relu(_normalize(self.norm1, self.linear1(x), domain))
+        return torch.relu(x + self.dropout(_normalize(self.norm2, self.linear2(inner), domain)))
 
 
 class CellTypeClassifier(nn.Module):
@@ -115,38 +165,47 @@ class CellTypeClassifier(nn.Module):
         Hidden layers after the first are residual blocks.
     n_covariates
         Width of a one-hot appended to the input after input dropout (tissue-dependent models).
+    n_norm_domains
+        2: domain-specific batch norm (:class:`DomainBatchNorm`) for the reference (0) and the target (1);
+        the ``domain`` argument of :meth:`forward` says which normalizes each row (default 0).
     """
 
     def __init__(self, n_genes: int, n_classes: int, n_hidden: int = 256, n_layers: int = 2,
                  dropout: float = 0.5, init_dropout: float = 0.0, residual: bool = False,
-                 batch_norm: bool = True, track_running_stats: bool = True, n_covariates: int = 0):
+                 batch_norm: bool = True, track_running_stats: bool = True, n_covariates: int = 0,
+                 n_norm_domains: int = 1):
         super().__init__()
         self.hyperparameters = dict(
             n_genes=n_genes, n_classes=n_classes, n_hidden=n_hidden, n_layers=n_layers, dropout=dropout,
             init_dropout=init_dropout, residual=residual, batch_norm=batch_norm,
             track_running_stats=track_running_stats, n_covariates=n_covariates,
         )
+        if n_norm_domains > 1:  # only then: manifests of models without it stay as they were
+            self.hyperparameters["n_norm_domains"] = n_norm_domains
         self.n_genes, self.n_classes, self.n_hidden, self.n_covariates = n_genes, n_classes, n_hidden, n_covariates
+        self.n_norm_domains = n_norm_domains
         self.input_dropout = InputDropout(init_dropout)
-        blocks: list[nn.Module] = [HiddenBlock(n_genes + n_covariates, n_hidden, dropout, batch_norm,
-                                               track_running_stats)]
+        norms = dict(batch_norm=batch_norm, track_running_stats=track_running_stats, n_domains=n_norm_domains)
+        blocks: list[nn.Module] = [HiddenBlock(n_genes + n_covariates, n_hidden, dropout, **norms)]
         for _ in range(n_layers - 1):
-            blocks.append(ResidualBlock(n_hidden, dropout, batch_norm, track_running_stats) if residual
-                          else HiddenBlock(n_hidden, n_hidden, dropout, batch_norm, track_running_stats))
+            blocks.append(ResidualBlock(n_hidden, dropout, **norms) if residual
+                          else HiddenBlock(n_hidden, n_hidden, dropout, **norms))
         self.encoder = nn.Sequential(*blocks)
         self.classifier = nn.Linear(n_hidden, n_classes)
 
-    def embed(self, x: torch.Tensor, covariates: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, covariates: Optional[torch.Tensor] = None, domain: Domain = None) -> torch.Tensor:
         """The cell embedding (last hidden layer)."""
         x = self.input_dropout(x)
         if self.n_covariates:
             if covariates is None or covariates.shape[1] != self.n_covariates:
                 raise ValueError(f"this model needs a covariate one-hot of width {self.n_covariates}")
             x = torch.cat([x, covariates.to(x.dtype)], dim=1)
-        return self.encoder(x)
+        for block in self.encoder:
+            x = block(x, domain)
+        return x
 
     def forward(self, x: torch.Tensor, covariates: Optional[torch.Tensor] = None,
-                return_embedding: bool = False):
-        embedding = self.embed(x, covariates)
+                return_embedding: bool = False, domain: Domain = None):
+        embedding = self.embed(x, covariates, domain)
         logits = self.classifier(embedding)
         return (logits, embedding) if return_embedding else logits

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.adversary import DomainClassifier
+from ..nn.classifier import REFERENCE, TARGET
 from .augment import AUGMENTATIONS
 from .losses import soft_cross_entropy
 from .objectives import LabeledBatch, Objective, mixup
@@ -161,6 +162,8 @@ class SemiSupervisedObjective(Objective):
         self.register_buffer("class_thresholds", torch.full((model.n_classes,), settings.pseudolabel_min_confidence),
                              persistent=False)
         self.last_guess: Optional[torch.Tensor] = None
+        # domain-specific batch norm: reference rows (0) and target rows (1) normalized apart
+        self.domain_specific_norm = getattr(model, "n_norm_domains", 1) > 1
         # the mean teacher is not a submodule: it is not trained, saved or synchronized
         teacher = copy.deepcopy(model).eval().requires_grad_(False) if settings.unsup_mean_teacher else None
         object.__setattr__(self, "teacher", teacher)
@@ -197,10 +200,19 @@ class SemiSupervisedObjective(Objective):
         total = 0.0
         for _ in range(views):
             x = self._augment(x_u) if self.settings.augment_pseudolabels else x_u
-            total = total + torch.softmax(teacher(x, cov_u).float(), dim=1)
+            total = total + torch.softmax(teacher(x, cov_u, **self._domain(TARGET)).float(), dim=1)
         teacher.train(was_training)
         average = total / views
         return average, average.max(dim=1).values
+
+    def _domain(self, domain) -> dict:
+        """The ``domain`` argument for a model with domain-specific batch norm; nothing for others."""
+        return {"domain": domain} if self.domain_specific_norm else {}
+
+    @staticmethod
+    def _row_domains(n_reference: int, n_target: int, device) -> torch.Tensor:
+        return torch.cat([torch.full((n_reference,), REFERENCE, dtype=torch.long, device=device),
+                          torch.full((n_target,), TARGET, dtype=torch.long, device=device)])
 
     @torch.no_grad()
     def align_distribution(self, guess: torch.Tensor) -> torch.Tensor:
@@ -272,8 +284,10 @@ class SemiSupervisedObjective(Objective):
                 labeled_part, unlabeled_part = mix_with_pool(labeled_part, unlabeled_part, s.mixup_alpha)
             xl, yl, cl, dl = labeled_part
             xu, yu, cu, du = unlabeled_part
+            # a mix keeps the domain of its dominant part (lambda' >= 0.5), the row's own
             logits, embedding = model(torch.cat([xl, xu]), None if cl is None else torch.cat([cl, cu]),
-                                      return_embedding=True)
+                                      return_embedding=True,
+                                      **self._domain(self._row_domains(xl.shape[0], xu.shape[0], xl.device)))
             logits_l, logits_u = logits[: xl.shape[0]], logits[xl.shape[0]:]
             per_cell = ((torch.softmax(logits_u.float(), dim=1) - yu) ** 2).mean(dim=1)
             # divided by all target cells of the batch: those below the threshold add exactly 0
@@ -313,7 +327,9 @@ class SemiSupervisedObjective(Objective):
             inputs.append(x_u[rows])
             domains.append(unlabeled.domains[rows])
             covariates.append(None if unlabeled.covariates is None else unlabeled.covariates[rows])
-        embedding = model.embed(torch.cat(inputs), None if covariates[0] is None else torch.cat(covariates))
+        n_target = sum(x.shape[0] for x in inputs[1:])
+        embedding = model.embed(torch.cat(inputs), None if covariates[0] is None else torch.cat(covariates),
+                                **self._domain(self._row_domains(x_l.shape[0], n_target, x_l.device)))
         domains = torch.cat(domains)
         logits = self.domain_classifier(self._domain_features(model, embedding, None), dan_weight)
         loss = F.cross_entropy(logits.float(), domains)

@@ -32,6 +32,7 @@ from ..errors import ScnymError
 from ..data.batches import EpochSampler, batch_tensor
 from ..data.disk import BlockShuffleSampler, DiskMatrix
 from ..data.splits import Split
+from ..nn.classifier import TARGET
 from .device import Precision, flush_denormals
 from .inference import forward_rows
 from .losses import inverse_frequency_weights
@@ -182,7 +183,7 @@ class TargetCensus:
         """With several processes: predict every target cell now (from the second epoch on)."""
         if self.recording or epoch == 1:
             return
-        outputs = forward_rows(model, data.X, self.rows, trainer.device, covariates=data.covariates)
+        outputs = forward_rows(model, data.X, self.rows, trainer.device, covariates=data.covariates, domain=TARGET)
         confidence, classes = torch.softmax(torch.from_numpy(outputs.logits), dim=1).max(dim=1)
         self.classes, self.confidence = classes.numpy(), confidence.numpy()
 
@@ -300,8 +301,10 @@ class Trainer:
         c = self.config
         model.to(self.device)
         objective = self._objective(model, data).to(self.device)
-        sampler = self._sampler(data, data.split.fit, balance_classes=c.balance_classes, seed=c.seed,
-                                min_batches=c.min_steps_per_epoch)
+        semi_supervised = isinstance(objective, SemiSupervisedObjective)
+        adapting = semi_supervised and len(data.unlabeled) > 0
+        sampler = self._sampler(data, data.split.fit, balance_classes=c.balances_labeled_classes(adapting),
+                                seed=c.seed, min_batches=c.min_steps_per_epoch)
         optimizer, scheduler = self._optimizer(objective, max(len(sampler), 1))
         precision = Precision(self.device)
         ranks = distributed.current()
@@ -315,7 +318,6 @@ class Trainer:
                                  "needs at least 2 cells per batch")
         verify = ranks.active and os.environ.get(VERIFY_VARIABLE, "") == "1"
         verified_steps = 0
-        semi_supervised = isinstance(objective, SemiSupervisedObjective)
         target_sampler = target_batches = None
         if semi_supervised and len(data.unlabeled):
             target_sampler = self._sampler(data, data.unlabeled, balance_classes=False, seed=c.seed + 1)

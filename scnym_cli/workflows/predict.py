@@ -32,10 +32,11 @@ from ..data.labels import join_metadata, require_column
 from ..data.normalize import normalize
 from ..data.stream import CellChunks, H5adChunks, InMemoryChunks, ShardedH5adChunks
 from ..errors import ScnymError
+from ..nn.classifier import REFERENCE, TARGET
+from ..report import evaluate_labeled, write_labeled_report
 from ..staging import staged_directory
 from ..store import LoadedModel, load_model
 from ..train.inference import forward_rows
-from ..train.metrics import classification_metrics
 from .inputs import setup_runtime
 from .tissues import covariates_for, read_groups, routing_of
 
@@ -117,8 +118,10 @@ class Predictor:
             covariates = self.covariates[group]
             if covariates is not None:
                 covariates = covariates[rows][local]
+            # a model with domain-specific batch norm predicts with the target's statistics: it was adapted to it
             outputs = forward_rows(model.model, aligned, None, self.device, chunk_size=self.config.prediction_chunk_size,
-                                   covariates=covariates, with_embedding=with_embedding)
+                                   covariates=covariates, with_embedding=with_embedding,
+                                   domain=TARGET if model.model.n_norm_domains > 1 else REFERENCE)
             columns = pd.Index(self.classes).get_indexer(model.classes)
             probabilities[np.ix_(local, columns)] = outputs.probabilities(model.temperature)
             logits[np.ix_(local, columns)] = outputs.logits
@@ -328,10 +331,19 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
         if not known.all():
             log.info("%d query cells have labels the model does not know (%s); they count as errors",
                      int((~known).sum()), ", ".join(sorted(set(truth[~known]))[:5]))
-        metrics = classification_metrics(truth.to_numpy(), labels.astype(str))
+        evaluation = evaluate_labeled(truth.to_numpy(), labels.astype(str), confidence, classes)
+        write_labeled_report(stage, evaluation, f"query vs {config.lower_group!r}")
+        metrics = evaluation.metrics
         summary["metrics_vs_" + config.lower_group] = metrics
-        log.info("vs query column %r: accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f", config.lower_group,
-                 metrics["accuracy"], metrics["balanced_accuracy"], metrics["macro_f1"])
+        summary["per_class_vs_" + config.lower_group] = evaluation.per_class.to_dict(orient="records")
+        log.info("vs query column %r: accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f, ECE %.4f (per class: "
+                 "per_class_metrics.csv)", config.lower_group, metrics["accuracy"], metrics["balanced_accuracy"],
+                 metrics["macro_f1"], metrics["ece"])
+        missed = [r for r in summary["per_class_vs_" + config.lower_group]
+                  if r["in_reference"] and r["support"] and r["recall"] < 0.5]
+        if missed:
+            log.warning("classes found in under half of their query cells: %s", ", ".join(
+                f"{r['class']} {r['recall']:.0%} of {r['support']}" for r in missed))
     summary["seconds"] = round(time.perf_counter() - started, 2)  # model loading to last output block
     (stage / "prediction_summary.json").write_text(json.dumps(summary, indent=1))
     (stage / (PREDICTIONS_FILE + ".part")).rename(stage / PREDICTIONS_FILE)

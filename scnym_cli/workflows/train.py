@@ -28,7 +28,7 @@ from ..config import Config
 from ..data.splits import Split, all_data_split, cross_validation_splits
 from ..errors import ScnymError
 from ..nn import CellTypeClassifier
-from ..report import confusion_table, plot_confusion_matrix, plot_training_curve
+from ..report import evaluate_labeled, plot_training_curve, write_labeled_report
 from ..staging import staged_directory
 from ..store import ALL_DATA_DIR, MANIFEST_FILE, WEIGHTS_FILE, data_fingerprint, save_model
 from ..train import Trainer, TrainingData
@@ -53,14 +53,17 @@ class ModelResult:
     predictions: pd.DataFrame          # cell_id, split, true_label, predicted_label, confidence, prob_*
 
 
-def build_model(config: Config, n_genes: int, n_classes: int, n_covariates: int = 0) -> CellTypeClassifier:
-    """The classifier with weights initialized from ``config.seed`` (global RNG state untouched)."""
+def build_model(config: Config, n_genes: int, n_classes: int, n_covariates: int = 0,
+                has_target: bool = False) -> CellTypeClassifier:
+    """The classifier with weights initialized from ``config.seed`` (global RNG state untouched); batch norm
+    specific to reference and target with ``domain_batch_norm`` and target cells."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return CellTypeClassifier(
             n_genes=n_genes, n_classes=n_classes, n_hidden=config.n_hidden, n_layers=config.n_layers,
             dropout=config.dropout, init_dropout=config.init_dropout, residual=config.residual,
             batch_norm=config.batch_norm, track_running_stats=config.track_running_stats, n_covariates=n_covariates,
+            n_norm_domains=2 if config.domain_batch_norm and has_target else 1,
         )
 
 
@@ -97,7 +100,7 @@ def train_one_model(directory: Path, config: Config, inputs: TrainingInputs, dat
     (directory / f"{name}_parameters.json").write_text(json.dumps(config.to_dict(), indent=1))
 
     model = build_model(config, data.X.shape[1], data.n_classes,
-                        0 if data.covariates is None else data.covariates.shape[1])
+                        0 if data.covariates is None else data.covariates.shape[1], has_target=len(data.unlabeled) > 0)
     covariates = None
     if inputs.covariate_column:
         covariates = {"column": inputs.covariate_column, "categories": list(inputs.covariate_categories),
@@ -285,10 +288,9 @@ def summarize_run(directory: Path, command: str, seconds: float) -> dict:
         fold_table.to_csv(directory / "fold_eval_acc.csv", index=False)
         pd.DataFrame(losses).to_csv(directory / "fold_eval_losses.csv", index=False)
         pooled = pd.concat(pooled)
-        table = confusion_table(pooled["true_label"].astype(str), pooled["predicted_label"].astype(str), classes)
-        table.to_csv(directory / "confusion_matrix.csv")
-        plot_confusion_matrix(table, directory / "confusion_matrix.png",
-                              f"held-out predictions, {len(folds)} folds ({len(pooled)} cells)")
+        evaluation = evaluate_labeled(pooled["true_label"].astype(str), pooled["predicted_label"].astype(str),
+                                      pooled["confidence"].to_numpy(), classes)
+        write_labeled_report(directory, evaluation, f"held-out predictions, {len(folds)} folds")
         metric_names = ["accuracy", "balanced_accuracy", "macro_f1", "ece"]
         summary["cross_validation"] = {
             name: {"mean": float(fold_table[name].mean()), "std": float(fold_table[name].std(ddof=0))}

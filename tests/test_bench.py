@@ -96,6 +96,25 @@ def test_normalization_probes_quick(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_novelty_benchmark_quick(tmp_path):
+    shared_data("kang2018_ctrl_stim_small.h5ad")
+    novelty = load_bench("novelty")
+    frame = novelty.main(["--quick", "--splits", "kang_ctrl_to_stim", "--min_cells", "30", "--work",
+                          str(tmp_path / "w"), "--out", str(tmp_path / "r"), "--tag", "n"])
+    assert set(frame["protocol"]) == {"left out"} and len(frame) >= 3
+    for score in novelty.SCORES:
+        assert frame[score].between(0, 1).all()
+    report = (tmp_path / "r" / "n.md").read_text()
+    assert "Kang ctrl -> stim" in report and "knn" in report
+    # the scores on made-up embeddings: a cell far from every reference cell is the most novel
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(40, 8)) + np.repeat(np.eye(8)[:2] * 5, 20, axis=0)
+    query = np.vstack([bank[:3] + 0.01, -np.eye(8)[:1] * 5])
+    scores = novelty.novelty_scores(np.zeros((4, 2), np.float32), np.full(4, 0.9), query, bank,
+                                    np.repeat(["a", "b"], 20))
+    assert scores["knn"].argmax() == 3 and scores["prototype"].argmax() == 3
+
+
 def test_strong_shift_splits_are_built_from_two_studies(tmp_path):
     shared_data("zheng2017_sorted_pbmc.h5ad")
     shared_data("zilionis2019_mouse_lung_immune.h5ad")

@@ -1,0 +1,209 @@
+"""Novelty scores, leave one class out (issue 11): which score tells cells of a type the reference lacks?
+
+For every split and every query type with at least ``--min_cells`` query cells that the reference has,
+that type is removed from the reference; the default semi-supervised model is trained on the rest (the
+whole query as target data, as a user would) and predicts the query. Each candidate score then ranks the
+removed type's query cells against the cells of types the model knows (AUROC; 1 = every novel cell scored
+above every known one). Types the reference lacks to begin with (neutrophils across species, dendritic
+and CD34+ cells in pbmc68k) are scored the same way from the default runs of bench/accuracy.py.
+
+Scores, each higher = more novel:
+* ``1 - confidence``: one minus the calibrated top probability (what --unknown_threshold uses);
+* ``energy``: -logsumexp(logits) (Liu et al. 2020);
+* ``knn``: mean cosine distance to the 10 nearest reference cells in the embedding;
+* ``prototype``: cosine distance to the nearest class centroid of the reference in the embedding.
+The reference embeddings are those of the training reference (at most 5,000 cells, drawn per class).
+
+    python bench/novelty.py --num_threads 1
+
+Writes bench/results/novelty.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import QUICK_FLAGS, defaults_fingerprint, run  # noqa: E402
+from common import (RESULTS, SPLITS, WORK, machine, materialize, provenance, scnym_command,  # noqa: E402
+                    shared_genes_file, write_json, write_markdown)
+
+SCORES = ["1 - confidence", "energy", "knn", "prototype"]
+BANK_CELLS = 5000
+K = 10
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def novelty_scores(logits: np.ndarray, confidence: np.ndarray, embedding: np.ndarray, bank: np.ndarray,
+                   bank_labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Every candidate score of the query cells (higher = more novel)."""
+    import torch
+
+    query, reference = _unit(embedding), _unit(bank)
+    distance = 1 - torch.from_numpy(query) @ torch.from_numpy(reference).T
+    knn = distance.topk(min(K, reference.shape[0]), dim=1, largest=False).values.mean(dim=1).numpy()
+    centroids = _unit(np.stack([reference[bank_labels == c].mean(axis=0) for c in np.unique(bank_labels)]))
+    prototype = (1 - query @ centroids.T).min(axis=1)
+    energy = -torch.logsumexp(torch.from_numpy(logits), dim=1).numpy()
+    return {"1 - confidence": 1 - confidence, "energy": energy, "knn": knn, "prototype": prototype}
+
+
+def bank_of(reference: Path, label: str, cells: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the reference drawn per class (at most ``cells`` in all) and their labels."""
+    import anndata as ad
+
+    labels = ad.read_h5ad(reference, backed="r").obs[label].astype(str).to_numpy()
+    rng = np.random.default_rng(seed)
+    share = max(1, cells // len(np.unique(labels)))
+    rows = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:share] for c in np.unique(labels)]))
+    return rows, labels[rows]
+
+
+def predict_outputs(model: Path, data: Path, out: Path, threads: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """(predictions table, logits, embedding) of ``data``, predicted once and kept in ``out``."""
+    if not (out / "predictions.csv").exists():
+        run([*scnym_command(), "predict_cell_types", "--model_path", str(model), "--input_counts", str(data),
+             "--out_path", str(out), "--overwrite", "true", "--write_h5ad", "false", "--write_logits", "true",
+             "--write_embedding", "true", "--quiet", "--num_threads", str(threads)], out / "predict.log", True)
+    table = pd.read_csv(out / "predictions.csv")
+    logits = pd.read_csv(out / "logits.csv").iloc[:, 1:].to_numpy(np.float32)
+    embedding = pd.read_csv(out / "embedding.csv").iloc[:, 1:].to_numpy(np.float32)
+    return table, logits, embedding
+
+
+def score_run(model: Path, reference: Path, query: Path, label: str, novel: list[str], out: Path,
+              threads: int) -> list[dict]:
+    """AUROC of every score for each of the ``novel`` types against the cells of types the model knows."""
+    import anndata as ad
+    from sklearn.metrics import roc_auc_score
+
+    table, logits, embedding = predict_outputs(model, query, out / "query", threads)
+    _, _, reference_embedding = predict_outputs(model, reference, out / "reference", threads)
+    rows, bank_labels = bank_of(reference, label, BANK_CELLS)
+    truth = ad.read_h5ad(query, backed="r").obs[label].astype(str).reindex(table["cell_id"].astype(str)).to_numpy()
+    classes = [c[len("prob_"):] for c in table.filter(like="prob_").columns]
+    scores = novelty_scores(logits, table["confidence"].to_numpy(), embedding, reference_embedding[rows],
+                            bank_labels)
+    known = np.isin(truth, classes)
+    results = []
+    for kind in novel:
+        cells = truth == kind
+        if not cells.any():
+            continue
+        keep = cells | known
+        results.append({"novel_type": kind, "n_novel": int(cells.sum()), "n_known": int(known.sum()),
+                        **{name: float(roc_auc_score(cells[keep], values[keep])) for name, values in scores.items()}})
+    return results
+
+
+def without_class(reference: Path, label: str, kind: str, path: Path) -> Path:
+    import anndata as ad
+
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        adata = ad.read_h5ad(reference)
+        adata[adata.obs[label].astype(str).to_numpy() != kind].copy().write_h5ad(path)
+    return path
+
+
+def held_out_types(reference: Path, query: Path, label: str, min_cells: int) -> tuple[list[str], list[str]]:
+    """(query types the reference has with at least ``min_cells`` query cells, query types it lacks)."""
+    import anndata as ad
+
+    ref_types = set(ad.read_h5ad(reference, backed="r").obs[label].astype(str))
+    sizes = ad.read_h5ad(query, backed="r").obs[label].astype(str).value_counts()
+    shared = [t for t, n in sizes.items() if t in ref_types and n >= min_cells]
+    absent = [t for t, n in sizes.items() if t not in ref_types and n >= min_cells]
+    return shared, absent
+
+
+def split_rows(split_name: str, args) -> list[dict]:
+    split = SPLITS[split_name]
+    reference, query = materialize(split, args.work / "data", max_cells=200 if args.quick else None)
+    shared, absent = held_out_types(reference, query, split.label, args.min_cells)
+    base = args.work / "novelty" / split_name
+    rows = []
+    jobs = [(None, reference)] if absent else []
+    jobs += [(kind, without_class(reference, split.label, kind,
+                                                       base / "data" / f"reference_without_{_safe(kind)}.h5ad"))
+                                  for kind in shared]
+    for kind, training_reference in jobs:
+        run_dir = base / ("natural" if kind is None else f"without_{_safe(kind)}") / f"seed{args.seed}"
+        train = [*scnym_command(), "train_tissue_independent", "--input_counts", str(training_reference),
+                 "--lower_group", split.label, "--out_path", str(run_dir / "model"), "--n_folds", "0", "--seed",
+                 str(args.seed), "--overwrite", "true", "--quiet", "--unlabeled_counts", str(query),
+                 "--num_threads", str(args.num_threads)]
+        genes = shared_genes_file(training_reference, query)
+        if genes is not None:
+            train += ["--genes_to_use", str(genes)]
+        if args.quick:
+            train += QUICK_FLAGS
+        stamp = {"command": shlex.join(train), "defaults": defaults_fingerprint()}
+        if not ((run_dir / "stamp.json").exists() and json.loads((run_dir / "stamp.json").read_text()) == stamp):
+            for stale in ("query", "reference"):
+                (run_dir / stale / "predictions.csv").unlink(missing_ok=True)
+            run(train, run_dir / "train.log", True)
+            write_json(run_dir / "stamp.json", stamp)
+        novel = absent if kind is None else [kind]
+        for row in score_run(run_dir / "model", training_reference, query, split.label, novel, run_dir,
+                             args.num_threads):
+            row = {"split": split_name, "protocol": "absent from the data" if kind is None else "left out", **row}
+            rows.append(row)
+            print(f"{split_name:30s} {row['novel_type']:24s} " + " ".join(f"{s} {row[s]:.3f}" for s in SCORES),
+                  flush=True)
+    return rows
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name)
+
+
+def report(frame: pd.DataFrame, command: str) -> list[str]:
+    lines = ["# Novelty scores: cells of types the reference lacks", "", *provenance(command, machine()), "",
+             "AUROC of each score for the cells of a type the model was not trained on against the cells of "
+             "types it knows (default semi-supervised model, the query as target data). *left out*: the type "
+             "was removed from the reference; *absent*: the reference never had it. See the script's docstring.",
+             "", "| score | mean AUROC | worst | types below 0.85 |", "|---|---|---|---|"]
+    for score in SCORES:
+        worst = frame.loc[frame[score].idxmin()]
+        lines.append(f"| {score} | {frame[score].mean():.3f} | {worst[score]:.3f} ({worst['split']}: "
+                     f"{worst['novel_type']}) | {int((frame[score] < 0.85).sum())} of {len(frame)} |")
+    lines += ["", "| split | type | protocol | novel cells | " + " | ".join(SCORES) + " |",
+              "|---" * (4 + len(SCORES)) + "|"]
+    for _, r in frame.iterrows():
+        lines.append(f"| {SPLITS[r['split']].description} | {r['novel_type']} | {r['protocol']} | {r['n_novel']} | "
+                     + " | ".join(f"{r[s]:.3f}" for s in SCORES) + " |")
+    return lines
+
+
+def main(argv=None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min_cells", type=int, default=10, help="query cells a type needs to be scored")
+    parser.add_argument("--num_threads", type=int, default=1)
+    parser.add_argument("--work", type=Path, default=WORK)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--tag", default="novelty")
+    parser.add_argument("--quick", action="store_true", help="tiny subsample and 2 epochs (the test suite)")
+    args = parser.parse_args(argv)
+    command = "python bench/novelty.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    frame = pd.DataFrame([row for split in args.splits for row in split_rows(split, args)])
+    write_json(args.out / f"{args.tag}.json", {"command": command, "machine": machine(),
+                                               "rows": frame.to_dict(orient="records")})
+    write_markdown(args.out / f"{args.tag}.md", report(frame, command))
+    return frame
+
+
+if __name__ == "__main__":
+    main()

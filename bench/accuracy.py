@@ -94,9 +94,11 @@ def defaults_fingerprint() -> str:
     defaults it ran under are today's, since the same command means another model once a default changes."""
     import hashlib
 
-    from scnym_cli.config import Config, render_key_value
+    from scnym_cli.config import CONFIG_KEYS, Config, describe, render_key_value
 
-    return hashlib.sha256(render_key_value(Config(), with_help=False).encode()).hexdigest()[:12]
+    # the keys training reads: a prediction-only key (a new output option) does not change a trained model
+    training = [k for k in CONFIG_KEYS if "train_tissue_independent" in describe(k)["commands"]]
+    return hashlib.sha256(render_key_value(Config(), training, with_help=False).encode()).hexdigest()[:12]
 
 
 def run_one(split_name: str, method: str, seed: int, args) -> dict:

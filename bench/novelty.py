@@ -34,10 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import QUICK_FLAGS, defaults_fingerprint, run  # noqa: E402
 from common import (RESULTS, SPLITS, WORK, machine, materialize, provenance, scnym_command,  # noqa: E402
                     shared_genes_file, write_json, write_markdown)
+from scnym_cli.train.novelty import BANK_CELLS, K_NEAREST as K  # noqa: E402
 
 SCORES = ["1 - confidence", "energy", "knn", "prototype"]
-BANK_CELLS = 5000
-K = 10
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -46,26 +45,28 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 def novelty_scores(logits: np.ndarray, confidence: np.ndarray, embedding: np.ndarray, bank: np.ndarray,
                    bank_labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Every candidate score of the query cells (higher = more novel)."""
+    """Every candidate score of the query cells (higher = more novel); ``knn`` is scnym's own
+    (scnym_cli.train.novelty, what --unknown_rate uses)."""
     import torch
 
-    query, reference = _unit(embedding), _unit(bank)
-    distance = 1 - torch.from_numpy(query) @ torch.from_numpy(reference).T
-    knn = distance.topk(min(K, reference.shape[0]), dim=1, largest=False).values.mean(dim=1).numpy()
-    centroids = _unit(np.stack([reference[bank_labels == c].mean(axis=0) for c in np.unique(bank_labels)]))
-    prototype = (1 - query @ centroids.T).min(axis=1)
+    from scnym_cli.train.novelty import NoveltyReference
+
+    knn = NoveltyReference(torch.from_numpy(_unit(bank).astype(np.float32)), np.zeros(0), K).score(embedding)
+    centroids = _unit(np.stack([_unit(bank)[bank_labels == c].mean(axis=0) for c in np.unique(bank_labels)]))
+    prototype = (1 - _unit(embedding) @ centroids.T).min(axis=1)
     energy = -torch.logsumexp(torch.from_numpy(logits), dim=1).numpy()
     return {"1 - confidence": 1 - confidence, "energy": energy, "knn": knn, "prototype": prototype}
 
 
 def bank_of(reference: Path, label: str, cells: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of the reference drawn per class (at most ``cells`` in all) and their labels."""
+    """Rows of the reference drawn per class as scnym draws its bank (at most ``cells``) and their labels."""
     import anndata as ad
 
+    from scnym_cli.train.novelty import bank_rows
+
     labels = ad.read_h5ad(reference, backed="r").obs[label].astype(str).to_numpy()
-    rng = np.random.default_rng(seed)
-    share = max(1, cells // len(np.unique(labels)))
-    rows = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:share] for c in np.unique(labels)]))
+    codes = np.unique(labels, return_inverse=True)[1]
+    rows = bank_rows(codes, np.arange(len(labels)), seed, cells)
     return rows, labels[rows]
 
 

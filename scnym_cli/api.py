@@ -136,7 +136,8 @@ def _h5ad_safe(value: Any) -> Any:
 
 def _write_results(target, result, key_added: str, extra_uns: dict) -> None:
     annotate(target, key=key_added, labels=result.labels, confidence=result.confidence,
-             probabilities=result.probabilities, embedding=result.embedding, classes=result.classes)
+             probabilities=result.probabilities, embedding=result.embedding, classes=result.classes,
+             novelty=result.novelty)
     target.uns[key_added] = _h5ad_safe({**extra_uns, "classes": list(result.classes),
                                         "gene_overlap": result.overlap.to_dict()})
 
@@ -193,6 +194,8 @@ def scnym_api(
 
     - ``obs[key_added]``: predicted cell type (categorical)
     - ``obs[key_added + "_confidence"]``: calibrated probability of that type
+    - ``obs[key_added + "_novelty"]``: distance to the nearest reference cells in the embedding (higher = less
+      like any reference cell; ``config={"unknown_rate": 0.05}`` calls cells above the threshold Unknown)
     - ``obsm[key_added + "_probabilities"]``: probability of every class (cells x classes)
     - ``obsm["X_scnym"]``: the model's cell embedding
     - ``uns[key_added + "_classes"]``: class order of the probability columns

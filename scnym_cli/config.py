@@ -276,6 +276,11 @@ class Config:
     unknown_threshold: float = option(
         0.0, "Call cells 'Unknown' when their confidence is below this (0 = always call a class).",
         "Prediction", PREDICT_COMMANDS, min=0.0, max=1.0, max_exclusive=True)
+    unknown_rate: Optional[float] = option(
+        None, "Call cells 'Unknown' when their novelty (mean distance to the 10 nearest reference cells in the "
+        "embedding) is above what this share of the reference's held-out cells reach: about this share of the "
+        "known cells of a query like the reference become Unknown, e.g. 0.05 (none = off).",
+        "Prediction", PREDICT_COMMANDS, min=0.0, max=1.0, min_exclusive=True, max_exclusive=True)
     prediction_key: str = option(
         "scNym", "obs/obsm key for predictions in the annotated h5ad.", "Prediction", PREDICT_COMMANDS)
     write_logits: bool = option(False, "Also write logits (logits.csv).", "Prediction", PREDICT_COMMANDS)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .errors import ScnymError
 from .nn import CellTypeClassifier
+from .train.novelty import NoveltyReference
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "00_best_model_weights.safetensors"
@@ -31,7 +32,7 @@ ALL_DATA_DIR = "all_data"
 MODEL_CLASSES = {"CellTypeClassifier": CellTypeClassifier}
 
 
-def _sha256_file(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -56,6 +57,7 @@ class LoadedModel:
     model: CellTypeClassifier
     manifest: dict[str, Any]
     directory: Path
+    novelty: Optional[NoveltyReference] = None   # None for models saved without one (older scnym)
 
     @property
     def genes(self) -> list[str]:
@@ -91,7 +93,7 @@ def save_model(directory: Path, model: CellTypeClassifier, *, genes: Sequence[st
         "temperature": 1.0,
         "seed": config.get("seed"),
         "weights_file": WEIGHTS_FILE,
-        "weights_sha256": _sha256_file(weights_path),
+        "weights_sha256": file_sha256(weights_path),
         **(extra or {}),
         "config": config,
     }
@@ -142,7 +144,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
     if not weights_path.is_file():
         raise ScnymError(f"weights file {weights_path} is missing; the model directory is incomplete")
     expected = manifest.get("weights_sha256")
-    if expected and _sha256_file(weights_path) != expected:
+    if expected and file_sha256(weights_path) != expected:
         raise ScnymError(f"weights file {weights_path} does not match the checksum in {manifest_path}; "
                          "the file is damaged or from another model")
     model_class = MODEL_CLASSES.get(manifest["model"].get("class"))
@@ -161,4 +163,18 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
         raise ScnymError(f"could not load weights {weights_path} ({first}); the file is damaged or does not "
                          "match its manifest") from None
     model.to(device).eval()
-    return LoadedModel(model, manifest, manifest_path.parent)
+    return LoadedModel(model, manifest, manifest_path.parent, _load_novelty(manifest, manifest_path))
+
+
+def _load_novelty(manifest: dict, manifest_path: Path) -> Optional[NoveltyReference]:
+    """The novelty reference the manifest names, checked against its checksum."""
+    entry = manifest.get("novelty")
+    if not entry:
+        return None
+    path = manifest_path.parent / entry["file"]
+    if not path.is_file():
+        raise ScnymError(f"{path} is missing; the model directory is incomplete")
+    if file_sha256(path) != entry.get("sha256"):
+        raise ScnymError(f"{path} does not match the checksum in {manifest_path}; the file is damaged or from "
+                         "another model")
+    return NoveltyReference.load(path.parent)

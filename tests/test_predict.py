@@ -26,8 +26,9 @@ def predict(runner, model, data, out, *extra):
 def test_prediction_csv(runner, trained_run, tmp_path, query):
     table = predict(runner, trained_run, write_h5ad(query, tmp_path / "q.h5ad"), tmp_path / "p",
                     "--lower_group", "cell_type")
-    assert list(table.columns[:3]) == ["cell_id", "predicted_label", "confidence"]
-    assert list(table.columns[3:]) == ["prob_type_0", "prob_type_1", "prob_type_2"]
+    assert list(table.columns[:4]) == ["cell_id", "predicted_label", "confidence", "novelty"]
+    assert list(table.columns[4:]) == ["prob_type_0", "prob_type_1", "prob_type_2"]
+    assert (table["novelty"] >= 0).all() and (table["novelty"] <= 2).all()      # cosine distances
     assert list(table["cell_id"]) == list(query.obs_names)
     probabilities = table.filter(like="prob_").to_numpy()
     np.testing.assert_allclose(probabilities.sum(1), 1, atol=1e-5)
@@ -71,6 +72,64 @@ def test_a_labeled_query_gets_per_class_metrics_a_confusion_matrix_and_a_reliabi
     predict(runner, trained_run, write_h5ad(make_counts(n_cells=30, seed=8), tmp_path / "u.h5ad"), tmp_path / "u",
             "--lower_group", "no_such_column")
     assert not (tmp_path / "u" / "per_class_metrics.csv").exists()
+
+
+def test_novelty_scores_and_unknown_at_a_chosen_rate(runner, trained_run, tmp_path, query):
+    import scipy.sparse as sp
+
+    from scnym_cli.store import load_model
+
+    loaded = load_model(trained_run)
+    manifest = loaded.manifest["novelty"]
+    assert manifest["n_bank"] > 0 and manifest["n_selection"] == len(loaded.novelty.selection_scores)
+    # a cell type the model never saw: the planted markers of no class, other genes silent
+    novel = make_counts(n_cells=30, seed=11)
+    X = novel.X.toarray()
+    X[:, :] = 0
+    X[:, -10:] = np.random.default_rng(0).poisson(20, size=(30, 10))
+    novel.X = sp.csr_matrix(X.astype(np.float32))
+    novel.obs_names = [f"n{i}" for i in range(30)]
+    novel.obs["cell_type"] = "novel"
+    import anndata
+
+    both = anndata.concat([query, novel])
+    table = predict(runner, trained_run, write_h5ad(both, tmp_path / "b.h5ad"), tmp_path / "p",
+                    "--unknown_rate", "0.2")
+    is_novel = table["cell_id"].str.startswith("n").to_numpy()
+    assert table["novelty"][is_novel].min() > table["novelty"][~is_novel].median()
+    unknown = table["predicted_label"].to_numpy() == "Unknown"
+    # Unknown exactly where the novelty is above the rate's threshold, and far more often for the new type
+    np.testing.assert_array_equal(unknown, table["novelty"].to_numpy() > loaded.novelty.threshold(0.2))
+    assert unknown[is_novel].mean() > unknown[~is_novel].mean() + 0.5
+    annotated = ad.read_h5ad(tmp_path / "p" / "annotated.h5ad")
+    np.testing.assert_allclose(annotated.obs["scNym_novelty"], table["novelty"], rtol=1e-5)
+    summary = json.loads((tmp_path / "p" / "prediction_summary.json").read_text())
+    assert summary["unknown_cells"] == unknown.sum() and summary["unknown_rate"] == 0.2
+    # the rate is the share of the model-selection cells above the threshold
+    threshold = loaded.novelty.threshold(0.05)
+    assert np.mean(loaded.novelty.selection_scores > threshold) <= 0.05 + 1 / len(loaded.novelty.selection_scores)
+
+
+def test_novelty_reference_is_checked_and_required_for_unknown_rate(runner, trained_run, tmp_path, query):
+    data = write_h5ad(query, tmp_path / "q.h5ad")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(trained_run / "all_data", damaged)
+    with open(damaged / "novelty_reference.safetensors", "ab") as f:
+        f.write(b"x")
+    result = invoke(runner, "predict_cell_types", "--model_path", damaged, "--input_counts", data,
+                    "--out_path", tmp_path / "p1")
+    assert_one_line_error(result, "novelty_reference.safetensors", "checksum")
+    older = tmp_path / "older"             # a model saved before novelty references: no column, no --unknown_rate
+    shutil.copytree(trained_run / "all_data", older)
+    (older / "novelty_reference.safetensors").unlink()
+    manifest = json.loads((older / "model.json").read_text())
+    del manifest["novelty"]
+    (older / "model.json").write_text(json.dumps(manifest))
+    assert "novelty" not in predict(runner, older, data, tmp_path / "p2").columns
+    result = invoke(runner, "predict_cell_types", "--model_path", older, "--input_counts", data,
+                    "--out_path", tmp_path / "p3", "--unknown_rate", "0.05")
+    assert_one_line_error(result, "--unknown_rate", "--unknown_threshold")
+    assert not (tmp_path / "p3").exists()
 
 
 def test_annotated_h5ad(runner, trained_run, tmp_path, query):

@@ -53,6 +53,7 @@ class ChunkResult:
     labels: np.ndarray              # predicted class names ('Unknown' below the threshold)
     confidence: np.ndarray
     embedding: Optional[np.ndarray]
+    novelty: Optional[np.ndarray] = None  # distance to the nearest reference cells (None: a model has no reference)
 
 
 class Predictor:
@@ -74,6 +75,11 @@ class Predictor:
             self.models = {None: load_model(model_path, device)}
             self.classes = list(self.models[None].classes)
         self.description = str(model_path if self.routing else self.models[None].directory)
+        self.scores_novelty = all(m.novelty is not None for m in self.models.values())
+        if config.unknown_rate is not None and not self.scores_novelty:
+            old = [str(m.directory) for m in self.models.values() if m.novelty is None]
+            raise ScnymError(f"--unknown_rate needs a model with a novelty reference, and {old[0]} was trained "
+                             "without one (an older scnym): retrain it, or use --unknown_threshold")
 
     @property
     def model_genes(self) -> list[str]:
@@ -108,6 +114,8 @@ class Predictor:
         probabilities = np.zeros((n, len(self.classes)), dtype=np.float32)
         logits = np.full((n, len(self.classes)), np.nan, dtype=np.float32)
         embedding = None
+        novelty = np.full(n, np.nan, dtype=np.float32) if self.scores_novelty else None
+        unknown = np.zeros(n, dtype=bool)
         for group, model in self.models.items():
             local = np.arange(n) if group is None else np.flatnonzero(self.groups[rows] == group)
             part = X if group is None else X[local]   # a single model reads the block itself, uncopied
@@ -120,8 +128,12 @@ class Predictor:
                 covariates = covariates[rows][local]
             # a model with domain-specific batch norm predicts with the target's statistics: it was adapted to it
             outputs = forward_rows(model.model, aligned, None, self.device, chunk_size=self.config.prediction_chunk_size,
-                                   covariates=covariates, with_embedding=with_embedding,
+                                   covariates=covariates, with_embedding=with_embedding or novelty is not None,
                                    domain=TARGET if model.model.n_norm_domains > 1 else REFERENCE)
+            if novelty is not None:
+                novelty[local] = model.novelty.score(outputs.embedding)
+                if self.config.unknown_rate is not None:
+                    unknown[local] = novelty[local] > model.novelty.threshold(self.config.unknown_rate)
             columns = pd.Index(self.classes).get_indexer(model.classes)
             probabilities[np.ix_(local, columns)] = outputs.probabilities(model.temperature)
             logits[np.ix_(local, columns)] = outputs.logits
@@ -133,7 +145,8 @@ class Predictor:
         labels = np.asarray(self.classes, dtype=object)[probabilities.argmax(axis=1)]
         if self.config.unknown_threshold > 0:
             labels = np.where(confidence < self.config.unknown_threshold, UNKNOWN, labels)
-        return ChunkResult(probabilities, logits, labels, confidence, embedding)
+        labels = np.where(unknown, UNKNOWN, labels)
+        return ChunkResult(probabilities, logits, labels, confidence, embedding if with_embedding else None, novelty)
 
 
 def open_query(config: Config, path: Path, adata=None) -> CellChunks:
@@ -230,12 +243,15 @@ class AnnotatedH5ad:
         self.arrays[f"{self.key}_probabilities"][rows] = result.probabilities
         self.arrays["X_scnym"][rows] = result.embedding
 
-    def finish(self, obs: pd.DataFrame, labels: np.ndarray, confidence: np.ndarray, classes: list[str]) -> None:
+    def finish(self, obs: pd.DataFrame, labels: np.ndarray, confidence: np.ndarray, classes: list[str],
+               novelty: Optional[np.ndarray] = None) -> None:
         import anndata.io
 
         obs = obs.copy()
         obs[self.key] = pd.Categorical(labels)
         obs[f"{self.key}_confidence"] = confidence
+        if novelty is not None:
+            obs[f"{self.key}_novelty"] = novelty
         del self.file["obs"]
         anndata.io.write_elem(self.file, "obs", obs)
         uns = self.file.require_group("uns")
@@ -292,10 +308,13 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
     embedding_csv = CsvBlocks(stage / "embedding.csv") if config.write_embedding else None
     labels = np.empty(source.n_cells, dtype=object)
     confidence = np.zeros(source.n_cells, dtype=np.float32)
+    novelty = np.full(source.n_cells, np.nan, dtype=np.float32)
     kind = config.input_normalization
     for rows, result, kind in iterate_predictions(predictor, source, config, with_embedding=with_embedding):
         ids = source.obs.index[rows]
         table = pd.DataFrame({"cell_id": ids, "predicted_label": result.labels, "confidence": result.confidence})
+        if result.novelty is not None:
+            table["novelty"] = result.novelty
         predictions.write(pd.concat([table, pd.DataFrame(result.probabilities, columns=[f"prob_{c}" for c in classes])],
                                     axis=1))
         if logits_csv:
@@ -309,11 +328,13 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
         if annotated:
             annotated.write(rows, result)
         labels[rows], confidence[rows] = result.labels, result.confidence
+        if result.novelty is not None:
+            novelty[rows] = result.novelty
     for writer in (predictions, logits_csv, embedding_csv):
         if writer:
             writer.close()
     if annotated:
-        annotated.finish(source.obs, labels, confidence, classes)
+        annotated.finish(source.obs, labels, confidence, classes, novelty if predictor.scores_novelty else None)
 
     counts = pd.Series(labels).value_counts()
     model = predictor.single
@@ -321,7 +342,8 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
         "model": predictor.description, "input": str(config.input_counts), "n_cells": int(source.n_cells),
         "input_normalization": kind, "gene_overlap": overlap.to_dict(),
         "temperature": model.temperature if model else "per tissue model",
-        "unknown_threshold": config.unknown_threshold,
+        "unknown_threshold": config.unknown_threshold, "unknown_rate": config.unknown_rate,
+        "unknown_cells": int((labels == UNKNOWN).sum()),
         "predicted_counts": {str(k): int(v) for k, v in counts.items()},
         "mean_confidence": float(confidence.mean()) if len(confidence) else float("nan"),
     }
@@ -364,11 +386,14 @@ class Predictions:
     embedding: Optional[np.ndarray]
     classes: list[str]
     overlap: GeneOverlap
+    novelty: Optional[np.ndarray] = None
 
     def table(self) -> pd.DataFrame:
-        """cell_id, predicted_label, confidence, prob_<class>..."""
+        """cell_id, predicted_label, confidence, [novelty,] prob_<class>..."""
         table = pd.DataFrame({"cell_id": self.cell_ids, "predicted_label": self.labels,
                               "confidence": self.confidence})
+        if self.novelty is not None:
+            table["novelty"] = self.novelty
         return pd.concat([table, pd.DataFrame(self.probabilities, columns=[f"prob_{c}" for c in self.classes])],
                          axis=1)
 
@@ -381,15 +406,18 @@ def predict_in_memory(predictor: Predictor, source: CellChunks, config: Config) 
     def stack(name):
         return np.concatenate([getattr(p, name) for p in parts]) if parts else np.zeros((0, len(predictor.classes)))
 
+    novelty = np.concatenate([p.novelty for p in parts]) if parts and predictor.scores_novelty else None
     return Predictions(source.obs.index, stack("labels"), stack("confidence"), stack("probabilities"),
-                       stack("logits"), stack("embedding"), list(predictor.classes), overlap)
+                       stack("logits"), stack("embedding"), list(predictor.classes), overlap, novelty)
 
 
 def annotate(adata, *, key: str, labels: np.ndarray, confidence: np.ndarray, probabilities: np.ndarray,
-             embedding: np.ndarray, classes: list[str]) -> None:
+             embedding: np.ndarray, classes: list[str], novelty: Optional[np.ndarray] = None) -> None:
     """Write predictions into an AnnData (in place), scanpy style."""
     adata.obs[key] = pd.Categorical(labels)
     adata.obs[f"{key}_confidence"] = confidence
+    if novelty is not None:
+        adata.obs[f"{key}_novelty"] = novelty
     adata.obsm[f"{key}_probabilities"] = probabilities.astype(np.float32)
     adata.obsm["X_scnym"] = embedding.astype(np.float32)
     adata.uns[f"{key}_classes"] = list(classes)

@@ -15,6 +15,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -30,10 +31,11 @@ from ..errors import ScnymError
 from ..nn import CellTypeClassifier
 from ..report import evaluate_labeled, plot_training_curve, write_labeled_report
 from ..staging import staged_directory
-from ..store import ALL_DATA_DIR, MANIFEST_FILE, WEIGHTS_FILE, data_fingerprint, save_model
+from ..store import ALL_DATA_DIR, MANIFEST_FILE, WEIGHTS_FILE, data_fingerprint, file_sha256, save_model
 from ..train import Trainer, TrainingData
 from ..train.inference import forward_rows
 from ..train.metrics import classification_metrics, expected_calibration_error
+from ..train.novelty import NOVELTY_FILE, NoveltyReference, bank_rows
 from .inputs import TrainingInputs, load_training_inputs, setup_runtime
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,17 @@ def build_model(config: Config, n_genes: int, n_classes: int, n_covariates: int 
             batch_norm=config.batch_norm, track_running_stats=config.track_running_stats, n_covariates=n_covariates,
             n_norm_domains=2 if config.domain_batch_norm and has_target else 1,
         )
+
+
+def build_novelty_reference(model: CellTypeClassifier, data: TrainingData, device: torch.device,
+                            seed: int) -> Optional[NoveltyReference]:
+    """The bank of fit cells' embeddings and the model-selection cells' scores (train/novelty.py); None when
+    no cell was held out for model selection (nothing to set thresholds on)."""
+    if len(data.split.select) == 0 or len(data.split.fit) == 0:
+        return None
+    bank = bank_rows(data.codes, data.split.fit, seed)
+    embed = partial(forward_rows, model, data.X, device=device, covariates=data.covariates, with_embedding=True)
+    return NoveltyReference.build(embed(bank).embedding, embed(data.split.select).embedding)
 
 
 def _write_ids(path: Path, cell_ids: pd.Index, rows: np.ndarray) -> None:
@@ -107,6 +120,9 @@ def train_one_model(directory: Path, config: Config, inputs: TrainingInputs, dat
                       "scale": inputs.covariate_scale}
     trainer = Trainer(config, device, log_path=directory / f"{name}_log.csv", name=name)
     fit = trainer.fit(model, data)
+    novelty = build_novelty_reference(model, data, device, config.seed)
+    if novelty is not None:
+        novelty.save(directory)
 
     # held-out cells for a fold; the model-selection cells for all_data (it has no held-out part)
     rows, kind = (split.held_out, "held_out") if len(split.held_out) else (split.select, "model_selection")
@@ -140,7 +156,10 @@ def train_one_model(directory: Path, config: Config, inputs: TrainingInputs, dat
                    f"{kind}_metrics": metrics, "input_normalization": inputs.input_kind,
                    "target_gene_overlap": inputs.target_overlap.to_dict() if inputs.target_overlap else None,
                    "gene_selection": inputs.gene_report,
-               }, "data_fingerprint": fingerprint})
+               }, "data_fingerprint": fingerprint,
+               "novelty": None if novelty is None else {
+                   "file": NOVELTY_FILE, "sha256": file_sha256(directory / NOVELTY_FILE), "k": novelty.k,
+                   "n_bank": int(novelty.bank.shape[0]), "n_selection": int(len(novelty.selection_scores))}})
     return ModelResult(name, fit.best_epoch, fit.epochs_run, fit.seconds, metrics if kind == "held_out" else {},
                        loss, predictions)
 

@@ -12,7 +12,8 @@ Scores, each higher = more novel:
 * ``energy``: -logsumexp(logits) (Liu et al. 2020);
 * ``knn``: mean cosine distance to the 10 nearest reference cells in the embedding;
 * ``prototype``: cosine distance to the nearest class centroid of the reference in the embedding.
-The reference embeddings are those of the training reference (at most 5,000 cells, drawn per class).
+The reference embeddings are those of the training reference (at most 2,000 cells, drawn per class as scnym
+draws the bank it keeps with a model).
 
     python bench/novelty.py --num_threads 1
 

@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 # per 1,000 query cells, about what the classifier's own forward pass costs on 2,000 genes
 BANK_CELLS = 2000
 K_NEAREST = 10
+# model-selection cells whose scores set the thresholds (a random draw of them on large data)
+SELECTION_CELLS = 5000
 NOVELTY_FILE = "novelty_reference.safetensors"
 # query rows scored against the bank at once: 1,024 x 2,000 distances = 8 MB
 SCORE_ROWS = 1024

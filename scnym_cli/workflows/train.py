@@ -35,7 +35,7 @@ from ..store import ALL_DATA_DIR, MANIFEST_FILE, WEIGHTS_FILE, data_fingerprint,
 from ..train import Trainer, TrainingData
 from ..train.inference import forward_rows
 from ..train.metrics import classification_metrics, expected_calibration_error
-from ..train.novelty import NOVELTY_FILE, NoveltyReference, bank_rows
+from ..train.novelty import NOVELTY_FILE, SELECTION_CELLS, NoveltyReference, bank_rows
 from .inputs import TrainingInputs, load_training_inputs, setup_runtime
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,13 @@ def build_novelty_reference(model: CellTypeClassifier, data: TrainingData, devic
     if len(data.split.select) == 0 or len(data.split.fit) == 0:
         return None
     bank = bank_rows(data.codes, data.split.fit, seed)
+    # the thresholds are quantiles: a few thousand model-selection cells set them as well as all of an atlas's
+    rng = np.random.default_rng(seed)
+    select = data.split.select
+    select = np.sort(rng.choice(select, size=SELECTION_CELLS, replace=False)) if len(select) > SELECTION_CELLS \
+        else select
     embed = partial(forward_rows, model, data.X, device=device, covariates=data.covariates, with_embedding=True)
-    return NoveltyReference.build(embed(bank).embedding, embed(data.split.select).embedding)
+    return NoveltyReference.build(embed(bank).embedding, embed(select).embedding)
 
 
 def _write_ids(path: Path, cell_ids: pd.Index, rows: np.ndarray) -> None:

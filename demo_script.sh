@@ -34,4 +34,5 @@ print(f"held-out donor 101 ({summary['n_cells']} cells): accuracy {held_out['acc
 print(f"model:        {out}/model  (all_data/ is the final model; fold00..02 the cross-validation)")
 print(f"predictions:  {out}/predictions/predictions.csv and annotated.h5ad")
 print(f"plots:        {out}/model/confusion_matrix.png, {out}/model/all_data/training_curve.png")
+print(f"per class:    {out}/predictions/per_class_metrics.csv, confusion_matrix.png, reliability_diagram.png")
 PY

@@ -27,6 +27,8 @@ def test_the_2021_config_file_brings_back_the_published_settings():
                        "dan_ramp_epochs", "n_top_genes", "shared_genes", "dan_on_mixes",
                        "pseudolabel_min_confidence", "adaptive_thresholds", "balance_classes"}
     assert published.balance_classes is False and c.balance_classes is None   # auto: balanced when adapting
+    assert load_config(None, [], {"balance_classes": "auto"}).balance_classes is None
+    assert load_config(None, [], {"balance_classes": "no"}).balance_classes is False
 
 
 def test_precedence_defaults_files_flags(tmp_path):

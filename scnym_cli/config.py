@@ -636,6 +636,11 @@ def load_config(command: str | None, config_files: Sequence[Union[str, Path]] = 
     return build_config(layers, command)
 
 
+def _unset_text(key: str) -> str:
+    """How an unset key reads: "auto" for an optional switch (decided by the run), else empty (none)."""
+    return "auto" if _unwrap_optional(_HINTS[key])[0] is bool else ""
+
+
 def render_key_value(config: Config, keys: Iterable[str] | None = None, with_help: bool = True) -> str:
     """The config as scNym-style ``key: value`` lines grouped by section (default_config.txt)."""
     wanted = list(keys) if keys is not None else list(CONFIG_KEYS)
@@ -648,7 +653,7 @@ def render_key_value(config: Config, keys: Iterable[str] | None = None, with_hel
         lines += ["", f"# ---- {section}"]
         for key in in_section:
             value = getattr(config, key)
-            text = ("auto" if _unwrap_optional(_HINTS[key])[0] is bool else "") if value is None else str(value)
+            text = _unset_text(key) if value is None else str(value)
             if with_help:
                 lines.append(f"# {describe(key)['help']}")
             lines.append(f"{key}: {text}".rstrip())
@@ -668,9 +673,8 @@ def render_markdown_table() -> str:
                 continue
             info = describe(f.name)
             used = ", ".join(sorted({short[c] for c in info["commands"]}))
-            default = "" if info["default"] is None else f"`{info['default']}`"
-            if info["default"] is None and _unwrap_optional(_HINTS[f.name])[0] is bool:
-                default = "`auto`"
+            default = f"`{info['default']}`" if info["default"] is not None else \
+                (f"`{_unset_text(f.name)}`" if _unset_text(f.name) else "")
             choices = f" One of: {', '.join(info['choices'])}." if info["choices"] else ""
             rows.append(f"| `{f.name}` | {default} | {used} | {info['help']}{choices} |")
         rows.append("")

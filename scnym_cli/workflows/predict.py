@@ -80,6 +80,9 @@ class Predictor:
             old = [str(m.directory) for m in self.models.values() if m.novelty is None]
             raise ScnymError(f"--unknown_rate needs a model with a novelty reference, and {old[0]} was trained "
                              "without one (an older scnym): retrain it, or use --unknown_threshold")
+        # each model's novelty above which a cell is Unknown (none: no --unknown_rate)
+        self.unknown_above = {g: m.novelty.threshold(config.unknown_rate) for g, m in self.models.items()} \
+            if config.unknown_rate is not None else None
 
     @property
     def model_genes(self) -> list[str]:
@@ -132,8 +135,8 @@ class Predictor:
                                    domain=TARGET if model.model.n_norm_domains > 1 else REFERENCE)
             if novelty is not None:
                 novelty[local] = model.novelty.score(outputs.embedding)
-                if self.config.unknown_rate is not None:
-                    unknown[local] = novelty[local] > model.novelty.threshold(self.config.unknown_rate)
+                if self.unknown_above is not None:
+                    unknown[local] = novelty[local] > self.unknown_above[group]
             columns = pd.Index(self.classes).get_indexer(model.classes)
             probabilities[np.ix_(local, columns)] = outputs.probabilities(model.temperature)
             logits[np.ix_(local, columns)] = outputs.logits

@@ -23,6 +23,7 @@ from .data.labels import require_column
 from .errors import ScnymError
 from .report import evaluate_labeled
 from .store import load_model
+from .train.conformal import true_class_in_set
 from .workflows.inputs import TrainingInputs, assign_domains, setup_runtime
 from .workflows.predict import Predictor, annotate, open_query, predict_in_memory
 from .workflows.train import run_training
@@ -135,9 +136,7 @@ def _h5ad_safe(value: Any) -> Any:
 
 
 def _write_results(target, result, key_added: str, extra_uns: dict) -> None:
-    annotate(target, key=key_added, labels=result.labels, confidence=result.confidence,
-             probabilities=result.probabilities, embedding=result.embedding, classes=result.classes,
-             novelty=result.novelty)
+    annotate(target, key=key_added, predictions=result)
     target.uns[key_added] = _h5ad_safe({**extra_uns, "classes": list(result.classes),
                                         "gene_overlap": result.overlap.to_dict()})
 
@@ -196,14 +195,20 @@ def scnym_api(
     - ``obs[key_added + "_confidence"]``: calibrated probability of that type
     - ``obs[key_added + "_novelty"]``: distance to the nearest reference cells in the embedding (higher = less
       like any reference cell; ``config={"unknown_rate": 0.05}`` calls cells above the threshold Unknown)
+    - ``obs[key_added + "_disagreement"]``: share of a run's models (cross-validation folds and all_data,
+      ``config={"ensemble": ...}``) whose own call differs from the averaged one; only for runs with folds
+    - ``obs[key_added + "_prediction_set"]``, ``obs[key_added + "_set_size"]`` with
+      ``config={"coverage": 0.9}``: the conformal prediction set (classes joined by ``|``) and its size
+      (``"coverage_per_class": True`` for the coverage within every class)
     - ``obsm[key_added + "_probabilities"]``: probability of every class (cells x classes)
     - ``obsm["X_scnym"]``: the model's cell embedding
     - ``uns[key_added + "_classes"]``: class order of the probability columns
     - ``uns[key_added]``: ``params`` (the effective config), ``model_path``, ``classes``,
       ``gene_overlap``, and after training ``train_results`` (the run summary); when predicting with
       ``groupby``, ``evaluation``: ``metrics`` (accuracy, balanced accuracy, macro-F1, ECE), ``per_class``
-      (precision, recall, F1, support of every class), ``confusion`` (counts; true x predicted) and
-      ``reliability`` (accuracy and mean confidence per confidence bin)
+      (precision, recall, F1, support of every class; with prediction sets their coverage and mean size),
+      ``confusion`` (counts; true x predicted) and ``reliability`` (accuracy and mean confidence per
+      confidence bin)
     """
     if task not in ("train", "predict"):
         raise ScnymError(f"task must be 'train' or 'predict', not {task!r}")
@@ -230,7 +235,12 @@ def scnym_api(
     result = predict_in_memory(predictor, open_query(effective, "adata", adata=adata), effective)
     if task == "predict" and groupby is not None:
         truth = require_column(adata.obs, groupby, "groupby", "adata").astype(str).to_numpy()
-        extra["evaluation"] = evaluate_labeled(truth, result.labels, result.confidence, result.classes).to_dict()
+        with_sets = {}
+        if result.sets is not None:
+            with_sets = {"in_set": true_class_in_set(result.sets, pd.Index(result.classes).get_indexer(truth)),
+                         "set_size": result.extra["set_size"]}
+        extra["evaluation"] = evaluate_labeled(truth, result.labels, result.confidence, result.classes,
+                                               **with_sets).to_dict()
     _write_results(target, result, key_added, extra)
     log.info("scnym_api: wrote obs[%r], obs[%r], obsm[%r], obsm['X_scnym'], uns[%r]", key_added,
              f"{key_added}_confidence", f"{key_added}_probabilities", key_added)

@@ -281,6 +281,22 @@ class Config:
         "embedding) is above what this share of the reference's held-out cells reach: about this share of the "
         "known cells of a query like the reference become Unknown, e.g. 0.05 (none = off).",
         "Prediction", PREDICT_COMMANDS, min=0.0, max=1.0, min_exclusive=True, max_exclusive=True)
+    ensemble: str = option(
+        "all", "Which models of a training run predict, their calibrated probabilities averaged: all (the "
+        "cross-validation folds and all_data), all_data (the final model only) or folds. A single model "
+        "directory predicts alone.", "Prediction", PREDICT_COMMANDS, choices=("all", "all_data", "folds"))
+    coverage: Optional[float] = option(
+        None, "Also give each cell a conformal prediction set: the classes the model cannot rule out, holding "
+        "the true class with this probability for cells like the reference's held-out ones, e.g. 0.9 (none = "
+        "off).", "Prediction", PREDICT_COMMANDS, min=0.0, max=1.0, min_exclusive=True, max_exclusive=True)
+    coverage_per_class: bool = option(
+        False, "Reach --coverage within every class (class-conditional sets: larger, but rare types get the "
+        "coverage too) rather than over all cells.", "Prediction", PREDICT_COMMANDS)
+    weighted_sets: bool = option(
+        False, "Weight the calibration cells of --coverage by how much they resemble the query (a domain "
+        "classifier on the embedding; Tibshirani et al. 2019): sets widen where the query departs from the "
+        "reference, so that coverage holds better on a shifted query. Reads the query twice.",
+        "Prediction", PREDICT_COMMANDS)
     prediction_key: str = option(
         "scNym", "obs/obsm key for predictions in the annotated h5ad.", "Prediction", PREDICT_COMMANDS)
     write_logits: bool = option(False, "Also write logits (logits.csv).", "Prediction", PREDICT_COMMANDS)
@@ -603,6 +619,12 @@ def _check_combinations(config: Config) -> None:
                          "the map)")
     if config.unlabeled_genes is not None and config.unlabeled_counts is None:
         raise ScnymError("--unlabeled_genes names the genes of --unlabeled_counts, which is not given")
+    if config.weighted_sets and config.coverage is None:
+        raise ScnymError("--weighted_sets true weights the calibration of prediction sets; give their --coverage "
+                         "too (e.g. --coverage 0.9)")
+    if config.coverage_per_class and config.coverage is None:
+        raise ScnymError("--coverage_per_class true asks for per-class prediction sets; give their --coverage too "
+                         "(e.g. --coverage 0.9)")
 
 
 _REQUIRED = {

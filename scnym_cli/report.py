@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -123,9 +123,13 @@ class LabeledEvaluation:
 
 
 def evaluate_labeled(truth: Sequence[str], predicted: Sequence[str], confidence: np.ndarray,
-                     classes: Sequence[str]) -> LabeledEvaluation:
+                     classes: Sequence[str], in_set: Optional[np.ndarray] = None,
+                     set_size: Optional[np.ndarray] = None) -> LabeledEvaluation:
     """Scores of predictions whose true labels are known. Confusion rows: the model's classes, then labels it
-    does not know (they count as errors); the ECE and the reliability bins cover cells of known classes."""
+    does not know (they count as errors); the ECE and the reliability bins cover cells of known classes.
+
+    With conformal prediction sets (``in_set``: whether a cell's set holds its true class; ``set_size``):
+    their coverage and mean size, overall (cells of known classes) and per class."""
     from .train.metrics import calibration_error, classification_metrics, per_class_metrics, reliability_table
 
     truth, predicted = np.asarray(truth, dtype=str), np.asarray(predicted, dtype=str)
@@ -133,8 +137,21 @@ def evaluate_labeled(truth: Sequence[str], predicted: Sequence[str], confidence:
     known = np.isin(truth, [str(c) for c in classes])
     correct = predicted[known] == truth[known]
     metrics = {**classification_metrics(truth, predicted), "ece": calibration_error(confidence[known], correct)}
-    return LabeledEvaluation(metrics, per_class_metrics(truth, predicted, classes),
-                             confusion_table(truth, predicted, classes), reliability_table(confidence[known], correct))
+    per_class = per_class_metrics(truth, predicted, classes)
+    if in_set is not None and set_size is not None:
+        in_set, set_size = np.asarray(in_set, dtype=bool), np.asarray(set_size)
+
+        def mean(values, rows):
+            return float(values[rows].mean()) if rows.any() else float("nan")
+
+        metrics.update(coverage=mean(in_set, known), mean_set_size=mean(set_size, known),
+                       empty_sets=mean(set_size == 0, known))
+        rows = [truth == c for c in per_class["class"]]
+        per_class["coverage"] = [mean(in_set, r) if inside else float("nan")
+                                 for r, inside in zip(rows, per_class["in_reference"])]
+        per_class["mean_set_size"] = [mean(set_size, r) for r in rows]
+    return LabeledEvaluation(metrics, per_class, confusion_table(truth, predicted, classes),
+                             reliability_table(confidence[known], correct))
 
 
 def write_labeled_report(directory: Path, evaluation: LabeledEvaluation, title: str) -> None:

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .errors import ScnymError
 from .nn import CellTypeClassifier
+from .train.conformal import ConformalCalibration
 from .train.novelty import NoveltyReference
 
 FORMAT_VERSION = 1
@@ -58,6 +59,7 @@ class LoadedModel:
     manifest: dict[str, Any]
     directory: Path
     novelty: Optional[NoveltyReference] = None   # None for models saved without one (older scnym)
+    calibration: Optional[ConformalCalibration] = None  # held-out (or model-selection) cells; None: older scnym
 
     @property
     def genes(self) -> list[str]:
@@ -163,12 +165,16 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
         raise ScnymError(f"could not load weights {weights_path} ({first}); the file is damaged or does not "
                          "match its manifest") from None
     model.to(device).eval()
-    return LoadedModel(model, manifest, manifest_path.parent, _load_novelty(manifest, manifest_path))
+    novelty_file = _checked_file(manifest, "novelty", manifest_path)
+    calibration_file = _checked_file(manifest, "conformal", manifest_path)
+    return LoadedModel(model, manifest, manifest_path.parent,
+                       NoveltyReference.load(novelty_file.parent) if novelty_file else None,
+                       ConformalCalibration.load(calibration_file) if calibration_file else None)
 
 
-def _load_novelty(manifest: dict, manifest_path: Path) -> Optional[NoveltyReference]:
-    """The novelty reference the manifest names, checked against its checksum."""
-    entry = manifest.get("novelty")
+def _checked_file(manifest: dict, key: str, manifest_path: Path) -> Optional[Path]:
+    """The file the manifest names under ``key`` (None: none), checked against its checksum."""
+    entry = manifest.get(key)
     if not entry:
         return None
     path = manifest_path.parent / entry["file"]
@@ -177,4 +183,4 @@ def _load_novelty(manifest: dict, manifest_path: Path) -> Optional[NoveltyRefere
     if file_sha256(path) != entry.get("sha256"):
         raise ScnymError(f"{path} does not match the checksum in {manifest_path}; the file is damaged or from "
                          "another model")
-    return NoveltyReference.load(path.parent)
+    return path

@@ -115,6 +115,22 @@ def test_novelty_benchmark_quick(tmp_path):
     assert scores["knn"].argmax() == 3 and scores["prototype"].argmax() == 3
 
 
+def test_trust_benchmark_quick(tmp_path):
+    shared_data("kang2018_ctrl_stim_small.h5ad")
+    trust = load_bench("trust")
+    frame = trust.main(["--quick", "--splits", "kang_ctrl_to_stim", "--seeds", "0", "--in-process", "--work",
+                        str(tmp_path / "w"), "--out", str(tmp_path / "r")])
+    row = frame.iloc[0]
+    for ensemble in trust.ENSEMBLES:
+        assert 0 <= row[f"{ensemble}_balanced_accuracy"] <= 1 and 0 <= row[f"{ensemble}_ece"] <= 1
+    for prefix in ("cv_all", "cv_per_class", "query_all", "query_per_class", "query_weighted"):
+        assert 0 <= row[f"{prefix}_coverage"] <= 1 and row[f"{prefix}_mean_set_size"] >= 0
+    # split conformal on the held-out folds: near the target even on 200 cells
+    assert abs(row["cv_all_coverage"] - trust.COVERAGE) < 0.08
+    report = (tmp_path / "r" / "trust.md").read_text()
+    assert "Kang ctrl -> stim" in report and "## Targets" in report
+
+
 def test_strong_shift_splits_are_built_from_two_studies(tmp_path):
     shared_data("zheng2017_sorted_pbmc.h5ad")
     shared_data("zilionis2019_mouse_lung_immune.h5ad")

@@ -26,9 +26,11 @@ def predict(runner, model, data, out, *extra):
 def test_prediction_csv(runner, trained_run, tmp_path, query):
     table = predict(runner, trained_run, write_h5ad(query, tmp_path / "q.h5ad"), tmp_path / "p",
                     "--lower_group", "cell_type")
-    assert list(table.columns[:4]) == ["cell_id", "predicted_label", "confidence", "novelty"]
-    assert list(table.columns[4:]) == ["prob_type_0", "prob_type_1", "prob_type_2"]
+    # the run's fold models and all_data predict together: their disagreement is a column
+    assert list(table.columns[:5]) == ["cell_id", "predicted_label", "confidence", "novelty", "disagreement"]
+    assert list(table.columns[5:]) == ["prob_type_0", "prob_type_1", "prob_type_2"]
     assert (table["novelty"] >= 0).all() and (table["novelty"] <= 2).all()      # cosine distances
+    assert table["disagreement"].between(0, 1).all()
     assert list(table["cell_id"]) == list(query.obs_names)
     probabilities = table.filter(like="prob_").to_numpy()
     np.testing.assert_allclose(probabilities.sum(1), 1, atol=1e-5)
@@ -151,7 +153,7 @@ def test_annotated_h5ad(runner, trained_run, tmp_path, query):
 
 def test_model_path_forms_give_the_same_predictions(runner, trained_run, tmp_path, query):
     data = write_h5ad(query, tmp_path / "q.h5ad")
-    by_run = predict(runner, trained_run, data, tmp_path / "a", "--write_h5ad", "false")
+    by_run = predict(runner, trained_run, data, tmp_path / "a", "--write_h5ad", "false", "--ensemble", "all_data")
     by_dir = predict(runner, trained_run / "all_data", data, tmp_path / "b")
     by_weights = predict(runner, trained_run / "all_data" / "00_best_model_weights.safetensors", data, tmp_path / "c")
     pd.testing.assert_frame_equal(by_run, by_dir)

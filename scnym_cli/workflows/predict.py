@@ -1,14 +1,17 @@
 """Predict cell types of new data with a trained model, chunk by chunk.
 
-The model (architecture, genes, classes, temperature, covariates) comes from its manifest; a
-tissue-specific run routes each cell to its group's model. The query is read in blocks of
-``prediction_chunk_size`` cells (an h5ad file is streamed from disk), each block is normalized
-over the query's own genes, aligned to the model's genes and predicted; outputs are written as
-blocks arrive, so memory does not grow with the number of cells.
+The model (architecture, genes, classes, temperature, covariates) comes from its manifest; a training
+run predicts with its fold models and all_data together (``--ensemble``, workflows/ensemble.py); a
+tissue-specific run routes each cell to its group's models. The query is read in blocks of
+``prediction_chunk_size`` cells (an h5ad file is streamed from disk), each block is normalized over
+the query's own genes, aligned to the model's genes and predicted; outputs are written as blocks
+arrive, so memory does not grow with the number of cells.
 
-Outputs (``out_path``): ``predictions.csv`` (cell_id, predicted_label, confidence, prob_<class>),
-``gene_overlap.json``, ``prediction_summary.json``, optionally ``logits.csv`` and
-``embedding.csv``, and for h5ad input ``annotated.h5ad``.
+Outputs (``out_path``): ``predictions.csv`` (cell_id, predicted_label, confidence, [novelty,
+disagreement, prediction_set, set_size,] prob_<class>), ``gene_overlap.json``,
+``prediction_summary.json``, optionally ``logits.csv`` and ``embedding.csv``, and for h5ad input
+``annotated.h5ad``; for a labeled query, per-class metrics, a confusion matrix and a reliability
+diagram.
 """
 
 from __future__ import annotations
@@ -32,17 +35,19 @@ from ..data.labels import join_metadata, require_column
 from ..data.normalize import normalize
 from ..data.stream import CellChunks, H5adChunks, InMemoryChunks, ShardedH5adChunks
 from ..errors import ScnymError
-from ..nn.classifier import REFERENCE, TARGET
 from ..report import evaluate_labeled, write_labeled_report
 from ..staging import staged_directory
-from ..store import LoadedModel, load_model
-from ..train.inference import forward_rows
+from ..train.conformal import DomainWeights, prediction_sets, set_labels, true_class_in_set
+from .ensemble import Ensemble
 from .inputs import setup_runtime
 from .tissues import covariates_for, read_groups, routing_of
 
 log = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "predictions.csv"
+# query cells a domain classifier is fit on for weighted sets (a random draw), and the fewest it needs
+SHIFT_QUERY_CELLS = 2000
+MIN_SHIFT_QUERY_CELLS = 20
 PROTECTED_OUTPUTS = (PREDICTIONS_FILE, "prediction_summary.json", "annotated.h5ad")
 
 
@@ -54,6 +59,17 @@ class ChunkResult:
     confidence: np.ndarray
     embedding: Optional[np.ndarray]
     novelty: Optional[np.ndarray] = None  # distance to the nearest reference cells (None: a model has no reference)
+    disagreement: Optional[np.ndarray] = None  # share of an ensemble's models calling another class (None: one model)
+    sets: Optional[np.ndarray] = None     # cells x classes, True in the cell's conformal set (None: no --coverage)
+
+    def extra_columns(self, classes: list[str]) -> dict[str, np.ndarray]:
+        """The per-cell columns after confidence that this prediction has: novelty, disagreement (an ensemble),
+        prediction_set (classes joined by '|') and set_size (with --coverage)."""
+        columns = {name: value for name, value in (("novelty", self.novelty), ("disagreement", self.disagreement))
+                   if value is not None}
+        if self.sets is not None:
+            columns.update(prediction_set=set_labels(self.sets, classes), set_size=self.sets.sum(axis=1))
+        return columns
 
 
 class Predictor:
@@ -68,14 +84,17 @@ class Predictor:
         self.routing = routing_of(model_path)
         if self.routing:
             self.column = self.routing["column"]
-            self.models = {g: load_model(Path(model_path) / d, device) for g, d in self.routing["models"].items()}
+            self.models = {g: Ensemble(Path(model_path) / d, config.ensemble, device)
+                           for g, d in self.routing["models"].items()}
             self.classes = sorted(set().union(*(m.classes for m in self.models.values())))
         else:
             self.column = None
-            self.models = {None: load_model(model_path, device)}
+            self.models = {None: Ensemble(model_path, config.ensemble, device)}
             self.classes = list(self.models[None].classes)
-        self.description = str(model_path if self.routing else self.models[None].directory)
+        single = None if self.routing else self.models[None]
+        self.description = str(single.directory if single and len(single.members) == 1 else model_path)
         self.scores_novelty = all(m.novelty is not None for m in self.models.values())
+        self.has_disagreement = all(len(m.members) > 1 for m in self.models.values())
         if config.unknown_rate is not None and not self.scores_novelty:
             old = [str(m.directory) for m in self.models.values() if m.novelty is None]
             raise ScnymError(f"--unknown_rate needs a model with a novelty reference, and {old[0]} was trained "
@@ -83,6 +102,47 @@ class Predictor:
         # each model's novelty above which a cell is Unknown (none: no --unknown_rate)
         self.unknown_above = {g: m.novelty.threshold(config.unknown_rate) for g, m in self.models.items()} \
             if config.unknown_rate is not None else None
+        # each model's conformal score threshold per class (none: no --coverage)
+        self.set_thresholds = self.shift = None
+        if config.coverage is not None:
+            old = [str(m.directory) for m in self.models.values() if m.calibration is None]
+            if old:
+                raise ScnymError(f"--coverage needs a model with a conformal calibration set, and {old[0]} was "
+                                 "trained without one (an older scnym): retrain it")
+            self.set_thresholds = {g: m.calibration.thresholds(config.coverage, config.coverage_per_class)
+                                   for g, m in self.models.items()}
+            # weighted sets: each model's calibration sample; the domain classifiers come with the query
+            self.shift = {g: m.shift_reference() for g, m in self.models.items()} if config.weighted_sets else None
+            self.domain_weights: Optional[dict] = None
+            for m in self.models.values():
+                too_few = m.calibration.too_few(config.coverage)
+                if config.coverage_per_class and len(too_few):
+                    log.warning("%s: %d classes have too few calibration cells to be ruled out at coverage %g and "
+                                "are in every set: %s", m.directory.parent if m.directory.name == "all_data" else
+                                m.directory, len(too_few), config.coverage,
+                                ", ".join(m.classes[c] for c in too_few[:5]))
+
+    def describe(self) -> dict:
+        """What predicted (for the summary): the models, their temperatures, the prediction sets' calibration."""
+        described: dict = {"ensemble": self.config.ensemble}
+        for group, model in self.models.items():
+            entry = {"models": model.names, "temperature": {m.directory.name: m.temperature for m in model.members}}
+            if self.set_thresholds is not None:
+                entry["calibration"] = {"cells": model.calibration_source, "n_cells": len(model.calibration)}
+                domain = (self.domain_weights or {}).get(group)
+                if domain is not None:
+                    w = domain.calibration_weights
+                    # how many calibration cells the weighting leaves in effect (few: sets near-full)
+                    entry["calibration"]["weighted"] = {"n_cells": int(len(w)),
+                                                        "effective_cells": float(w.sum() ** 2 / (w ** 2).sum())}
+            if group is None:
+                described.update(entry)
+            else:
+                described.setdefault("per_group", {})[str(group)] = entry
+        if self.set_thresholds is not None:
+            described.update(coverage=self.config.coverage, coverage_per_class=self.config.coverage_per_class,
+                             weighted_sets=self.config.weighted_sets)
+        return described
 
     @property
     def model_genes(self) -> list[str]:
@@ -90,7 +150,7 @@ class Predictor:
         return list(dict.fromkeys(g for m in self.models.values() for g in m.genes))
 
     @property
-    def single(self) -> Optional[LoadedModel]:
+    def single(self) -> Optional[Ensemble]:
         return None if self.routing else self.models[None]
 
     def prepare(self, genes: pd.Index, obs: pd.DataFrame, source: str) -> GeneOverlap:
@@ -111,6 +171,42 @@ class Predictor:
         self.covariates = {g: covariates_for(m.manifest, obs, source) for g, m in self.models.items()}
         return next(iter(overlaps.values()))
 
+    def fit_shift(self, source: CellChunks) -> None:
+        """Weighted sets (a first pass over the query): each model's embedding of a random sample of the query's
+        cells, and a domain classifier of those against the model's calibration sample."""
+        config = self.config
+        rng = np.random.default_rng(config.seed)
+        sample = np.sort(rng.choice(source.n_cells, size=min(SHIFT_QUERY_CELLS, source.n_cells), replace=False))
+        embedded: dict = {group: [] for group in self.models}
+        for rows, block in source.chunks(config.prediction_chunk_size):
+            local = sample[(sample >= rows.start) & (sample < rows.stop)] - rows.start
+            if len(local) == 0:
+                continue
+            X, _ = normalize(block[local], config.input_normalization, source=source.source, copy=True,
+                             announce=False)
+            for group, model in self.models.items():
+                mine = np.arange(len(local)) if group is None else np.flatnonzero(self.groups[rows][local] == group)
+                if len(mine) == 0:
+                    continue
+                model_genes = pd.Index(model.genes)
+                part = X[mine]
+                aligned = part if self.genes.equals(model_genes) else reindex_columns(part, self.genes, model_genes)
+                covariates = self.covariates[group]
+                if covariates is not None:
+                    covariates = covariates[rows][local][mine]
+                embedded[group].append(model.embed(aligned, self.device, chunk_size=config.prediction_chunk_size,
+                                                   covariates=covariates))
+        self.domain_weights = {}
+        for group, parts in embedded.items():
+            query = np.concatenate(parts) if parts else np.zeros((0, 1))
+            if len(query) < MIN_SHIFT_QUERY_CELLS:
+                log.warning("%s: %d query cells are too few to weigh calibration cells by their likeness; its sets "
+                            "are unweighted", self.models[group].path, len(query))
+                self.domain_weights[group] = None
+                continue
+            _, reference = self.shift[group]
+            self.domain_weights[group] = DomainWeights.fit(reference, query, config.seed)
+
     def predict(self, rows: slice, X: sp.csr_matrix, with_embedding: bool) -> ChunkResult:
         """Predict the cells ``rows`` of the dataset, given as ``X`` (ln(CPM+1) over the dataset's genes)."""
         n = X.shape[0]
@@ -118,6 +214,8 @@ class Predictor:
         logits = np.full((n, len(self.classes)), np.nan, dtype=np.float32)
         embedding = None
         novelty = np.full(n, np.nan, dtype=np.float32) if self.scores_novelty else None
+        disagreement = np.full(n, np.nan, dtype=np.float32) if self.has_disagreement else None
+        sets = np.zeros((n, len(self.classes)), dtype=bool) if self.set_thresholds is not None else None
         unknown = np.zeros(n, dtype=bool)
         for group, model in self.models.items():
             local = np.arange(n) if group is None else np.flatnonzero(self.groups[rows] == group)
@@ -129,17 +227,28 @@ class Predictor:
             covariates = self.covariates[group]
             if covariates is not None:
                 covariates = covariates[rows][local]
-            # a model with domain-specific batch norm predicts with the target's statistics: it was adapted to it
-            outputs = forward_rows(model.model, aligned, None, self.device, chunk_size=self.config.prediction_chunk_size,
-                                   covariates=covariates, with_embedding=with_embedding or novelty is not None,
-                                   domain=TARGET if model.model.n_norm_domains > 1 else REFERENCE)
+            weighted = self.shift is not None and self.domain_weights.get(group) is not None
+            outputs = model.predict(aligned, self.device, chunk_size=self.config.prediction_chunk_size,
+                                    covariates=covariates,
+                                    with_embedding=with_embedding or novelty is not None or weighted)
             if novelty is not None:
                 novelty[local] = model.novelty.score(outputs.embedding)
                 if self.unknown_above is not None:
                     unknown[local] = novelty[local] > self.unknown_above[group]
+            if disagreement is not None:
+                disagreement[local] = outputs.disagreement
             columns = pd.Index(self.classes).get_indexer(model.classes)
-            probabilities[np.ix_(local, columns)] = outputs.probabilities(model.temperature)
+            probabilities[np.ix_(local, columns)] = outputs.probabilities
             logits[np.ix_(local, columns)] = outputs.logits
+            if sets is not None:
+                thresholds = self.set_thresholds[group]
+                if weighted:   # each cell's own thresholds, from calibration cells weighted by its likeness
+                    calibration, _ = self.shift[group]
+                    domain = self.domain_weights[group]
+                    thresholds = calibration.weighted_thresholds(
+                        domain.calibration_weights, domain.weights(outputs.embedding), self.config.coverage,
+                        self.config.coverage_per_class)
+                sets[np.ix_(local, columns)] = prediction_sets(outputs.probabilities, thresholds)
             if with_embedding:
                 if embedding is None:
                     embedding = np.zeros((n, outputs.embedding.shape[1]), dtype=np.float32)
@@ -149,7 +258,8 @@ class Predictor:
         if self.config.unknown_threshold > 0:
             labels = np.where(confidence < self.config.unknown_threshold, UNKNOWN, labels)
         labels = np.where(unknown, UNKNOWN, labels)
-        return ChunkResult(probabilities, logits, labels, confidence, embedding if with_embedding else None, novelty)
+        return ChunkResult(probabilities, logits, labels, confidence, embedding if with_embedding else None, novelty,
+                           disagreement, sets)
 
 
 def open_query(config: Config, path: Path, adata=None) -> CellChunks:
@@ -247,14 +357,12 @@ class AnnotatedH5ad:
         self.arrays["X_scnym"][rows] = result.embedding
 
     def finish(self, obs: pd.DataFrame, labels: np.ndarray, confidence: np.ndarray, classes: list[str],
-               novelty: Optional[np.ndarray] = None) -> None:
+               extra: dict[str, np.ndarray]) -> None:
         import anndata.io
 
         obs = obs.copy()
-        obs[self.key] = pd.Categorical(labels)
-        obs[f"{self.key}_confidence"] = confidence
-        if novelty is not None:
-            obs[f"{self.key}_novelty"] = novelty
+        for name, values in obs_fields(self.key, labels, confidence, extra).items():
+            obs[name] = values
         del self.file["obs"]
         anndata.io.write_elem(self.file, "obs", obs)
         uns = self.file.require_group("uns")
@@ -297,13 +405,15 @@ def predict_cell_types(config: Config) -> dict:
 
 def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellChunks, started: float) -> dict:
     overlap = predictor.prepare(query_genes(config, source, predictor.model_genes), source.obs, source.source)
+    if predictor.shift is not None:
+        predictor.fit_shift(source)
     (stage / "gene_overlap.json").write_text(json.dumps(overlap.to_dict(), indent=1))
     classes, key = predictor.classes, config.prediction_key
     annotated = None
     if isinstance(source, ShardedH5adChunks) and config.write_h5ad:
         log.info("%s is a folder of shards: predictions go to predictions.csv (no annotated.h5ad)", source.source)
     if isinstance(source, H5adChunks) and config.write_h5ad:
-        width = next(iter(predictor.models.values())).model.n_hidden
+        width = next(iter(predictor.models.values())).n_hidden
         annotated = AnnotatedH5ad(source.path, stage / "annotated.h5ad", source.n_cells, key, classes, width)
     with_embedding = config.write_embedding or annotated is not None
     predictions = CsvBlocks(stage / (PREDICTIONS_FILE + ".part"))
@@ -311,13 +421,25 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
     embedding_csv = CsvBlocks(stage / "embedding.csv") if config.write_embedding else None
     labels = np.empty(source.n_cells, dtype=object)
     confidence = np.zeros(source.n_cells, dtype=np.float32)
-    novelty = np.full(source.n_cells, np.nan, dtype=np.float32)
+    extra = {name: np.full(source.n_cells, np.nan, dtype=np.float32) for name, wanted in (
+        ("novelty", predictor.scores_novelty), ("disagreement", predictor.has_disagreement)) if wanted}
+    truth = None
+    if config.lower_group in source.obs.columns:
+        truth = require_column(source.obs, config.lower_group, "--lower_group", source.source).astype(str)
+    if predictor.set_thresholds is not None:
+        extra["prediction_set"] = np.empty(source.n_cells, dtype=object)
+        extra["set_size"] = np.zeros(source.n_cells, dtype=np.int32)
+        in_set = np.zeros(source.n_cells, dtype=bool)  # the true class in the set (labeled queries)
+        true_codes = None if truth is None else pd.Index(classes).get_indexer(truth)
     kind = config.input_normalization
     for rows, result, kind in iterate_predictions(predictor, source, config, with_embedding=with_embedding):
         ids = source.obs.index[rows]
-        table = pd.DataFrame({"cell_id": ids, "predicted_label": result.labels, "confidence": result.confidence})
-        if result.novelty is not None:
-            table["novelty"] = result.novelty
+        table = pd.DataFrame({"cell_id": ids, "predicted_label": result.labels, "confidence": result.confidence,
+                              **result.extra_columns(classes)})
+        for name in extra:
+            extra[name][rows] = table[name].to_numpy()
+        if result.sets is not None and true_codes is not None:
+            in_set[rows] = true_class_in_set(result.sets, true_codes[rows])
         predictions.write(pd.concat([table, pd.DataFrame(result.probabilities, columns=[f"prob_{c}" for c in classes])],
                                     axis=1))
         if logits_csv:
@@ -331,32 +453,30 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
         if annotated:
             annotated.write(rows, result)
         labels[rows], confidence[rows] = result.labels, result.confidence
-        if result.novelty is not None:
-            novelty[rows] = result.novelty
     for writer in (predictions, logits_csv, embedding_csv):
         if writer:
             writer.close()
     if annotated:
-        annotated.finish(source.obs, labels, confidence, classes, novelty if predictor.scores_novelty else None)
+        annotated.finish(source.obs, labels, confidence, classes, extra)
 
     counts = pd.Series(labels).value_counts()
-    model = predictor.single
     summary: dict = {
         "model": predictor.description, "input": str(config.input_counts), "n_cells": int(source.n_cells),
-        "input_normalization": kind, "gene_overlap": overlap.to_dict(),
-        "temperature": model.temperature if model else "per tissue model",
+        "input_normalization": kind, "gene_overlap": overlap.to_dict(), **predictor.describe(),
         "unknown_threshold": config.unknown_threshold, "unknown_rate": config.unknown_rate,
         "unknown_cells": int((labels == UNKNOWN).sum()),
         "predicted_counts": {str(k): int(v) for k, v in counts.items()},
         "mean_confidence": float(confidence.mean()) if len(confidence) else float("nan"),
     }
-    if config.lower_group in source.obs.columns:
-        truth = require_column(source.obs, config.lower_group, "--lower_group", source.source).astype(str)
+    if "set_size" in extra:
+        summary["mean_set_size"] = float(extra["set_size"].mean()) if source.n_cells else float("nan")
+    if truth is not None:
         known = truth.isin(classes).to_numpy()
         if not known.all():
             log.info("%d query cells have labels the model does not know (%s); they count as errors",
                      int((~known).sum()), ", ".join(sorted(set(truth[~known]))[:5]))
-        evaluation = evaluate_labeled(truth.to_numpy(), labels.astype(str), confidence, classes)
+        with_sets = {"in_set": in_set, "set_size": extra["set_size"]} if "set_size" in extra else {}
+        evaluation = evaluate_labeled(truth.to_numpy(), labels.astype(str), confidence, classes, **with_sets)
         write_labeled_report(stage, evaluation, f"query vs {config.lower_group!r}")
         metrics = evaluation.metrics
         summary["metrics_vs_" + config.lower_group] = metrics
@@ -364,6 +484,9 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
         log.info("vs query column %r: accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f, ECE %.4f (per class: "
                  "per_class_metrics.csv)", config.lower_group, metrics["accuracy"], metrics["balanced_accuracy"],
                  metrics["macro_f1"], metrics["ece"])
+        if with_sets:
+            log.info("prediction sets at coverage %g: %.1f%% hold the true class, %.2f classes on average",
+                     config.coverage, 100 * metrics["coverage"], metrics["mean_set_size"])
         missed = [r for r in summary["per_class_vs_" + config.lower_group]
                   if r["in_reference"] and r["support"] and r["recall"] < 0.5]
         if missed:
@@ -389,14 +512,13 @@ class Predictions:
     embedding: Optional[np.ndarray]
     classes: list[str]
     overlap: GeneOverlap
-    novelty: Optional[np.ndarray] = None
+    extra: dict[str, np.ndarray]          # novelty, disagreement, prediction_set, set_size: those predicted
+    sets: Optional[np.ndarray] = None     # cells x classes (with --coverage)
 
     def table(self) -> pd.DataFrame:
-        """cell_id, predicted_label, confidence, [novelty,] prob_<class>..."""
+        """cell_id, predicted_label, confidence, [novelty, disagreement, prediction_set, set_size,] prob_<class>..."""
         table = pd.DataFrame({"cell_id": self.cell_ids, "predicted_label": self.labels,
-                              "confidence": self.confidence})
-        if self.novelty is not None:
-            table["novelty"] = self.novelty
+                              "confidence": self.confidence, **self.extra})
         return pd.concat([table, pd.DataFrame(self.probabilities, columns=[f"prob_{c}" for c in self.classes])],
                          axis=1)
 
@@ -404,23 +526,32 @@ class Predictions:
 def predict_in_memory(predictor: Predictor, source: CellChunks, config: Config) -> Predictions:
     """Every block's results gathered into arrays."""
     overlap = predictor.prepare(query_genes(config, source, predictor.model_genes), source.obs, source.source)
+    if predictor.shift is not None:
+        predictor.fit_shift(source)
     parts = [result for _, result, _ in iterate_predictions(predictor, source, config, with_embedding=True)]
+    classes = list(predictor.classes)
 
     def stack(name):
-        return np.concatenate([getattr(p, name) for p in parts]) if parts else np.zeros((0, len(predictor.classes)))
+        return np.concatenate([getattr(p, name) for p in parts]) if parts else np.zeros((0, len(classes)))
 
-    novelty = np.concatenate([p.novelty for p in parts]) if parts and predictor.scores_novelty else None
+    columns = [p.extra_columns(classes) for p in parts]
+    extra = {name: np.concatenate([c[name] for c in columns]) for name in (columns[0] if columns else {})}
     return Predictions(source.obs.index, stack("labels"), stack("confidence"), stack("probabilities"),
-                       stack("logits"), stack("embedding"), list(predictor.classes), overlap, novelty)
+                       stack("logits"), stack("embedding"), classes, overlap, extra,
+                       stack("sets") if predictor.set_thresholds is not None else None)
 
 
-def annotate(adata, *, key: str, labels: np.ndarray, confidence: np.ndarray, probabilities: np.ndarray,
-             embedding: np.ndarray, classes: list[str], novelty: Optional[np.ndarray] = None) -> None:
+def obs_fields(key: str, labels: np.ndarray, confidence: np.ndarray, extra: dict[str, np.ndarray]) -> dict:
+    """The obs columns of predictions: ``key`` (categorical), ``key_confidence`` and ``key_<name>`` of each
+    extra column (novelty, disagreement, prediction_set, set_size)."""
+    return {key: pd.Categorical(labels), f"{key}_confidence": confidence,
+            **{f"{key}_{name}": values for name, values in extra.items()}}
+
+
+def annotate(adata, *, key: str, predictions: Predictions) -> None:
     """Write predictions into an AnnData (in place), scanpy style."""
-    adata.obs[key] = pd.Categorical(labels)
-    adata.obs[f"{key}_confidence"] = confidence
-    if novelty is not None:
-        adata.obs[f"{key}_novelty"] = novelty
-    adata.obsm[f"{key}_probabilities"] = probabilities.astype(np.float32)
-    adata.obsm["X_scnym"] = embedding.astype(np.float32)
-    adata.uns[f"{key}_classes"] = list(classes)
+    for name, values in obs_fields(key, predictions.labels, predictions.confidence, predictions.extra).items():
+        adata.obs[name] = values
+    adata.obsm[f"{key}_probabilities"] = predictions.probabilities.astype(np.float32)
+    adata.obsm["X_scnym"] = predictions.embedding.astype(np.float32)
+    adata.uns[f"{key}_classes"] = list(predictions.classes)

@@ -33,6 +33,8 @@ from ..report import evaluate_labeled, plot_training_curve, write_labeled_report
 from ..staging import staged_directory
 from ..store import ALL_DATA_DIR, MANIFEST_FILE, WEIGHTS_FILE, data_fingerprint, file_sha256, save_model
 from ..train import Trainer, TrainingData
+from ..train.conformal import (CONFORMAL_FILE, SHIFT_REFERENCE_CELLS, ConformalCalibration, ShiftReference,
+                               coverage_summary, cross_conformal_sets, true_class_in_set)
 from ..train.inference import forward_rows
 from ..train.metrics import classification_metrics, expected_calibration_error
 from ..train.novelty import NOVELTY_FILE, SELECTION_CELLS, NoveltyReference, bank_rows
@@ -41,6 +43,8 @@ from .inputs import TrainingInputs, load_training_inputs, setup_runtime
 log = logging.getLogger(__name__)
 
 RUN_MARKER = "run_summary.json"
+# the coverage of the prediction sets cross-validation reports (prediction chooses its own: --coverage)
+REPORTED_COVERAGE = 0.9
 PROTECTED_OUTPUTS = (RUN_MARKER, ALL_DATA_DIR, "fold_eval_acc.csv")
 
 
@@ -83,6 +87,17 @@ def build_novelty_reference(model: CellTypeClassifier, data: TrainingData, devic
         else select
     embed = partial(forward_rows, model, data.X, device=device, covariates=data.covariates, with_embedding=True)
     return NoveltyReference.build(embed(bank).embedding, embed(select).embedding)
+
+
+def shift_reference(model: CellTypeClassifier, data: TrainingData, device: torch.device,
+                    config: Config) -> ShiftReference:
+    """The final model's embedding of a random sample of the run's calibration cells: every labeled cell when
+    the run has folds (each is held out by one), else the model-selection cells."""
+    calibrating = np.sort(np.concatenate([data.split.fit, data.split.select])) if config.n_folds else data.split.select
+    rng = np.random.default_rng(config.seed)
+    rows = np.sort(rng.choice(calibrating, size=min(SHIFT_REFERENCE_CELLS, len(calibrating)), replace=False))
+    outputs = forward_rows(model, data.X, rows, device, covariates=data.covariates, with_embedding=True)
+    return ShiftReference(rows, outputs.embedding)
 
 
 def _write_ids(path: Path, cell_ids: pd.Index, rows: np.ndarray) -> None:
@@ -137,6 +152,12 @@ def train_one_model(directory: Path, config: Config, inputs: TrainingInputs, dat
     classes = inputs.encoding.classes
     predictions = prediction_table(cell_ids, rows, kind, inputs.labels[rows], probabilities, classes)
     predictions.to_csv(directory / "predictions.csv", index=False)
+    # the cells the weights were not fit on calibrate prediction sets (train/conformal.py); the final model
+    # also keeps its embedding of a sample of the run's calibration cells, for sets weighted under shift
+    calibration = ConformalCalibration.from_probabilities(probabilities, truth_codes, rows)
+    if name == ALL_DATA_DIR:
+        calibration.shift = shift_reference(model, data, device, config)
+    calibration.save(directory)
     predictions[["cell_id", "true_label"]].rename(columns={"true_label": "label"}).to_csv(
         directory / "labels.csv", index=False)
     metrics: dict[str, float] = {}
@@ -164,7 +185,9 @@ def train_one_model(directory: Path, config: Config, inputs: TrainingInputs, dat
                }, "data_fingerprint": fingerprint,
                "novelty": None if novelty is None else {
                    "file": NOVELTY_FILE, "sha256": file_sha256(directory / NOVELTY_FILE), "k": novelty.k,
-                   "n_bank": int(novelty.bank.shape[0]), "n_selection": int(len(novelty.selection_scores))}})
+                   "n_bank": int(novelty.bank.shape[0]), "n_selection": int(len(novelty.selection_scores))},
+               "conformal": {"file": CONFORMAL_FILE, "sha256": file_sha256(directory / CONFORMAL_FILE),
+                             "cells": kind, "n_cells": int(len(rows))}})
     return ModelResult(name, fit.best_epoch, fit.epochs_run, fit.seconds, metrics if kind == "held_out" else {},
                        loss, predictions)
 
@@ -311,16 +334,32 @@ def summarize_run(directory: Path, command: str, seconds: float) -> dict:
         fold_table = pd.DataFrame(rows)
         fold_table.to_csv(directory / "fold_eval_acc.csv", index=False)
         pd.DataFrame(losses).to_csv(directory / "fold_eval_losses.csv", index=False)
-        pooled = pd.concat(pooled)
-        evaluation = evaluate_labeled(pooled["true_label"].astype(str), pooled["predicted_label"].astype(str),
-                                      pooled["confidence"].to_numpy(), classes)
+        pooled = pd.concat(pooled, keys=folds, names=["fold", None]).reset_index(level=0)
+        truth = pooled["true_label"].astype(str)
+        codes = pd.Index(classes).get_indexer(truth)
+        probabilities = pooled[[f"prob_{c}" for c in classes]].to_numpy()
+        # prediction sets of each fold's cells, calibrated on the other folds' cells: the coverage a query like
+        # the reference gets (cross-conformal), over all cells and per class
+        sets = {per_class: cross_conformal_sets(probabilities, codes, pooled["fold"].to_numpy(), REPORTED_COVERAGE,
+                                                per_class) for per_class in (False, True)}
+        evaluation = evaluate_labeled(truth, pooled["predicted_label"].astype(str), pooled["confidence"].to_numpy(),
+                                      classes, true_class_in_set(sets[False], codes), sets[False].sum(axis=1))
         write_labeled_report(directory, evaluation, f"held-out predictions, {len(folds)} folds")
         metric_names = ["accuracy", "balanced_accuracy", "macro_f1", "ece"]
         summary["cross_validation"] = {
             name: {"mean": float(fold_table[name].mean()), "std": float(fold_table[name].std(ddof=0))}
             for name in metric_names}
+        summary["conformal"] = {"coverage": REPORTED_COVERAGE, **{
+            "per_class" if per_class else "over_all_cells": coverage_summary(sets[per_class], codes, len(classes))
+            for per_class in (False, True)}}
         log.info("cross-validation (%d folds): accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f, ECE %.4f",
                  len(folds), *(summary["cross_validation"][n]["mean"] for n in metric_names))
+        marginal, per_class = summary["conformal"]["over_all_cells"], summary["conformal"]["per_class"]
+        log.info("cross-validation prediction sets at coverage %g: %.1f%% hold the true class (%.2f classes on "
+                 "average; lowest class %.1f%%), per-class sets %.1f%% (%.2f classes; lowest class %.1f%%)",
+                 REPORTED_COVERAGE, 100 * marginal["coverage"], marginal["mean_set_size"],
+                 100 * marginal["lowest_class_coverage"], 100 * per_class["coverage"], per_class["mean_set_size"],
+                 100 * per_class["lowest_class_coverage"])
     summary["seconds"] = round(seconds, 2)
     (directory / RUN_MARKER).write_text(json.dumps(summary, indent=1))
     return summary

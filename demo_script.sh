@@ -17,7 +17,7 @@ scnym train_tissue_independent -c configs/demo.yaml --out_path "$OUT/model" --ov
 
 echo "== predicting the held-out donor =="
 scnym predict_cell_types --model_path "$OUT/model" --input_counts demo/kang_query.h5ad \
-    --lower_group cluster_id --out_path "$OUT/predictions" --overwrite true
+    --lower_group cluster_id --out_path "$OUT/predictions" --overwrite true --coverage 0.95
 
 python - "$OUT" <<'PY'
 import json, sys
@@ -31,7 +31,10 @@ print(f"cross-validation on the reference donors: accuracy {cv['accuracy'].mean(
       f"balanced accuracy {cv['balanced_accuracy'].mean():.3f} ({len(cv)} folds)")
 print(f"held-out donor 101 ({summary['n_cells']} cells): accuracy {held_out['accuracy']:.3f}, "
       f"balanced accuracy {held_out['balanced_accuracy']:.3f}, macro-F1 {held_out['macro_f1']:.3f}")
-print(f"model:        {out}/model  (all_data/ is the final model; fold00..02 the cross-validation)")
+print(f"prediction sets at coverage 0.95: {held_out['coverage']:.1%} hold the true type, "
+      f"{held_out['mean_set_size']:.2f} types on average (column prediction_set)")
+print(f"model:        {out}/model  (all_data/ is the final model; fold00..02 the cross-validation; "
+      "all four predict together)")
 print(f"predictions:  {out}/predictions/predictions.csv and annotated.h5ad")
 print(f"plots:        {out}/model/confusion_matrix.png, {out}/model/all_data/training_curve.png")
 print(f"per class:    {out}/predictions/per_class_metrics.csv, confusion_matrix.png, reliability_diagram.png")

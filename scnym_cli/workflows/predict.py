@@ -103,7 +103,7 @@ class Predictor:
         self.unknown_above = {g: m.novelty.threshold(config.unknown_rate) for g, m in self.models.items()} \
             if config.unknown_rate is not None else None
         # each model's conformal score threshold per class (none: no --coverage)
-        self.set_thresholds = self.shift = None
+        self.set_thresholds = self.shift = self.domain_weights = None
         if config.coverage is not None:
             old = [str(m.directory) for m in self.models.values() if m.calibration is None]
             if old:
@@ -113,13 +113,11 @@ class Predictor:
                                    for g, m in self.models.items()}
             # weighted sets: each model's calibration sample; the domain classifiers come with the query
             self.shift = {g: m.shift_reference() for g, m in self.models.items()} if config.weighted_sets else None
-            self.domain_weights: Optional[dict] = None
             for m in self.models.values():
                 too_few = m.calibration.too_few(config.coverage)
                 if config.coverage_per_class and len(too_few):
                     log.warning("%s: %d classes have too few calibration cells to be ruled out at coverage %g and "
-                                "are in every set: %s", m.directory.parent if m.directory.name == "all_data" else
-                                m.directory, len(too_few), config.coverage,
+                                "are in every set: %s", m.path, len(too_few), config.coverage,
                                 ", ".join(m.classes[c] for c in too_few[:5]))
 
     def describe(self) -> dict:

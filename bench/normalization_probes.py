@@ -76,10 +76,10 @@ def adabn_prediction():
     """Within the block, scnym predicts after re-estimating every batch norm's statistics on the cells it is given."""
     import torch
 
-    import scnym_cli.workflows.predict as predict_module
+    import scnym_cli.workflows.ensemble as ensemble_module
     from scnym_cli.data.batches import batch_tensor
 
-    original = predict_module.forward_rows
+    original = ensemble_module.forward_rows
 
     def forward_rows(model, X, rows, device, **kwargs):
         norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
@@ -103,11 +103,11 @@ def adabn_prediction():
                 m.momentum = momentum
                 m.load_state_dict(state)
 
-    predict_module.forward_rows = forward_rows
+    ensemble_module.forward_rows = forward_rows
     try:
         yield
     finally:
-        predict_module.forward_rows = original
+        ensemble_module.forward_rows = original
 
 
 def predict(model_dir: Path, query: Path, out: Path, threads: int) -> None:

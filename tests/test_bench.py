@@ -58,16 +58,16 @@ def test_accuracy_benchmark_quick(tmp_path, monkeypatch):
 def test_normalization_probes_quick(tmp_path):
     import torch
 
-    import scnym_cli.workflows.predict as predict_module
+    import scnym_cli.workflows.ensemble as ensemble_module
 
     shared_data("kang2018_ctrl_stim_small.h5ad")
     common = ["--quick", "--splits", "kang_ctrl_to_stim", "--seeds", "0", "--out", str(tmp_path / "r"),
               "--work", str(tmp_path / "w")]
     load_bench("accuracy").main([*common, "--methods", "supervised", "semi_supervised"])
     probes = load_bench("normalization_probes")
-    original = predict_module.forward_rows
+    original = ensemble_module.forward_rows
     probes.main([*common, "--tag", "p"])
-    assert predict_module.forward_rows is original          # the AdaBN patch is undone
+    assert ensemble_module.forward_rows is original          # the AdaBN patch is undone
     rows = pd.DataFrame(json.loads((tmp_path / "r" / "p.json").read_text())["rows"])
     assert sorted(rows["method"]) == sorted(["supervised", "supervised+adabn", "semi_supervised",
                                              "semi_supervised+adabn", "semi_supervised+gene_means"])
@@ -90,7 +90,7 @@ def test_normalization_probes_quick(tmp_path):
     import scipy.sparse as sp
 
     with probes.adabn_prediction():
-        outputs = predict_module.forward_rows(
+        outputs = ensemble_module.forward_rows(
             model, sp.csr_matrix(np.random.default_rng(0).random((10, 3), np.float32)), None, torch.device("cpu"))
     assert outputs.logits.shape == (10, 2)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -58,7 +58,7 @@ def test_prediction_uses_the_stored_temperature(runner, tmp_path, files):
     reference, target = files
     run = train(runner, tmp_path / "run", "--input_counts", reference, "--unlabeled_counts", target)
     result = invoke(runner, "predict_cell_types", "--model_path", run, "--input_counts", target, "--out_path",
-                    tmp_path / "p", "--write_logits", "true")
+                    tmp_path / "p", "--write_logits", "true", "--ensemble", "all_data")
     assert result.exit_code == 0, result.output
     temperature = json.loads((run / "all_data" / "model.json").read_text())["temperature"]
     logits = pd.read_csv(tmp_path / "p" / "logits.csv").iloc[:, 1:].to_numpy()

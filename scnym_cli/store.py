@@ -172,6 +172,14 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
                        ConformalCalibration.load(calibration_file) if calibration_file else None)
 
 
+def load_calibration(directory: Path) -> Optional[ConformalCalibration]:
+    """A model directory's conformal calibration set alone (checked against its manifest), without loading the
+    model: what a run's folds contribute when they calibrate prediction sets but do not predict."""
+    manifest_path = Path(directory) / MANIFEST_FILE
+    path = _checked_file(json.loads(manifest_path.read_text()), "conformal", manifest_path)
+    return ConformalCalibration.load(path) if path else None
+
+
 def _checked_file(manifest: dict, key: str, manifest_path: Path) -> Optional[Path]:
     """The file the manifest names under ``key`` (None: none), checked against its checksum."""
     entry = manifest.get(key)

@@ -113,8 +113,8 @@ class ConformalCalibration:
 
     def subset(self, rows: np.ndarray) -> "ConformalCalibration":
         """The calibration cells that are these training rows, in their order (all must be calibration cells)."""
-        position = {int(r): i for i, r in enumerate(self.rows)}
-        take = np.array([position[int(r)] for r in rows], dtype=np.int64)
+        order = np.argsort(self.rows)
+        take = order[np.searchsorted(self.rows, rows, sorter=order)]
         return ConformalCalibration(self.codes[take], self.true_probability[take], self.n_classes, self.rows[take])
 
     def thresholds(self, coverage: float, per_class: bool = False) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import ScnymError
 from ..nn.classifier import REFERENCE, TARGET
-from ..store import ALL_DATA_DIR, MANIFEST_FILE, LoadedModel, load_model
+from ..store import ALL_DATA_DIR, MANIFEST_FILE, LoadedModel, load_calibration, load_model
 from ..train.conformal import ConformalCalibration
 from ..train.inference import forward_rows
 from ..train.novelty import NoveltyReference
@@ -105,7 +105,7 @@ class Ensemble:
         self.path = Path(path)
         directories, folds = member_directories(path, choice)
         final = [self.path / ALL_DATA_DIR] if is_run_directory(self.path) else []
-        loaded = {d: load_model(d, device) for d in dict.fromkeys([*directories, *folds, *final])}
+        loaded = {d: load_model(d, device) for d in dict.fromkeys([*directories, *final])}
         self.members: list[LoadedModel] = [loaded[d] for d in directories]
         self.primary = loaded[final[0]] if final else self.members[0]
         for member in self.members:
@@ -114,8 +114,8 @@ class Ensemble:
                                  "they are not models of one run")
         # calibration: cells none of the calibrating models was fit on -- the folds' held-out cells when the
         # run has folds (whichever members predict), else the model's own model-selection cells
-        calibrating = [loaded[d] for d in folds] or [self.primary]
-        parts = [m.calibration for m in calibrating]
+        parts = [loaded[d].calibration if d in loaded else load_calibration(d) for d in folds] \
+            or [self.primary.calibration]
         self.calibration: Optional[ConformalCalibration] = (
             None if any(p is None for p in parts) else ConformalCalibration.concatenate(parts))
         self.calibration_source = "out-of-fold cells of the folds" if folds else "model-selection cells"

@@ -2,10 +2,42 @@
 
 The command line (``scnym ...``) and the Python API share one core:
 inputs -> genes / normalization -> batches -> module -> trainer -> outputs.
+
+Log messages (gene overlap, training progress, outputs written) go to the ``scnym_cli`` logger. Used as a
+library, they are shown at INFO on stderr (a notebook shows them under the cell) unless the program has set
+up logging itself (the root logger has handlers), in which case they reach those handlers instead. Silence
+them with ``logging.getLogger("scnym_cli").setLevel(logging.WARNING)``.
 """
+
+import logging
+import sys
 
 __version__ = "0.1.0"
 
 from .errors import ScnymError  # noqa: E402
+
+
+class _StderrUnlessConfigured(logging.StreamHandler):
+    """Writes to the current sys.stderr (a notebook replaces it per cell) when nobody configured logging."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("scnym: %(message)s"))
+        self.addFilter(lambda record: not logging.getLogger().handlers)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler sets it on creation: the current stderr is used instead
+        pass
+
+
+_package_log = logging.getLogger(__name__)
+if not _package_log.handlers:
+    _package_log.addHandler(_StderrUnlessConfigured())
+if _package_log.level == logging.NOTSET:  # a level the program chose before importing scnym stays
+    _package_log.setLevel(logging.INFO)
 
 __all__ = ["ScnymError", "__version__"]

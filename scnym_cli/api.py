@@ -8,23 +8,25 @@ nor the presets are ever mutated.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 import pandas as pd
 
-from .config import Config, ConfigLayer, build_config
-from .data import (UNLABELED, LabelEncoding, align_genes, cells_from_anndata, drop_duplicate_genes, normalize,
-                   read_labels)
+from .config import CONFIG_KEYS, Config, ConfigLayer, build_config
+from .data import UNLABELED, align_genes, read_labels
 from .data.labels import require_column
 from .errors import ScnymError
 from .report import evaluate_labeled
 from .store import load_model
 from .train.conformal import true_class_in_set
-from .workflows.inputs import TrainingInputs, assign_domains, setup_runtime
+from .train.device import thread_count_restored
+from .workflows.inputs import load_cells, load_training_inputs, setup_runtime
 from .workflows.predict import Predictor, annotate, open_query, predict_in_memory
 from .workflows.train import run_training
 
@@ -114,14 +116,39 @@ def make_config(config: Union[str, Mapping[str, Any], Config, None], **settings:
     return build_config(layers)
 
 
-def _training_inputs(adata, config: Config) -> TrainingInputs:
-    cells = cells_from_anndata(adata, gene_column=config.gene_column, layer=config.input_layer, source="adata")
-    X, kind = normalize(cells.X, config.input_normalization, source="adata", copy=True)
-    cells = drop_duplicate_genes(cells.with_(X=X))
-    labels = read_labels(cells, config.lower_group, option="groupby")
-    encoding = LabelEncoding.fit(labels, config.lower_group)
-    domains, names = assign_domains(config, cells, labels, cells.n_cells)
-    return TrainingInputs(cells, labels, encoding, encoding.encode(labels), kind, domains, names)
+# command-line options that are arguments of the API functions, under their API names
+_API_ARGUMENTS = {"lower_group": "groupby", "input_domain_group": "domain_groupby", "model_path": "trained_model",
+                  "prediction_key": "key_added", "out_path": "out_path", "input_counts": "adata"}
+_FLAG = re.compile(r"--([a-z][a-z0-9_]*)(?:[ =](true|false))?", re.IGNORECASE)
+
+
+def _in_api_words(message: str) -> str:
+    """An error worded for the command line, reworded for a Python caller: ``--overwrite true`` becomes
+    ``config={'overwrite': True}``, ``--lower_group`` becomes ``groupby``."""
+    def reword(match: re.Match) -> str:
+        key, value = match.group(1), match.group(2)
+        python_value = None if value is None else value.lower() == "true"
+        if key in _API_ARGUMENTS:
+            return _API_ARGUMENTS[key] + ("" if value is None else f"={python_value}")
+        if key in CONFIG_KEYS:
+            return f"config['{key}']" if value is None else f"config={{'{key}': {python_value}}}"
+        return match.group(0)
+
+    return _FLAG.sub(reword, message)
+
+
+def _api_call(function):
+    """What every public API function shares: errors in the caller's terms, and torch's thread count given
+    back as found (the workflows set it for their run, from config['num_threads'])."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            with thread_count_restored():
+                return function(*args, **kwargs)
+        except ScnymError as error:
+            raise ScnymError(_in_api_words(str(error))) from None
+
+    return wrapper
 
 
 def _h5ad_safe(value: Any) -> Any:
@@ -141,6 +168,7 @@ def _write_results(target, result, key_added: str, extra_uns: dict) -> None:
                                         "gene_overlap": result.overlap.to_dict()})
 
 
+@_api_call
 def scnym_api(
     adata,
     task: str = "train",
@@ -218,10 +246,10 @@ def scnym_api(
             raise ScnymError("task='train' needs groupby: the obs column with cell-type labels")
         settings: dict[str, Any] = {"lower_group": groupby, "input_domain_group": domain_groupby,
                                     "out_path": str(out_path)}
-        if not (isinstance(config, Mapping) and "n_folds" in config):
-            settings["n_folds"] = 0
+        if not isinstance(config, Config) and not (isinstance(config, Mapping) and "n_folds" in config):
+            settings["n_folds"] = 0  # a notebook wants one model fast; a Config says what it wants itself
         effective = make_config(config, **settings)
-        summary = run_training(effective, lambda: _training_inputs(adata, effective), command="scnym_api")
+        summary = run_training(effective, lambda: load_training_inputs(effective, adata), command="scnym_api")
         model_path = Path(effective.out_path)
         extra = {"params": effective.to_dict(), "model_path": str(model_path), "train_results": summary}
     else:
@@ -231,6 +259,8 @@ def scnym_api(
         effective = make_config(config if not isinstance(config, str) else None)
         extra = {"params": effective.to_dict(), "model_path": str(model_path)}
     device = setup_runtime(effective)
+    if task == "train":  # adata is the training data: already in the model's gene naming, labels in obs
+        effective = effective.replace(gene_map=None, gene_species=None, training_metadata=None)
     predictor = Predictor(model_path, effective, device)
     result = predict_in_memory(predictor, open_query(effective, "adata", adata=adata), effective)
     if task == "predict" and groupby is not None:
@@ -247,6 +277,7 @@ def scnym_api(
     return target if copy else None
 
 
+@_api_call
 def scnym_interpret(
     adata,
     groupby: str,
@@ -289,10 +320,7 @@ def scnym_interpret(
     loaded = load_model(resolve_trained_model(trained_model), device)
     if target not in loaded.classes:
         raise ScnymError(f"the model does not know class {target!r}; its classes are: {', '.join(loaded.classes)}")
-    cells = cells_from_anndata(adata, gene_column=effective.gene_column, layer=effective.input_layer,
-                               source="adata")
-    X, _ = normalize(cells.X, effective.input_normalization, source="adata", copy=True)
-    cells = drop_duplicate_genes(cells.with_(X=X))
+    cells, _ = load_cells(effective, Path("adata"), adata=adata, translate_to=loaded.genes)
     covariates = covariates_for(loaded.manifest, cells.obs, cells.source)
     cells, _ = align_genes(cells, loaded.genes, min_overlap=effective.min_gene_overlap, what="adata")
     labels = read_labels(cells, groupby, option="groupby")
@@ -300,7 +328,9 @@ def scnym_interpret(
     return {"saliency": result.saliency, "gradients": result.attributions}
 
 
-def atlas2target(adata, atlas, *, key_added: str = "annotations", min_gene_overlap: float = 0.5):
+@_api_call
+def atlas2target(adata, atlas, *, key_added: str = "annotations", atlas_groupby: Optional[str] = None,
+                 min_gene_overlap: float = 0.5):
     """Concatenate a labeled reference atlas with your (unlabeled) cells, ready for ``scnym_api``.
 
     Parameters
@@ -308,9 +338,12 @@ def atlas2target(adata, atlas, *, key_added: str = "annotations", min_gene_overl
     adata
         Your cells. They get ``obs[key_added] = "Unlabeled"``.
     atlas
-        A local h5ad path or an AnnData with labels in ``obs[key_added]``.
+        A local h5ad path or an AnnData with cell-type labels in ``obs[atlas_groupby]``.
     key_added
-        The label column (read from the atlas, written for your cells).
+        The label column of the result: the atlas's labels, ``"Unlabeled"`` for your cells (pass it as
+        ``groupby`` to :func:`scnym_api`).
+    atlas_groupby
+        The atlas's label column (default: ``key_added``).
     min_gene_overlap
         Stop when the shared genes are fewer than this fraction of the atlas's genes.
 
@@ -328,15 +361,15 @@ def atlas2target(adata, atlas, *, key_added: str = "annotations", min_gene_overl
         if not path.is_file():
             raise ScnymError(f"atlas {path} does not exist; give a local h5ad path or an AnnData (no downloads)")
         atlas = anndata.read_h5ad(path)
-    if key_added not in atlas.obs.columns:
-        raise ScnymError(f"the atlas has no labels in obs[{key_added!r}]; columns: {list(atlas.obs.columns)[:20]}")
+    atlas_groupby = atlas_groupby or key_added
+    if atlas_groupby not in atlas.obs.columns:
+        raise ScnymError(f"the atlas has no labels in obs[{atlas_groupby!r}]; name its label column with "
+                         f"atlas_groupby=...; its columns: {list(atlas.obs.columns)[:20]}")
     parts = []
     for name, data in (("atlas_reference", atlas), ("target_query", adata)):
-        cells = cells_from_anndata(data, source=name)
-        X, _ = normalize(cells.X, "auto", source=name, copy=True)
-        cells = drop_duplicate_genes(cells.with_(X=X))
+        cells, _ = load_cells(Config(), Path(name), adata=data)
         part = anndata.AnnData(X=cells.X, obs=pd.DataFrame(index=cells.cell_ids), var=pd.DataFrame(index=cells.genes))
-        part.obs[key_added] = (atlas.obs[key_added].astype(str).to_numpy() if name == "atlas_reference"
+        part.obs[key_added] = (atlas.obs[atlas_groupby].astype(str).to_numpy() if name == "atlas_reference"
                                else np.full(part.n_obs, UNLABELED))
         part.obs["scNym_dataset"] = name
         parts.append(part)

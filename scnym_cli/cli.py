@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
+from rich.markup import escape
+from typer.core import TyperCommand
 
 from . import __version__
 from .config import (ALL_COMMANDS, CONFIG_KEYS, Config, describe, keys_for, load_config, render_key_value)
@@ -66,6 +68,42 @@ def _run(command: str, config_files: Optional[List[Path]], quiet: bool, flags: d
         distributed.shutdown()
 
 
+def _is_boolean(key: str) -> bool:
+    return describe(key)["type"].startswith("bool")
+
+
+def _option_help(key: str) -> str:
+    """A key's help with its allowed values and its default, each said once. rich reads ``[...]`` as markup:
+    escaped, the allowed values stay visible."""
+    info = describe(key)
+    text = info["help"]
+    if info["choices"]:
+        text += f" [{'|'.join(info['choices'])}]"
+    # keys whose text already says what leaving them unset does get no second "(default: none)"
+    if not (info["default"] is None and "default" in info["help"].lower()):
+        default = info["default"]
+        shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else default
+        text += f" (default: {shown})"
+    if _is_boolean(key):
+        text += "; a bare flag means true"
+    return escape(text)
+
+
+class _BareBooleanFlags(TyperCommand):
+    """Boolean keys work as bare flags (``--overwrite``) and with a value (``--overwrite false``), as in the
+    CLIs users know: a boolean option followed by another option, or by nothing, reads as ``true``."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        flags = {f"--{p.name}" for p in self.params if p.name in CONFIG_KEYS and _is_boolean(p.name)}
+        completed: list[str] = []
+        for position, arg in enumerate(args):
+            completed.append(arg)
+            following = args[position + 1] if position + 1 < len(args) else None
+            if arg in flags and (following is None or following.startswith("-")):
+                completed.append("true")
+        return super().parse_args(ctx, completed)
+
+
 def _options_signature(command: str) -> inspect.Signature:
     """Keyword-only Typer options: -c/--config, --quiet, then every config key of ``command``."""
     K = inspect.Parameter.KEYWORD_ONLY
@@ -78,10 +116,8 @@ def _options_signature(command: str) -> inspect.Signature:
     ]
     for key in keys_for(command):
         info = describe(key)
-        default = "none" if info["default"] is None else str(info["default"])
-        choices = f" [{'|'.join(info['choices'])}]" if info["choices"] else ""
         parameters.append(inspect.Parameter(key, K, annotation=Optional[str], default=typer.Option(
-            None, f"--{key}", help=f"{info['help']}{choices} (default: {default})", show_default=False,
+            None, f"--{key}", help=_option_help(key), show_default=False,
             metavar=info["type"].upper().replace(" | NONE", ""), rich_help_panel=info["section"])))
     return inspect.Signature(parameters)
 
@@ -95,7 +131,7 @@ def _register(command: str, help_text: str, workflow: Callable[[Config], object]
     run.__signature__ = signature
     run.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
     run.__doc__ = help_text
-    app.command(command, help=help_text)(run)
+    app.command(command, help=help_text, cls=_BareBooleanFlags)(run)
 
 
 def _workflow(module: str, function: str) -> Callable[[Config], object]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.batches import dense_rows
-from .train.device import flush_denormals
+from .train.device import flush_denormals, seeded_rng
 
 
 @flush_denormals()
@@ -34,8 +34,7 @@ def optimize_class_inputs(model: torch.nn.Module, classes: list[int], *, n_resta
     model.eval()
     n_genes = model.n_genes
     targets = torch.as_tensor(np.repeat(classes, n_restarts), device=device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed):
         # softplus(z) keeps the profile non-negative; starts spread over low expression values
         z = (torch.rand(len(targets), n_genes) * 2 - 3).to(device).requires_grad_(True)
     cov = None

@@ -10,19 +10,18 @@ import numpy as np
 import pandas as pd
 
 
-def _pyplot():
-    import matplotlib
+def _figure(figsize: tuple[float, float]):
+    """A figure drawn off-screen, outside pyplot: no backend is chosen or switched (a notebook keeps its own)
+    and nothing is left registered to close."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=figsize)
 
 
 def plot_training_curve(history: pd.DataFrame, path: Path, title: str, best_epoch: int | None = None) -> None:
     """Loss and accuracy per epoch, on the fitting cells and on the model-selection split."""
-    plt = _pyplot()
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = _figure((10, 3.8))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     epochs = history["epoch"]
     ax_loss.plot(epochs, history["train_loss"], label="training (fit) loss")
     ax_loss.plot(epochs, history["select_loss"], label="selection-split loss")
@@ -38,7 +37,6 @@ def plot_training_curve(history: pd.DataFrame, path: Path, title: str, best_epoc
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def confusion_table(truth: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> pd.DataFrame:
@@ -56,12 +54,12 @@ def confusion_table(truth: Sequence[str], predicted: Sequence[str], classes: Seq
 
 def plot_confusion_matrix(table: pd.DataFrame, path: Path, title: str) -> None:
     """Row-normalized confusion matrix (recall on the diagonal) with counts in each cell."""
-    plt = _pyplot()
     counts = table.to_numpy()
     totals = counts.sum(axis=1, keepdims=True)
     fractions = np.divide(counts, totals, out=np.zeros_like(counts, dtype=float), where=totals > 0)
     size = max(4.5, 0.55 * max(counts.shape) + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    fig = _figure((size + 1, size))
+    ax = fig.subplots()
     image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(counts.shape[1]), table.columns, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(counts.shape[0]), table.index, fontsize=8)
@@ -76,14 +74,13 @@ def plot_confusion_matrix(table: pd.DataFrame, path: Path, title: str) -> None:
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_reliability_diagram(table: pd.DataFrame, path: Path, title: str, ece: float) -> None:
     """Accuracy against confidence per bin (bars, width = bin), the diagonal of perfect calibration, and
     how many cells each bin holds."""
-    plt = _pyplot()
-    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(4.8, 5.6), sharex=True, height_ratios=(3, 1))
+    fig = _figure((4.8, 5.6))
+    ax, ax_count = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     filled = table[table["n_cells"] > 0]
     width = float((table["bin_high"] - table["bin_low"]).iloc[0])
     ax.bar(filled["bin_low"], filled["accuracy"], width=width, align="edge", edgecolor="black", color="#7aa6d6",
@@ -101,7 +98,6 @@ def plot_reliability_diagram(table: pd.DataFrame, path: Path, title: str, ece: f
     ax_count.set_xlim(0, 1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 @dataclass
@@ -173,7 +169,6 @@ def plot_marker_heatmap(top_markers: dict[str, list[str]], genes: Sequence[str],
     With labeled cells, each cell shows the class's mean ln(CPM+1) expression, scaled per gene to
     [0, 1] (like scanpy's matrixplot); without cells, the marker's rank within its class.
     """
-    plt = _pyplot()
     classes = list(top_markers)
     rows = [(c, g) for c in classes for g in top_markers[c][:n_top]]
     row_genes = [g for _, g in rows]
@@ -190,7 +185,8 @@ def plot_marker_heatmap(top_markers: dict[str, list[str]], genes: Sequence[str],
         values = np.array([[1.0 - k / n_top if c == owner else 0.0 for c in classes]
                            for owner in classes for k in range(min(n_top, len(top_markers[owner])))])
         columns, label = classes, "marker rank (1 = top)"
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(columns) + 2, 1.5 + 0.16 * len(rows)))
+    fig = _figure((1.2 + 0.45 * len(columns) + 2, 1.5 + 0.16 * len(rows)))
+    ax = fig.subplots()
     image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), [f"{g}  ({c})" for c, g in rows], fontsize=6)
@@ -198,4 +194,3 @@ def plot_marker_heatmap(top_markers: dict[str, list[str]], genes: Sequence[str],
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -149,6 +149,49 @@ def test_api_errors_are_clear(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+def test_input_keys_mean_what_they_mean_on_the_command_line(tmp_path):
+    """The API reads an AnnData through the same loader as the command line reads a file: gene lists, gene
+    maps, metadata and target files apply; a Config keeps its own n_folds."""
+    from scnym_cli.config import Config
+    from scnym_cli.store import load_model
+
+    adata = make_counts(n_cells=120, seed=4)
+    labels = adata.obs["cell_type"].astype(str)
+    del adata.obs["cell_type"]
+    pd.DataFrame({"cell_id": adata.obs_names, "annotation": labels.to_numpy()}).to_csv(tmp_path / "meta.csv",
+                                                                                        index=False)
+    (tmp_path / "genes.txt").write_text("\n".join(adata.var_names[:30]) + "\n")
+    target = make_counts(n_cells=40, seed=5)
+    target.var_names = [f"mouse_{g}" for g in target.var_names]
+    target.write_h5ad(tmp_path / "target.h5ad")
+    pd.DataFrame({"from": target.var_names, "to": adata.var_names}).to_csv(tmp_path / "map.csv", index=False)
+    config = {**FAST, "training_metadata": str(tmp_path / "meta.csv"), "genes_to_use": str(tmp_path / "genes.txt"),
+              "unlabeled_counts": str(tmp_path / "target.h5ad"), "gene_map": str(tmp_path / "map.csv")}
+    out = api.scnym_api(adata, "train", groupby="annotation", out_path=tmp_path / "m", config=config, copy=True)
+    assert load_model(tmp_path / "m").genes == list(adata.var_names[:30])
+    assert out.uns["scNym"]["train_results"]["n_target"] == 40
+    assert "annotation" not in adata.obs
+    out.obs["annotation"] = labels.to_numpy()
+    api.scnym_api(out, "train", groupby="annotation", out_path=tmp_path / "cv",
+                  config=Config(**FAST, n_folds=2, num_threads=1))
+    assert (tmp_path / "cv" / "fold01" / "model.json").is_file()
+
+
+def test_errors_name_api_arguments_not_command_line_flags(tmp_path):
+    adata = make_counts(n_cells=120, seed=3)
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
+    api.scnym_api(adata, "train", groupby="cell_type", out_path=tmp_path / "m", config={**FAST, "preset": "no_ssl"})
+    with pytest.raises(ScnymError) as caught:
+        api.scnym_api(adata, "train", groupby="cell_type", out_path=tmp_path / "m",
+                      config={**FAST, "preset": "no_ssl"})
+    assert "config={'overwrite': True}" in str(caught.value) and "--" not in str(caught.value)
+    with pytest.raises(ScnymError) as caught:
+        api.scnym_api(adata, "predict", trained_model=tmp_path / "m", config={"ensemble": "folds"})
+    assert "config['ensemble']" in str(caught.value) and "--" not in str(caught.value)
+    assert api._in_api_words("check --lower_group and --model_path; pass --backed false") == (
+        "check groupby and trained_model; pass config={'backed': False}")
+
+
 def test_atlas2target(tmp_path):
     atlas = make_counts(n_cells=80, seed=5)
     atlas.obs["annotations"] = atlas.obs["cell_type"].astype(str)
@@ -166,8 +209,12 @@ def test_atlas2target(tmp_path):
             joined.X[:3].toarray()).sum(1) / 1e6, rtol=1e-5)
     assert_unchanged(atlas, before_atlas)
     assert_unchanged(query, before_query)
-    with pytest.raises(ScnymError, match="no labels in obs"):
+    with pytest.raises(ScnymError, match="no labels in obs.*atlas_groupby"):
         api.atlas2target(query, atlas, key_added="missing")
+    # an atlas whose label column has another name than the column the result should have
+    joined = api.atlas2target(query, atlas, atlas_groupby="cell_type", key_added="reference_labels")
+    assert (joined.obs["reference_labels"][-40:] == "Unlabeled").all()
+    assert set(joined.obs["reference_labels"][:80]) == {"type_0", "type_1", "type_2"}
     with pytest.raises(ScnymError, match="does not exist"):
         api.atlas2target(query, tmp_path / "absent.h5ad")
 

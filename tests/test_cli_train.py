@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
+from scnym_cli.cli import app
 from scnym_cli.store import load_model
 
 from conftest import FAST_FLAGS, assert_one_line_error, invoke, make_counts, write_h5ad
@@ -98,11 +99,27 @@ def test_refuses_to_overwrite_a_finished_run_and_overwrites_when_asked(runner, t
     assert_one_line_error(result, "already holds results", "--overwrite")
     assert (trained_run / "run_summary.json").read_text() == before
     out = tmp_path / "run"
-    for _ in range(2):
+    # a boolean key takes a value, or stands alone as a bare flag (before another option or last)
+    for overwrite in (["--overwrite", "true"], ["--overwrite"], ["--overwrite", "--quiet"]):
         result = invoke(runner, "train_tissue_independent", "--input_counts", data, "--lower_group", "cell_type",
-                        "--out_path", out, "--overwrite", "true", *FAST_FLAGS)
+                        "--out_path", out, *overwrite, *FAST_FLAGS)
         assert result.exit_code == 0, result.output
+    result = invoke(runner, "train_tissue_independent", "--input_counts", data, "--lower_group", "cell_type",
+                    *FAST_FLAGS, "--out_path", out, "--overwrite")
+    assert result.exit_code == 0, result.output
     assert json.loads((out / "run_summary.json").read_text())["n_cells"] == 120
+    result = invoke(runner, "train_tissue_independent", "--input_counts", data, "--lower_group", "cell_type",
+                    "--out_path", out, "--overwrite", "false", *FAST_FLAGS)
+    assert_one_line_error(result, "already holds results")
+
+
+def test_help_shows_allowed_values_and_each_default_once(runner):
+    result = runner.invoke(app, ["predict_cell_types", "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "[auto|counts|log1p|log2_1p|log10_1p|as_is]" in text and "[all|all_data|folds]" in text
+    assert "(default: var_names / 'Gene'). (default" not in text and "(default: var_names / 'Gene')" in text
+    assert "Replace results already in out_path. (default: false); a bare flag means true" in text
 
 
 def test_a_failed_run_leaves_nothing(runner, tmp_path, monkeypatch):

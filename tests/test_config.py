@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from scnym_cli.config import Config, ConfigLayer, build_config, load_config, parse_bool, render_key_value
+from scnym_cli.config import (CONFIG_KEYS, Config, ConfigLayer, build_config, describe, load_config, parse_bool,
+                              render_key_value)
 from scnym_cli.errors import ScnymError
 
 from conftest import assert_one_line_error, invoke
@@ -158,3 +159,65 @@ def test_cli_flag_typo_is_suggested(runner):
     result = invoke(runner, "train_tissue_independent", "--n_epoch", "3")
     assert result.exit_code != 0
     assert "--n_epochs" in result.output
+
+
+# keys whose other values only make sense together with another key (Config's combination checks)
+COMPANIONS = {"weighted_sets": {"coverage": "0.9"}, "coverage_per_class": {"coverage": "0.9"},
+              "fold": {"n_folds": "3"}, "folds": {"n_folds": "3"}}
+TEXT_CANDIDATES = ["cpu", "mouse:human", "reference", "a,b", "x1"]
+
+
+def _candidates(key: str, tmp_path):
+    """Texts of values other than the default, most likely valid first."""
+    info = describe(key)
+    default, kind = info["default"], info["type"]
+    if info["choices"]:
+        return [c for c in info["choices"] if c != default]
+    if kind.startswith("bool"):
+        return ["false" if default else "true"]
+    if kind.startswith("path"):
+        path = tmp_path / f"{key}.txt"
+        path.write_text("gene_a\n")
+        return [str(path)]
+    if kind.startswith("int"):
+        low = int(info["min"]) if info["min"] is not None else 0
+        return [str(v) for v in ((default or 0) + 1, low + 1, low + 2, 3, 7) if v != default]
+    if kind.startswith("float"):
+        return [repr(v) for v in (0.5 * default if default else 0.5, 0.25, 0.9, 2.0, 12.5) if v != default]
+    return [t for t in TEXT_CANDIDATES if t != default]
+
+
+def test_every_key_means_the_same_through_every_face(tmp_path):
+    """A value other than the default, for every key, given as a command-line flag, in a key: value file, in
+    a JSON file, in an API dict (as text and as a typed value) and as a Config: one effective value."""
+    from scnym_cli.api import make_config
+
+    checked = []
+    for key in CONFIG_KEYS:
+        if key == "preset":
+            continue
+        companions = dict(COMPANIONS.get(key, {}))
+        if key == "unlabeled_genes":  # names the genes of a target file
+            companions["unlabeled_counts"] = _candidates("unlabeled_counts", tmp_path)[0]
+        for text in _candidates(key, tmp_path):
+            try:
+                from_flags = load_config(None, [], {**companions, key: text})
+            except ScnymError:
+                continue
+            break
+        else:
+            pytest.fail(f"no valid non-default value found for {key}")
+        value = getattr(from_flags, key)
+        assert value != describe(key)["default"], key
+        typed = {k: getattr(from_flags, k) for k in (*companions, key)}
+        lines = tmp_path / f"{key}.conf"
+        lines.write_text("".join(f"{k}: {v}\n" for k, v in {**companions, key: text}.items()))
+        as_json = tmp_path / f"{key}.json"
+        as_json.write_text(json.dumps(typed, default=str))
+        faces = {"key: value file": load_config(None, [lines], {}), "JSON file": load_config(None, [as_json], {}),
+                 "API dict of text": make_config({**companions, key: text}),
+                 "API dict of values": make_config(typed), "Config": make_config(Config(**typed))}
+        for face, config in faces.items():
+            assert getattr(config, key) == value, f"{key} through {face}: {getattr(config, key)!r} != {value!r}"
+        checked.append(key)
+    assert len(checked) == len(CONFIG_KEYS) - 1

@@ -258,3 +258,16 @@ def test_with_domain_specific_batch_norm_reference_and_target_rows_are_normalize
     assert guess == TARGET                                   # the teacher guesses with the target's statistics
     for rows in (mixed, adversary):                          # labeled rows first, then target rows
         assert rows.tolist() == [REFERENCE] * 8 + [TARGET] * 8
+
+
+def test_temperature_of_a_perfectly_classified_selection_split_does_not_collapse():
+    """Every selection cell right: maximum likelihood would send T to zero (probability 1 for every call);
+    the prior on log T keeps the model's own scale, while a few errors among few cells still raise T."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(150, 5))
+    labels = rng.integers(0, 5, 150)
+    logits[np.arange(150), labels] += 8
+    assert 0.5 < fit_temperature(logits, labels) <= 1.0
+    wrong = rng.choice(150, 5, replace=False)
+    logits[wrong, (labels[wrong] + 1) % 5] += 16
+    assert fit_temperature(logits, labels) > 1.2

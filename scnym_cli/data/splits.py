@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 class Split:
     """Row indices of one training run.
 
-    ``fit`` trains the weights, ``select`` chooses the best epoch (and later fits the
-    temperature), ``held_out`` is only predicted, for the fold's evaluation.
+    ``fit`` trains the weights, ``select`` chooses the best epoch, ``held_out`` is only predicted, for the
+    fold's evaluation; the temperature is fitted on both (every labeled cell the weights never saw).
     """
 
     fit: np.ndarray

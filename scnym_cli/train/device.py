@@ -36,21 +36,28 @@ def resolve_device(spec: str = "auto") -> torch.device:
     raise ScnymError(f"--device {spec!r} is not one of auto, cpu, cuda, cuda:N, mps")
 
 
+def flushing_denormals() -> bool:
+    """Whether the CPU flushes subnormal floats to zero now. torch has a setter but no getter: a
+    subnormal float32 multiplied by one comes out zero exactly when flushing is on."""
+    return bool((torch.tensor([1e-39]) * torch.tensor([1.0])).item() == 0.0)
+
+
 class flush_denormals(contextlib.ContextDecorator):
-    """Flush subnormal floats to zero on the CPU while scnym computes.
+    """Flush subnormal floats to zero on the CPU while scnym computes, then put back what was found.
 
     Confident softmax outputs underflow to subnormal numbers (~1e-40) whose gradients then flow
     through every backward matrix product; CPUs process subnormals many times slower (measured:
     15x for a forward/backward pass of a trained model). Nothing scnym computes depends on values
-    that small. torch has no getter for this setting: on leaving the outermost scnym block it is
-    restored to torch's default (off). Blocks nest (evaluation inside training): an inner block's exit
-    leaves flushing on, which it did not before and cost every epoch after the first its speed-up.
+    that small. Blocks nest (evaluation inside training): only the outermost one sets the flag, and on
+    leaving it restores the caller's setting, whatever it was.
     """
 
     _depth = 0  # open blocks, process-wide like the flag itself
+    _found = False  # the setting the outermost block found
 
     def __enter__(self):
         if flush_denormals._depth == 0:
+            flush_denormals._found = flushing_denormals()
             torch.set_flush_denormal(True)
         flush_denormals._depth += 1
         return self
@@ -58,8 +65,30 @@ class flush_denormals(contextlib.ContextDecorator):
     def __exit__(self, *exc):
         flush_denormals._depth -= 1
         if flush_denormals._depth == 0:
-            torch.set_flush_denormal(False)
+            torch.set_flush_denormal(flush_denormals._found)
         return False
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int):
+    """torch's global RNGs seeded with ``seed`` inside the block, and the caller's states back after it: the
+    CPU generator and that of every CUDA device (``torch.manual_seed`` seeds them all, so all are saved)."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def thread_count_restored():
+    """torch's intra-op thread count put back on leaving the block, whatever the block set it to (the
+    command workflows set it for their run: a notebook calling them keeps its own)."""
+    found = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != found:
+            torch.set_num_threads(found)
 
 
 # torch's intra-op threads beyond which this model's steps get no faster (see default_threads)

@@ -2,13 +2,12 @@
 
 It owns the loop: seeded batches from CSR rows, the optimizer and its schedule, mixed
 precision on CUDA, per-epoch evaluation on the model-selection split, best-epoch tracking
-with patience, the per-epoch CSV log and the progress bar. What a step minimizes is the
+with patience, the per-epoch CSV log and progress (:mod:`.progress`). What a step minimizes is the
 objective's business (:mod:`.objectives`).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import math
@@ -24,8 +23,6 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import Config
 from ..errors import ScnymError
@@ -33,7 +30,7 @@ from ..data.batches import EpochSampler, batch_tensor
 from ..data.disk import BlockShuffleSampler, DiskMatrix
 from ..data.splits import Split
 from ..nn.classifier import TARGET
-from .device import Precision, flush_denormals
+from .device import Precision, flush_denormals, seeded_rng
 from .inference import forward_rows
 from .losses import inverse_frequency_weights
 from .metrics import classification_metrics
@@ -41,6 +38,7 @@ from . import distributed
 from .calibration import fit_temperature
 from .mixmatch import MixMatchSettings, SemiSupervisedObjective, UnlabeledBatch
 from .objectives import LabeledBatch, Objective, SupervisedObjective
+from .progress import EpochLog, EpochProgress
 
 log = logging.getLogger(__name__)
 
@@ -121,38 +119,6 @@ class FitResult:
     semi_supervised: bool = False
     world_size: int = 1
     verified_steps: int = 0          # steps after which all ranks were checked to hold the same parameters
-
-
-def make_progress(enabled: bool) -> Progress:
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"), console=console, transient=True,
-        disable=not (enabled and console.is_terminal),
-    )
-
-
-class EpochLog:
-    """One CSV row per epoch, flushed as it is written so a running job can be watched."""
-
-    def __init__(self, path: Optional[Path]):
-        self.path, self.rows, self._writer, self._handle = path, [], None, None
-
-    def write(self, row: dict) -> None:
-        self.rows.append(row)
-        if self.path is None:
-            return
-        if self._writer is None:
-            self._handle = open(self.path, "w", newline="")
-            self._writer = csv.DictWriter(self._handle, fieldnames=list(row))
-            self._writer.writeheader()
-        self._writer.writerow(row)
-        self._handle.flush()
-
-    def close(self) -> pd.DataFrame:
-        if self._handle is not None:
-            self._handle.close()
-        return pd.DataFrame(self.rows)
 
 
 class TargetCensus:
@@ -293,8 +259,7 @@ class Trainer:
         caller's global torch RNG state is left as it was.
         """
         c = self.config
-        with torch.random.fork_rng(devices=[]), flush_denormals():
-            torch.manual_seed(c.seed)
+        with seeded_rng(c.seed), flush_denormals():
             return self._fit(model, data)
 
     def _fit(self, model: torch.nn.Module, data: TrainingData) -> FitResult:
@@ -335,8 +300,7 @@ class Trainer:
         started = time.perf_counter()
         stopped_early, epoch = False, 0
         try:
-            with make_progress(self.show_progress) as progress:
-                task = progress.add_task(self.name, total=c.n_epochs, status="")
+            with EpochProgress(self.name, c.n_epochs, self.show_progress) as progress:
                 for epoch in range(1, c.n_epochs + 1):
                     epoch_started = time.perf_counter()
                     objective.train()
@@ -389,9 +353,7 @@ class Trainer:
                            "train_accuracy": n_correct / max(n_seen, 1), **evaluation,
                            "is_best": is_best, "seconds": time.perf_counter() - epoch_started}
                     epoch_log.write(row)
-                    progress.update(task, advance=1, status=(
-                        f"loss {row['train_loss']:.3f} select acc {evaluation['select_accuracy']:.3f} "
-                        f"best epoch {best_epoch}"))
+                    progress.update(epoch, row["train_loss"], evaluation["select_accuracy"], best_epoch)
                     if not math.isfinite(row["train_loss"]):
                         raise ScnymError(f"{self.name}: the training loss became {row['train_loss']} at epoch "
                                          f"{epoch}; lower --lr or check the input values")
@@ -417,8 +379,11 @@ class Trainer:
                          semi_supervised, ranks.world_size, verified_steps)
 
     def _calibrate(self, model: torch.nn.Module, data: TrainingData) -> float:
-        """Temperature that makes the best model's confidences calibrated on the selection split."""
-        rows = data.split.select
+        """Temperature that makes the best model's confidences calibrated on every labeled cell it was not
+        fit on: the selection split, and a fold's held-out cells. The selection split alone is small (a few
+        hundred cells, often all classified right on easy data), and fold models whose temperatures rest on
+        so few cells land on scales too different for one pooled conformal calibration (train/conformal.py)."""
+        rows = np.sort(np.concatenate([data.split.select, data.split.held_out]))
         if len(rows) == 0:
             return 1.0
         outputs = forward_rows(model, data.X, rows, self.device, covariates=data.covariates)

@@ -245,11 +245,20 @@ def choose_genes(config: Config, genes: pd.Index, target_genes: Optional[pd.Inde
     return genes, report
 
 
-def load_training_inputs(config: Config) -> TrainingInputs:
-    """Reference (+ target) cells as configured: normalized, genes chosen, labels encoded, domains."""
+def load_training_inputs(config: Config, adata=None) -> TrainingInputs:
+    """Reference (+ target) cells as configured: normalized, genes chosen, labels encoded, domains.
+
+    ``adata`` (the Python API) stands for the --input_counts file, and is never modified: every other key
+    (metadata, gene lists and maps, unlabeled target files) applies as it does to a file.
+    """
     if config.backed:
+        if adata is not None:
+            raise ScnymError("--backed true reads --input_counts from disk in blocks: it needs an h5ad path, "
+                             "not an AnnData in memory (use anndata.read_h5ad(path, backed='r') and the command "
+                             "line, or leave backed off)")
         return load_training_inputs_backed(config)
-    cells, kind = load_cells(config, config.input_counts, metadata=config.training_metadata)
+    source = config.input_counts if adata is None else Path("adata")
+    cells, kind = load_cells(config, source, metadata=config.training_metadata, adata=adata)
     labels = read_labels(cells, config.lower_group)
     if config.genes_to_use is not None:
         cells = subset_genes(cells, read_gene_list(config.genes_to_use, "--genes_to_use"))

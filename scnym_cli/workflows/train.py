@@ -35,6 +35,7 @@ from ..store import ALL_DATA_DIR, MANIFEST_FILE, WEIGHTS_FILE, data_fingerprint,
 from ..train import Trainer, TrainingData
 from ..train.conformal import (CONFORMAL_FILE, SHIFT_REFERENCE_CELLS, ConformalCalibration, ShiftReference,
                                coverage_summary, cross_conformal_sets, true_class_in_set)
+from ..train.device import seeded_rng
 from ..train.inference import forward_rows
 from ..train.metrics import classification_metrics, expected_calibration_error
 from ..train.novelty import NOVELTY_FILE, SELECTION_CELLS, NoveltyReference, bank_rows
@@ -63,8 +64,7 @@ def build_model(config: Config, n_genes: int, n_classes: int, n_covariates: int 
                 has_target: bool = False) -> CellTypeClassifier:
     """The classifier with weights initialized from ``config.seed`` (global RNG state untouched); batch norm
     specific to reference and target with ``domain_batch_norm`` and target cells."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+    with seeded_rng(config.seed):
         return CellTypeClassifier(
             n_genes=n_genes, n_classes=n_classes, n_hidden=config.n_hidden, n_layers=config.n_layers,
             dropout=config.dropout, init_dropout=config.init_dropout, residual=config.residual,

@@ -1,0 +1,97 @@
+"""scnym leaves process-wide state as it found it: the denormal flag, every device's RNG, the plotting
+backend, torch's thread count (a notebook calls the API many times and keeps its own settings)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from scnym_cli import api
+from scnym_cli.train import device as device_module
+from scnym_cli.train.device import flush_denormals, flushing_denormals, seeded_rng
+
+from conftest import make_counts
+
+FAST = {"n_epochs": 2, "min_epochs": 1, "batch_size": 32, "n_hidden": 16, "patience": 0, "preset": "no_ssl"}
+
+
+def test_flush_denormals_puts_back_the_setting_it_found():
+    try:
+        for found in (False, True):
+            torch.set_flush_denormal(found)
+            with flush_denormals():
+                assert flushing_denormals()
+                with flush_denormals():  # evaluation inside training
+                    pass
+                assert flushing_denormals(), "an inner block must not switch flushing off"
+            assert flushing_denormals() == found
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_seeded_rng_restores_the_cpu_generator_and_saves_every_cuda_device(monkeypatch):
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    with seeded_rng(7):
+        first = torch.rand(3)
+    assert torch.equal(torch.get_rng_state(), before)
+    with seeded_rng(7):
+        assert torch.equal(torch.rand(3), first)
+    # torch.manual_seed seeds every CUDA device too: all of them must be saved and put back
+    saved = []
+
+    class Recorder:
+        def __init__(self, devices, **kwargs):
+            saved.append(list(devices))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(device_module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(device_module.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(device_module.torch.random, "fork_rng", Recorder)
+    monkeypatch.setattr(device_module.torch, "manual_seed", lambda seed: None)
+    with seeded_rng(1):
+        pass
+    assert saved == [[0, 1]]
+
+
+def test_plots_do_not_switch_the_callers_matplotlib_backend(tmp_path):
+    """A notebook's inline backend must survive scnym drawing its PNGs (run in a fresh interpreter: the
+    backend is chosen once per process)."""
+    script = textwrap.dedent(f"""
+        import matplotlib
+        matplotlib.use("svg")
+        import matplotlib.pyplot as plt
+        import pandas as pd
+        from pathlib import Path
+        from scnym_cli.report import plot_confusion_matrix
+        table = pd.DataFrame([[5, 1], [0, 4]], index=["a", "b"], columns=["a", "b"])
+        plot_confusion_matrix(table, Path({str(tmp_path / 'confusion.png')!r}), "t")
+        print(matplotlib.get_backend(), len(plt.get_fignums()))
+    """)
+    env = {**os.environ, "MPLBACKEND": ""}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.split() == ["svg", "0"]
+    assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_api_calls_give_back_the_callers_thread_count(tmp_path):
+    adata = make_counts(n_cells=120, seed=2)
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
+    found = torch.get_num_threads()
+    wanted = 1 if found != 1 else 2
+    try:
+        api.scnym_api(adata, "train", groupby="cell_type", out_path=tmp_path / "m",
+                      config={**FAST, "num_threads": wanted})
+        assert torch.get_num_threads() == found
+        api.scnym_api(adata, "predict", trained_model=tmp_path / "m", config={"num_threads": wanted})
+        assert torch.get_num_threads() == found
+        assert adata.obs["scNym"].notna().all()
+    finally:
+        torch.set_num_threads(found)

@@ -18,6 +18,17 @@ def _figure(figsize: tuple[float, float]):
     return Figure(figsize=figsize)
 
 
+def predictions_table(cell_ids, predicted, confidence, probabilities: np.ndarray, classes: Sequence[str], *,
+                      known: Optional[dict] = None, extra: Optional[dict] = None) -> pd.DataFrame:
+    """The per-cell table every predictions.csv has: cell_id, [``known`` columns: split, true_label],
+    predicted_label, confidence, [``extra`` columns: novelty, disagreement, prediction_set, set_size],
+    prob_<class> for every class."""
+    table = pd.DataFrame({"cell_id": cell_ids, **(known or {}), "predicted_label": predicted,
+                          "confidence": confidence, **(extra or {})})
+    probability_columns = pd.DataFrame(probabilities, columns=[f"prob_{c}" for c in classes], index=table.index)
+    return pd.concat([table, probability_columns], axis=1)
+
+
 def plot_training_curve(history: pd.DataFrame, path: Path, title: str, best_epoch: int | None = None) -> None:
     """Loss and accuracy per epoch, on the fitting cells and on the model-selection split."""
     fig = _figure((10, 3.8))

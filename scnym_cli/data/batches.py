@@ -21,6 +21,13 @@ def batch_tensor(X: sp.csr_matrix, rows: np.ndarray, device: torch.device) -> to
     return torch.from_numpy(dense_rows(X, rows)).to(device, non_blocking=True)
 
 
+def class_balanced_probabilities(codes: np.ndarray) -> np.ndarray:
+    """Probability of drawing each row: 1 / (size of its class), so that every class is drawn equally often."""
+    _, inverse, counts = np.unique(codes, return_inverse=True, return_counts=True)
+    weights = 1.0 / counts[inverse]
+    return weights / weights.sum()
+
+
 class EpochSampler:
     """Row indices for one epoch, in batches, shuffled or class-balanced, from a seeded generator.
 
@@ -56,9 +63,7 @@ class EpochSampler:
     def balance_by(self, codes: np.ndarray) -> None:
         """From the next epoch on, draw rows with probability 1 / (size of their class in ``codes``), a
         code per row of the full matrix (labels, or pseudolabels of target cells)."""
-        classes, inverse, counts = np.unique(codes[self.rows], return_inverse=True, return_counts=True)
-        weights = 1.0 / counts[inverse]
-        self.probabilities = weights / weights.sum()
+        self.probabilities = class_balanced_probabilities(codes[self.rows])
 
     def __len__(self) -> int:
         full, rest = divmod(self.passes * len(self.rows), self.batch_size)

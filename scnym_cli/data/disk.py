@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .batches import EpochSampler, class_balanced_probabilities
 from .genes import reindex_columns
 from .normalize import normalize
 from .stream import H5adChunks
@@ -131,8 +132,6 @@ class BlockShuffleSampler:
     def __init__(self, rows: np.ndarray, batch_size: int, matrix: DiskMatrix, *, window_blocks: int,
                  codes: Optional[np.ndarray] = None, balance_classes: bool = False, drop_last: bool = True,
                  seed: int = 0, min_batches: int = 0):
-        from .batches import EpochSampler
-
         self.rows = np.sort(np.asarray(rows, dtype=np.int64))
         self.matrix, self.window_blocks = matrix, max(window_blocks, 1)
         self.block_ids = matrix.block_of(self.rows)
@@ -168,9 +167,8 @@ class BlockShuffleSampler:
             window = np.isin(self.block_ids, order[start:start + self.window_blocks])
             rows = self.rows[window]
             if self.balance:
-                classes, inverse, counts = np.unique(self.codes[rows], return_inverse=True, return_counts=True)
-                weights = 1.0 / counts[inverse]
-                drawn = self._inner.rng.choice(rows, size=len(rows), replace=True, p=weights / weights.sum())
+                drawn = self._inner.rng.choice(rows, size=len(rows), replace=True,
+                                               p=class_balanced_probabilities(self.codes[rows]))
             else:
                 drawn = self._inner.rng.permutation(rows)
             pool = np.concatenate([carry, drawn])

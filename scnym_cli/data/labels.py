@@ -6,7 +6,7 @@ import difflib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -64,6 +64,21 @@ def require_column(obs: pd.DataFrame, column: str, option: str, source: str) -> 
     return obs[column]
 
 
+def missing_values(values: pd.Series) -> np.ndarray:
+    """True where a metadata value is missing: NA, or empty / only spaces."""
+    return (values.isna() | (values.astype(str).str.strip() == "")).to_numpy()
+
+
+def require_values(values: pd.Series, column: str, option: str, source: str, fix: str,
+                   where: Optional[np.ndarray] = None) -> None:
+    """A one-line error when cells (those ``where`` is True for, default all) have no value in the column."""
+    missing = missing_values(values)
+    if where is not None:
+        missing &= where
+    if missing.any():
+        raise ScnymError(f"{int(missing.sum())} cells have no value in {option} column {column!r} of {source}; {fix}")
+
+
 def read_labels(cells: CellMatrix, column: str, option: str = "--lower_group") -> np.ndarray:
     """Labels of ``cells`` (see :func:`labels_from_obs`)."""
     return labels_from_obs(cells.obs, column, option, cells.source)
@@ -72,11 +87,8 @@ def read_labels(cells: CellMatrix, column: str, option: str = "--lower_group") -
 def labels_from_obs(obs: pd.DataFrame, column: str, option: str, source: str) -> np.ndarray:
     """Labels as strings; missing values are an error (mark target cells 'Unlabeled' instead)."""
     series = require_column(obs, column, option, source)
-    missing = series.isna() | (series.astype(str).str.strip() == "")
-    if missing.any():
-        raise ScnymError(
-            f"{int(missing.sum())} cells have no value in {option} column {column!r} of {source}; "
-            f"label them {UNLABELED!r} to use them as unlabeled target data, or remove them")
+    require_values(series, column, option, source,
+                   f"label them {UNLABELED!r} to use them as unlabeled target data, or remove them")
     return series.astype(str).str.strip().to_numpy()
 
 

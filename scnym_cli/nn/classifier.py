@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-CPM = 1e6
+from .expression import log_cpm
 
 
 class InputDropout(nn.Module):
@@ -32,11 +32,7 @@ class InputDropout(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         counts = torch.expm1(x.float())
-        kept = counts * (torch.rand_like(counts) >= self.p)
-        size = kept.sum(dim=1, keepdim=True)
-        # a cell left with no counts stays all zero (CPM / 0 would make 0 x inf = NaN)
-        scale = torch.where(size > 0, CPM / size.clamp_min(1e-30), torch.zeros_like(size))
-        return torch.log1p(kept * scale).to(x.dtype)
+        return log_cpm(counts * (torch.rand_like(counts) >= self.p)).to(x.dtype)
 
 
 class Dropout(nn.Module):

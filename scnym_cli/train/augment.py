@@ -9,17 +9,10 @@ from typing import Callable
 
 import torch
 
-CPM = 1e6
+from ..nn.expression import log_cpm
+
 # pseudo-depth for Poisson resampling: a typical droplet cell's UMI count
 POISSON_DEPTH = 2000.0
-
-
-def _to_log_cpm(counts: torch.Tensor) -> torch.Tensor:
-    """ln(CPM + 1); a cell left with no counts stays all zero (CPM / its size would be infinite, and
-    0 x inf is NaN)."""
-    size = counts.sum(dim=1, keepdim=True)
-    scale = torch.where(size > 0, CPM / size.clamp_min(1e-30), torch.zeros_like(size))
-    return torch.log1p(counts * scale)
 
 
 def log1p_drop(x: torch.Tensor, rate: float) -> torch.Tensor:
@@ -30,7 +23,7 @@ def log1p_drop(x: torch.Tensor, rate: float) -> torch.Tensor:
     values, whose ``nonzero()`` scan costs more than the draws it saves.
     """
     counts = torch.expm1(x.float())
-    return _to_log_cpm(counts * (torch.rand_like(counts) >= rate)).to(x.dtype)
+    return log_cpm(counts * (torch.rand_like(counts) >= rate)).to(x.dtype)
 
 
 def log1p_mask(x: torch.Tensor, rate: float) -> torch.Tensor:
@@ -38,14 +31,14 @@ def log1p_mask(x: torch.Tensor, rate: float) -> torch.Tensor:
     panel or a query), renormalize."""
     counts = torch.expm1(x.float())
     keep = torch.rand(counts.shape[1], device=counts.device) >= rate
-    return _to_log_cpm(counts * keep).to(x.dtype)
+    return log_cpm(counts * keep).to(x.dtype)
 
 
 def poisson(x: torch.Tensor, rate: float) -> torch.Tensor:
     """Resample counts from Poisson(profile x depth) at a droplet-like depth (sampling noise)."""
     counts = torch.expm1(x.float())
     expected = counts / counts.sum(dim=1, keepdim=True).clamp_min(1e-12) * POISSON_DEPTH
-    return _to_log_cpm(torch.poisson(expected)).to(x.dtype)
+    return log_cpm(torch.poisson(expected)).to(x.dtype)
 
 
 def identity(x: torch.Tensor, rate: float) -> torch.Tensor:

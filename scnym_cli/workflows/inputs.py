@@ -15,7 +15,7 @@ from ..config import Config
 from ..data import (UNLABELED, CellMatrix, GeneOverlap, LabelEncoding, align_genes, attach_metadata,
                     drop_duplicate_genes, normalize, read_expression, read_gene_list, read_labels, subset_genes)
 from ..data.genes import require_overlap, translate_for_model
-from ..data.labels import require_column
+from ..data.labels import missing_values, require_column, require_values
 from ..errors import ScnymError
 from ..train.device import default_threads, resolve_device
 
@@ -120,12 +120,9 @@ def assign_domains(config: Config, cells: CellMatrix, labels: np.ndarray, n_refe
     else:
         column = config.input_domain_group
         values = require_column(cells.obs, column, "--input_domain_group", str(config.input_counts))
-        missing = (values.isna() | (values.astype(str).str.strip() == "")).to_numpy()
-        in_reference_file = np.arange(cells.n_cells) < n_reference_rows
-        if (missing & in_reference_file).any():
-            raise ScnymError(f"{int((missing & in_reference_file).sum())} cells have no value in "
-                             f"--input_domain_group column {column!r}; give every cell a domain")
-        names = np.where(missing, "target", values.astype(str).to_numpy())
+        require_values(values, column, "--input_domain_group", str(config.input_counts), "give every cell a domain",
+                       where=np.arange(cells.n_cells) < n_reference_rows)
+        names = np.where(missing_values(values), "target", values.astype(str).to_numpy())
     domain_names, codes = np.unique(names, return_inverse=True)
     log.info("domains: %s", ", ".join(f"{n} {c}" for n, c in zip(domain_names, np.bincount(codes))))
     return codes.astype(np.int64), tuple(map(str, domain_names))

@@ -35,7 +35,7 @@ from ..data.labels import join_metadata, require_column
 from ..data.normalize import normalize
 from ..data.stream import CellChunks, H5adChunks, InMemoryChunks, ShardedH5adChunks
 from ..errors import ScnymError
-from ..report import evaluate_labeled, write_labeled_report
+from ..report import evaluate_labeled, predictions_table, write_labeled_report
 from ..staging import staged_directory
 from ..train.conformal import DomainWeights, prediction_sets, set_labels, true_class_in_set
 from .ensemble import Ensemble
@@ -432,14 +432,13 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
     kind = config.input_normalization
     for rows, result, kind in iterate_predictions(predictor, source, config, with_embedding=with_embedding):
         ids = source.obs.index[rows]
-        table = pd.DataFrame({"cell_id": ids, "predicted_label": result.labels, "confidence": result.confidence,
-                              **result.extra_columns(classes)})
+        table = predictions_table(ids, result.labels, result.confidence, result.probabilities, classes,
+                                  extra=result.extra_columns(classes))
         for name in extra:
             extra[name][rows] = table[name].to_numpy()
         if result.sets is not None and true_codes is not None:
             in_set[rows] = true_class_in_set(result.sets, true_codes[rows])
-        predictions.write(pd.concat([table, pd.DataFrame(result.probabilities, columns=[f"prob_{c}" for c in classes])],
-                                    axis=1))
+        predictions.write(table)
         if logits_csv:
             logits_csv.write(pd.concat([table[["cell_id"]], pd.DataFrame(result.logits,
                                                                          columns=[f"logit_{c}" for c in classes])],
@@ -515,10 +514,8 @@ class Predictions:
 
     def table(self) -> pd.DataFrame:
         """cell_id, predicted_label, confidence, [novelty, disagreement, prediction_set, set_size,] prob_<class>..."""
-        table = pd.DataFrame({"cell_id": self.cell_ids, "predicted_label": self.labels,
-                              "confidence": self.confidence, **self.extra})
-        return pd.concat([table, pd.DataFrame(self.probabilities, columns=[f"prob_{c}" for c in self.classes])],
-                         axis=1)
+        return predictions_table(self.cell_ids, self.labels, self.confidence, self.probabilities, self.classes,
+                                 extra=self.extra)
 
 
 def predict_in_memory(predictor: Predictor, source: CellChunks, config: Config) -> Predictions:

@@ -23,7 +23,7 @@ import pandas as pd
 from .. import __version__
 from ..config import Config
 from ..data import UNLABELED, LabelEncoding
-from ..data.labels import require_column
+from ..data.labels import require_column, require_values
 from ..errors import ScnymError
 from ..staging import staged_directory
 from .inputs import TrainingInputs, load_training_inputs, setup_runtime
@@ -38,10 +38,8 @@ TISSUES_DIR = "tissues"
 def read_groups(obs: pd.DataFrame, column: str, source: str) -> np.ndarray:
     """The upper group of every cell as strings; a missing column or missing values are errors."""
     values = require_column(obs, column, "--upper_group", source)
-    missing = (values.isna() | (values.astype(str).str.strip() == "")).to_numpy()
-    if missing.any():
-        raise ScnymError(f"{int(missing.sum())} cells have no value in --upper_group column {column!r} of {source}; "
-                         "give every cell a group (target cells from --unlabeled_counts too)")
+    require_values(values, column, "--upper_group", source,
+                   "give every cell a group (target cells from --unlabeled_counts too)")
     return values.astype(str).to_numpy()
 
 

@@ -29,7 +29,7 @@ from ..config import Config
 from ..data.splits import Split, all_data_split, cross_validation_splits
 from ..errors import ScnymError
 from ..nn import CellTypeClassifier
-from ..report import evaluate_labeled, plot_training_curve, write_labeled_report
+from ..report import evaluate_labeled, plot_training_curve, predictions_table, write_labeled_report
 from ..staging import staged_directory
 from ..store import ALL_DATA_DIR, MANIFEST_FILE, WEIGHTS_FILE, data_fingerprint, file_sha256, save_model
 from ..train import Trainer, TrainingData
@@ -106,13 +106,10 @@ def _write_ids(path: Path, cell_ids: pd.Index, rows: np.ndarray) -> None:
 
 def prediction_table(cell_ids: pd.Index, rows: np.ndarray, split: str, truth: np.ndarray,
                      probabilities: np.ndarray, classes: tuple[str, ...]) -> pd.DataFrame:
-    table = pd.DataFrame({
-        "cell_id": cell_ids[rows], "split": split, "true_label": truth,
-        "predicted_label": np.asarray(classes, dtype=object)[probabilities.argmax(1)] if len(rows) else [],
-        "confidence": probabilities.max(1) if len(rows) else [],
-    })
-    probability_columns = pd.DataFrame(probabilities, columns=[f"prob_{c}" for c in classes])
-    return pd.concat([table, probability_columns], axis=1)
+    return predictions_table(
+        cell_ids[rows], np.asarray(classes, dtype=object)[probabilities.argmax(1)] if len(rows) else [],
+        probabilities.max(1) if len(rows) else [], probabilities, classes,
+        known={"split": split, "true_label": truth})
 
 
 def train_one_model(directory: Path, config: Config, inputs: TrainingInputs, data: TrainingData,

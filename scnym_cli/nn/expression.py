@@ -1,0 +1,17 @@
+"""The expression scale every model input is on, ln(CPM + 1), computed from counts on tensors (input dropout
+and MixMatch's augmentations work in count space and come back to it). The same target sum as the readers'
+normalization (data/normalize.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.normalize import TARGET_SUM
+
+
+def log_cpm(counts: torch.Tensor) -> torch.Tensor:
+    """ln(CPM + 1) of each row; a cell left with no counts stays all zero (CPM / its size would be infinite,
+    and 0 x inf is NaN)."""
+    size = counts.sum(dim=1, keepdim=True)
+    scale = torch.where(size > 0, TARGET_SUM / size.clamp_min(1e-30), torch.zeros_like(size))
+    return torch.log1p(counts * scale)

@@ -14,6 +14,7 @@ from scnym_cli.train import Trainer, TrainingData
 from scnym_cli.train.inference import forward_rows
 from scnym_cli.train.losses import inverse_frequency_weights, soft_cross_entropy
 from scnym_cli.train.metrics import classification_metrics, expected_calibration_error
+from scnym_cli.workflows.settings import training_settings
 from scnym_cli.workflows.train import build_model
 
 from conftest import make_counts
@@ -31,7 +32,7 @@ def synthetic_training_data(n_cells=300, seed=0):
 
 def fit(config, data, device="cpu"):
     model = build_model(config, data.X.shape[1], data.n_classes)
-    result = Trainer(config, torch.device(device), show_progress=False).fit(model, data)
+    result = Trainer(training_settings(config), torch.device(device), show_progress=False).fit(model, data)
     return model, result
 
 
@@ -68,7 +69,8 @@ def test_best_epoch_is_restored_and_respects_min_epochs(tmp_path):
     data = synthetic_training_data()
     config = Config(**{**FAST, "n_epochs": 6, "min_epochs": 4})
     model = build_model(config, data.X.shape[1], 3)
-    result = Trainer(config, torch.device("cpu"), log_path=tmp_path / "log.csv", show_progress=False).fit(model, data)
+    result = Trainer(training_settings(config), torch.device("cpu"), log_path=tmp_path / "log.csv",
+                     show_progress=False).fit(model, data)
     log = pd.read_csv(tmp_path / "log.csv")
     assert len(log) == 6 and result.best_epoch >= 4
     eligible = log[log["epoch"] >= 4]
@@ -246,3 +248,36 @@ def test_flushing_subnormals_survives_a_nested_block():
             pass
         assert float(subnormal * 0.5) == 0.0          # still flushed
     assert float(subnormal * 0.5) > 0.0               # restored to torch's default on the way out
+
+
+def test_training_settings_carry_every_training_key_and_the_defaults_of_config():
+    """The trainer takes typed settings, not the command line's Config: each settings field is a Config key
+    with the same default (a drift here would make a hand-built trainer differ from a run's)."""
+    from dataclasses import fields
+
+    from scnym_cli.train.mixmatch import MixMatchSettings
+    from scnym_cli.train.settings import TrainingSettings
+
+    config = Config()
+    settings = training_settings(config)
+    for f in fields(TrainingSettings):
+        if f.name != "semi_supervised":
+            assert getattr(TrainingSettings(), f.name) == getattr(config, f.name), f.name
+            assert getattr(settings, f.name) == getattr(config, f.name), f.name
+    gated = {"pseudolabel_min_confidence", "adaptive_thresholds"}  # MixMatchSettings' documented exceptions
+    for f in fields(MixMatchSettings):
+        assert getattr(settings.semi_supervised, f.name) == getattr(config, f.name), f.name
+        if f.name not in gated:
+            assert getattr(MixMatchSettings(), f.name) == getattr(config, f.name), f.name
+    changed = training_settings(config.replace(lr=0.5, dan_max_weight=0.3, balance_classes=True))
+    assert changed.lr == 0.5 and changed.semi_supervised.dan_max_weight == 0.3 and changed.balance_classes
+
+
+def test_a_trainer_needs_no_config():
+    from scnym_cli.train.settings import TrainingSettings
+
+    data = synthetic_training_data()
+    model = build_model(Config(**FAST), data.X.shape[1], data.n_classes)
+    settings = TrainingSettings(n_epochs=4, min_epochs=1, batch_size=32, patience=0, min_steps_per_epoch=0)
+    result = Trainer(settings, torch.device("cpu"), show_progress=False).fit(model, data)
+    assert result.epochs_run == 4 and 1 <= result.best_epoch <= 4

@@ -41,11 +41,13 @@ class UnlabeledBatch:
 
 @dataclass(frozen=True)
 class MixMatchSettings:
-    """The semi-supervised keys of a Config, gathered for the objective."""
+    """The semi-supervised settings of the objective.
 
-    # Runs take every value from Config (from_config; bench/results/ablation.md says why each default).
-    # These defaults serve objectives built by hand (tests): Config's, except that no target cell is gated
-    # (pseudolabel_min_confidence 0, no adaptive thresholds) unless asked.
+    Runs take every value from Config (workflows/settings.py; bench/results/ablation.md says why each default).
+    These defaults serve objectives built by hand (tests): Config's, except that no target cell is gated
+    (pseudolabel_min_confidence 0, no adaptive thresholds) unless asked.
+    """
+
     unsup_max_weight: float = 1.0
     unsup_ramp_epochs: int = 15
     unsup_burn_in_epochs: int = 0
@@ -67,10 +69,6 @@ class MixMatchSettings:
     dan_n_layers: int = 1
     dan_conditional: bool = False
     dan_on_mixes: bool = True
-
-    @classmethod
-    def from_config(cls, config) -> "MixMatchSettings":
-        return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
 
     @property
     def needs_target_census(self) -> bool:

@@ -24,7 +24,6 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from ..config import Config
 from ..errors import ScnymError
 from ..data.batches import EpochSampler, batch_tensor
 from ..data.disk import BlockShuffleSampler, DiskMatrix
@@ -36,9 +35,10 @@ from .losses import inverse_frequency_weights
 from .metrics import classification_metrics
 from . import distributed
 from .calibration import fit_temperature
-from .mixmatch import MixMatchSettings, SemiSupervisedObjective, UnlabeledBatch
+from .mixmatch import SemiSupervisedObjective, UnlabeledBatch
 from .objectives import LabeledBatch, Objective, SupervisedObjective
 from .progress import EpochLog, EpochProgress
+from .settings import TrainingSettings
 
 log = logging.getLogger(__name__)
 
@@ -162,17 +162,17 @@ class TargetCensus:
 
 
 class Trainer:
-    """Fit a model on :class:`TrainingData` according to the training keys of a :class:`Config`."""
+    """Fit a model on :class:`TrainingData` as :class:`~.settings.TrainingSettings` say."""
 
-    def __init__(self, config: Config, device: torch.device, *, log_path: Optional[Path] = None,
+    def __init__(self, settings: TrainingSettings, device: torch.device, *, log_path: Optional[Path] = None,
                  name: str = "model", show_progress: bool = True):
-        self.config, self.device, self.log_path, self.name = config, device, log_path, name
+        self.settings, self.device, self.log_path, self.name = settings, device, log_path, name
         self.show_progress = show_progress
 
     # ------------------------------------------------------------------ pieces
     def _optimizer(self, objective: torch.nn.Module, steps_per_epoch: int):
         """The optimizer and its learning-rate schedule, stepped after every batch (None: constant)."""
-        c = self.config
+        c = self.settings
         optimizer = OPTIMIZERS[c.optimizer](objective.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         schedule = {"auto": "cosine" if c.optimizer == "sgd" else "constant"}.get(c.lr_schedule, c.lr_schedule)
         if schedule == "constant":
@@ -182,19 +182,19 @@ class Trainer:
 
     def _objective(self, model: torch.nn.Module, data: TrainingData) -> Objective:
         """MixMatch / domain adversary when there is something to adapt to, else supervised."""
-        c = self.config
+        c = self.settings
         class_weight = None
         if c.weight_classes:
             class_weight = inverse_frequency_weights(data.codes[data.split.fit], data.n_classes)
         has_target = len(data.unlabeled) > 0
-        mixmatch = has_target and c.unsup_max_weight > 0
-        adversary = c.dan_max_weight > 0 and data.n_domains > 1 and (has_target or data.labeled_domains() > 1)
+        settings = c.semi_supervised
+        mixmatch = has_target and settings.unsup_max_weight > 0
+        adversary = settings.dan_max_weight > 0 and data.n_domains > 1 and (has_target or data.labeled_domains() > 1)
         if not (mixmatch or adversary):
             if has_target:
                 log.info("%s: semi-supervision is off (unsup_max_weight and dan_max_weight are 0): target cells "
                          "are not used", self.name)
             return SupervisedObjective(model, class_weight=class_weight, mixup_alpha=c.mixup_alpha)
-        settings = MixMatchSettings.from_config(c)
         if not adversary:
             settings = dataclasses.replace(settings, dan_max_weight=0.0)
         if not mixmatch:
@@ -208,7 +208,7 @@ class Trainer:
     def _sampler(self, data: TrainingData, rows: np.ndarray, *, balance_classes: bool, seed: int,
                  min_batches: int = 0):
         """Shuffled batches; for data read from disk, shuffled within windows of blocks (bounded memory)."""
-        c = self.config
+        c = self.settings
         if isinstance(data.X, DiskMatrix):
             window = max(1, c.read_buffer_cells // data.X.block_rows)
             return BlockShuffleSampler(rows, c.batch_size, data.X, window_blocks=window, codes=data.codes,
@@ -255,15 +255,15 @@ class Trainer:
     def fit(self, model: torch.nn.Module, data: TrainingData) -> FitResult:
         """Train ``model`` in place; on return it holds the weights of the best epoch.
 
-        Every random choice (sampling order, dropout, MixUp) comes from ``config.seed``; the
+        Every random choice (sampling order, dropout, MixUp) comes from ``settings.seed``; the
         caller's global torch RNG state is left as it was.
         """
-        c = self.config
+        c = self.settings
         with seeded_rng(c.seed), flush_denormals():
             return self._fit(model, data)
 
     def _fit(self, model: torch.nn.Module, data: TrainingData) -> FitResult:
-        c = self.config
+        c = self.settings
         model.to(self.device)
         objective = self._objective(model, data).to(self.device)
         semi_supervised = isinstance(objective, SemiSupervisedObjective)

@@ -40,6 +40,7 @@ from ..train.inference import forward_rows
 from ..train.metrics import classification_metrics, expected_calibration_error
 from ..train.novelty import NOVELTY_FILE, SELECTION_CELLS, NoveltyReference, bank_rows
 from .inputs import TrainingInputs, load_training_inputs, setup_runtime
+from .settings import training_settings
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def train_one_model(directory: Path, config: Config, inputs: TrainingInputs, dat
     if inputs.covariate_column:
         covariates = {"column": inputs.covariate_column, "categories": list(inputs.covariate_categories),
                       "scale": inputs.covariate_scale}
-    trainer = Trainer(config, device, log_path=directory / f"{name}_log.csv", name=name)
+    trainer = Trainer(training_settings(config), device, log_path=directory / f"{name}_log.csv", name=name)
     fit = trainer.fit(model, data)
     novelty = build_novelty_reference(model, data, device, config.seed)
     if novelty is not None:

@@ -9,7 +9,6 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..config import Config
 from ..data import (UNLABELED, CellMatrix, GeneOverlap, LabelEncoding, align_genes, attach_metadata,
@@ -17,20 +16,8 @@ from ..data import (UNLABELED, CellMatrix, GeneOverlap, LabelEncoding, align_gen
 from ..data.genes import require_overlap, translate_for_model
 from ..data.labels import missing_values, require_column, require_values
 from ..errors import ScnymError
-from ..train.device import default_threads, resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def setup_runtime(config: Config) -> torch.device:
-    """Resolve the device and the CPU thread count, once per command; join a torchrun process group."""
-    from ..train import distributed
-
-    torch.set_num_threads(config.num_threads or default_threads())
-    ranks, device = distributed.initialize(resolve_device(config.device))
-    log.info("device: %s (%d CPU threads)%s", device, torch.get_num_threads(),
-             f", rank {ranks.rank} of {ranks.world_size}" if ranks.active else "")
-    return device
 
 
 def load_cells(config: Config, path: Path, *, metadata: Optional[Path] = None, adata=None,

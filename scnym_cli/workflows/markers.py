@@ -31,7 +31,8 @@ from ..interpret import expected_gradients, optimize_class_inputs, rank_optima
 from ..report import plot_marker_heatmap
 from ..staging import staged_directory
 from ..store import LoadedModel, load_model
-from .inputs import load_cells, setup_runtime
+from .inputs import load_cells
+from .runtime import setup_runtime
 from .tissues import covariates_for, routing_of
 
 log = logging.getLogger(__name__)

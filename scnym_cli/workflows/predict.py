@@ -39,7 +39,7 @@ from ..report import evaluate_labeled, predictions_table, write_labeled_report
 from ..staging import staged_directory
 from ..train.conformal import DomainWeights, prediction_sets, set_labels, true_class_in_set
 from .ensemble import Ensemble
-from .inputs import setup_runtime
+from .runtime import setup_runtime
 from .tissues import covariates_for, read_groups, routing_of
 
 log = logging.getLogger(__name__)

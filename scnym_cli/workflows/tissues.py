@@ -26,7 +26,8 @@ from ..data import UNLABELED, LabelEncoding
 from ..data.labels import require_column, require_values
 from ..errors import ScnymError
 from ..staging import staged_directory
-from .inputs import TrainingInputs, load_training_inputs, setup_runtime
+from .inputs import TrainingInputs, load_training_inputs
+from .runtime import setup_runtime
 from .train import PROTECTED_OUTPUTS, RUN_MARKER, run_training, train_into
 
 log = logging.getLogger(__name__)

@@ -39,7 +39,8 @@ from ..train.device import seeded_rng
 from ..train.inference import forward_rows
 from ..train.metrics import classification_metrics, expected_calibration_error
 from ..train.novelty import NOVELTY_FILE, SELECTION_CELLS, NoveltyReference, bank_rows
-from .inputs import TrainingInputs, load_training_inputs, setup_runtime
+from .inputs import TrainingInputs, load_training_inputs
+from .runtime import setup_runtime
 from .settings import training_settings
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from .data.batches import dense_rows
+from .data.matrix import dense_rows
 from .train.device import flush_denormals, seeded_rng
 
 

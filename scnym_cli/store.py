@@ -44,7 +44,7 @@ def file_sha256(path: Path) -> str:
 def data_fingerprint(X: sp.csr_matrix, genes: Sequence[str], cell_ids: Sequence[str],
                      labels: Sequence[str]) -> dict[str, Any]:
     """A checksum of exactly what the model was trained on (normalized matrix, genes, cells, labels)."""
-    from .data.disk import content_digest, row_blocks
+    from .data.matrix import content_digest, row_blocks
 
     digest = hashlib.sha256(content_digest(X).encode())  # the same in memory, stacked or read from disk
     for names in (genes, cell_ids, labels):

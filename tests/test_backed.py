@@ -12,7 +12,9 @@ import pytest
 import scipy.sparse as sp
 
 from scnym_cli.config import Config
-from scnym_cli.data.disk import content_digest
+from scnym_cli.data.disk import DiskMatrix
+from scnym_cli.data.matrix import RowMatrix, content_digest, dense_rows, row_blocks
+from scnym_cli.data.stacked import StackedRows
 from scnym_cli.workflows.inputs import load_training_inputs
 
 from conftest import FAST_FLAGS, invoke, make_counts, write_h5ad
@@ -44,6 +46,14 @@ def test_disk_rows_equal_memory_rows(tmp_path, monkeypatch):
         rows = np.array([389, 0, 36, 37, 299, 300, 150])
         np.testing.assert_allclose(disk.cells.X[rows].toarray(), memory.cells.X[rows].toarray(), rtol=1e-6)
         assert content_digest(disk.cells.X) == content_digest(memory.cells.X)
+        # one protocol: the stacked matrix in memory and the one on disk answer rows and blocks alike
+        assert isinstance(memory.cells.X, StackedRows) and isinstance(disk.cells.X, DiskMatrix)
+        for X in (memory.cells.X, disk.cells.X):
+            assert isinstance(X, RowMatrix)
+            whole = sp.vstack(list(row_blocks(X)), format="csr")
+            np.testing.assert_allclose(whole[rows].toarray(), dense_rows(X, rows), rtol=1e-6)
+            assert content_digest(whole) == content_digest(X)
+            np.testing.assert_allclose(X[10:20].toarray(), whole[10:20].toarray(), rtol=1e-6)
 
 
 def test_backed_training_with_a_window_over_everything_matches_memory(runner, tmp_path):

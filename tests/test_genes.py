@@ -66,7 +66,7 @@ def test_no_overlap_is_an_error_even_with_zero_minimum():
 
 
 def test_stacked_rows_select_like_one_matrix():
-    from scnym_cli.data.batches import dense_rows
+    from scnym_cli.data.matrix import dense_rows
     from scnym_cli.data.stacked import StackedRows, stack_rows
 
     blocks = [sp.random(n, 9, density=0.3, format="csr", random_state=n, dtype=np.float32) for n in (5, 1, 7)]

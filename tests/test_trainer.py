@@ -8,7 +8,8 @@ import torch
 
 from scnym_cli.config import Config
 from scnym_cli.data import normalize
-from scnym_cli.data.batches import EpochSampler, dense_rows
+from scnym_cli.data.batches import EpochSampler
+from scnym_cli.data.matrix import dense_rows
 from scnym_cli.data.splits import all_data_split, cross_validation_splits, selection_split
 from scnym_cli.train import Trainer, TrainingData
 from scnym_cli.train.inference import forward_rows

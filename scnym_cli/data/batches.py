@@ -5,19 +5,12 @@ from __future__ import annotations
 from typing import Iterator, Optional
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
-
-def dense_rows(X: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
-    """Rows of X as a dense float32 array; only these rows are ever densified.
-
-    scipy gathers the rows in compiled code (one vectorized call, no per-cell Python).
-    """
-    return X[rows].toarray().astype(np.float32, copy=False)
+from .matrix import Matrix, dense_rows
 
 
-def batch_tensor(X: sp.csr_matrix, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+def batch_tensor(X: Matrix, rows: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(dense_rows(X, rows)).to(device, non_blocking=True)
 
 

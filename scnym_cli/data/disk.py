@@ -10,7 +10,6 @@ draws batches so that each one touches only the blocks of its window.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -21,6 +20,7 @@ import scipy.sparse as sp
 
 from .batches import EpochSampler, class_balanced_probabilities
 from .genes import reindex_columns
+from .matrix import gather_rows
 from .normalize import normalize
 from .stream import H5adChunks
 
@@ -36,7 +36,8 @@ class DiskPart:
 
 
 class DiskMatrix:
-    """Rows of several h5ad files, normalized and aligned to ``genes`` on read, behind a block cache."""
+    """Rows of several h5ad files, normalized and aligned to ``genes`` on read, behind a block cache: a
+    :class:`~.matrix.RowMatrix`."""
 
     def __init__(self, parts: list[DiskPart], genes: pd.Index, *, block_rows: int = 8192, cache_blocks: int = 16):
         self.parts, self.genes = parts, pd.Index(genes)
@@ -74,19 +75,10 @@ class DiskMatrix:
         return X
 
     def __getitem__(self, rows) -> sp.csr_matrix:
-        if isinstance(rows, slice):
-            rows = np.arange(*rows.indices(self.shape[0]))
-        rows = np.asarray(rows, dtype=np.int64)
-        blocks = self.block_of(rows)
-        parts, order = [], []
-        for index in np.unique(blocks):
-            at = np.flatnonzero(blocks == index)
-            parts.append(self.block(int(index))[rows[at] - self.block_starts[index]])
-            order.append(at)
-        if len(parts) == 1:
-            return parts[0]
-        stacked = sp.vstack(parts, format="csr")
-        return stacked[np.argsort(np.concatenate(order), kind="stable")]
+        return gather_rows(rows, self.shape[0], self.block_starts, self.block)
+
+    def row_blocks(self) -> Iterator[sp.csr_matrix]:
+        return self.iter_blocks()
 
     def iter_blocks(self, parts: Optional[range] = None) -> Iterator[sp.csr_matrix]:
         """Every block in row order (only those of the files numbered ``parts``, when given)."""
@@ -97,27 +89,6 @@ class DiskMatrix:
     def close(self) -> None:
         for part in self.parts:
             part.reader.close()
-
-
-def row_blocks(X) -> Iterator[sp.csr_matrix]:
-    """Consecutive row blocks of any matrix-like scnym trains on (CSR, StackedRows, DiskMatrix)."""
-    if isinstance(X, DiskMatrix):
-        yield from X.iter_blocks()
-    elif hasattr(X, "blocks"):
-        for block in X.blocks:
-            yield from row_blocks(block)
-    else:
-        yield X
-
-
-def content_digest(X) -> str:
-    """sha256 of the matrix's content, the same however its rows are split into blocks."""
-    lengths, indices, values = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
-    for block in row_blocks(X):
-        lengths.update(np.diff(block.indptr).astype(np.int64).view(np.uint8))
-        indices.update(np.ascontiguousarray(block.indices, dtype=np.int32).view(np.uint8))
-        values.update(np.ascontiguousarray(block.data, dtype=np.float32).view(np.uint8))
-    return hashlib.sha256("".join(h.hexdigest() for h in (lengths, indices, values)).encode()).hexdigest()
 
 
 class BlockShuffleSampler:

@@ -19,6 +19,7 @@ import scipy.io
 import scipy.sparse as sp
 
 from ..errors import ScnymError
+from .matrix import Matrix
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class CellMatrix:
         Where the data came from (for messages).
     """
 
-    X: sp.csr_matrix
+    X: Matrix                       # CSR once read; stacked with target cells for training
     genes: pd.Index
     obs: pd.DataFrame
     source: str

@@ -7,14 +7,16 @@ answers row selections (what batching and prediction need) from the blocks direc
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import scipy.sparse as sp
 
+from .matrix import Matrix, gather_rows
+
 
 class StackedRows:
-    """Row-stacked CSR blocks that behave like one CSR matrix for ``X[rows]``."""
+    """Row-stacked CSR blocks: a :class:`~.matrix.RowMatrix`."""
 
     def __init__(self, blocks: Sequence[sp.csr_matrix]):
         widths = {b.shape[1] for b in blocks}
@@ -30,23 +32,13 @@ class StackedRows:
         return int(sum(b.nnz for b in self.blocks))
 
     def __getitem__(self, rows) -> sp.csr_matrix:
-        if isinstance(rows, slice):
-            rows = np.arange(*rows.indices(self.shape[0]))
-        rows = np.asarray(rows, dtype=np.int64)
-        block_of = np.searchsorted(self.offsets, rows, side="right") - 1
-        parts, order = [], []
-        for b in np.unique(block_of):
-            at = np.flatnonzero(block_of == b)
-            parts.append(self.blocks[b][rows[at] - self.offsets[b]])
-            order.append(at)
-        if len(parts) == 1:
-            return parts[0]
-        stacked = sp.vstack(parts, format="csr")
-        # rows come back grouped by block: put them in the order asked for
-        return stacked[np.argsort(np.concatenate(order), kind="stable")]
+        return gather_rows(rows, self.shape[0], self.offsets[:-1], lambda index: self.blocks[index])
+
+    def row_blocks(self) -> Iterator[sp.csr_matrix]:
+        yield from self.blocks
 
 
-def stack_rows(*blocks: sp.csr_matrix):
+def stack_rows(*blocks: Matrix) -> Matrix:
     """One matrix-like of the blocks' rows in order (a plain CSR when there is a single block)."""
     flat = [b for block in blocks for b in (block.blocks if isinstance(block, StackedRows) else [block])]
     return flat[0] if len(flat) == 1 else StackedRows(flat)

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from ..data.batches import batch_tensor, chunks
+from ..data.matrix import Matrix
 from .device import Precision, flush_denormals
 
 
@@ -24,7 +24,7 @@ class Outputs:
 
 @torch.no_grad()
 @flush_denormals()
-def forward_rows(model: torch.nn.Module, X: sp.csr_matrix, rows: Optional[np.ndarray], device: torch.device,
+def forward_rows(model: torch.nn.Module, X: Matrix, rows: Optional[np.ndarray], device: torch.device,
                  *, chunk_size: int = 2048, covariates: Optional[np.ndarray] = None,
                  with_embedding: bool = False, domain: int = 0) -> Outputs:
     """Logits (and embeddings) of ``rows`` of X in eval mode; the model's mode is restored after.

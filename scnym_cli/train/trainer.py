@@ -20,13 +20,13 @@ from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
 from ..errors import ScnymError
 from ..data.batches import EpochSampler, batch_tensor
 from ..data.disk import BlockShuffleSampler, DiskMatrix
+from ..data.matrix import Matrix
 from ..data.splits import Split
 from ..nn.classifier import TARGET
 from .device import Precision, flush_denormals, seeded_rng
@@ -90,7 +90,7 @@ class TrainingData:
         Domain code of every row (for the domain adversary).
     """
 
-    X: sp.csr_matrix
+    X: Matrix
     codes: np.ndarray
     split: Split
     n_classes: int

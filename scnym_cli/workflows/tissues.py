@@ -56,7 +56,7 @@ def one_hot(groups: np.ndarray, categories: tuple[str, ...], value: float = 1.0)
 def typical_expression(X) -> float:
     """Median non-zero ln(CPM+1) value: the one-hot is put on the scale of the expression inputs, so
     that optimizers with per-weight step sizes (adadelta) move tissue weights as fast as gene weights."""
-    from ..data.disk import row_blocks
+    from ..data.matrix import row_blocks
 
     values = next(row_blocks(X)).data[: 1_000_000]
     return float(np.median(values)) if values.size else 1.0

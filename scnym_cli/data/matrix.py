@@ -1,0 +1,78 @@
+"""What scnym trains and predicts on: cells x genes that answer a selection of rows with CSR.
+
+Three kinds implement it: a scipy CSR matrix (data in memory), :class:`~.stacked.StackedRows` (reference
+and target CSR matrices stacked without a copy) and :class:`~.disk.DiskMatrix` (h5ad files read a block at a
+time). Batching, evaluation, prediction and fingerprints use only what :class:`RowMatrix` declares; only a
+sampler that must keep reads local asks whether the rows live on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, Iterator, Protocol, Union, runtime_checkable
+
+import numpy as np
+import scipy.sparse as sp
+
+
+@runtime_checkable
+class RowMatrix(Protocol):
+    """A matrix held in consecutive row blocks."""
+
+    shape: tuple[int, int]
+
+    def __getitem__(self, rows) -> sp.csr_matrix:
+        """The rows asked for (indices or a slice), in that order, as CSR."""
+
+    def row_blocks(self) -> Iterator[sp.csr_matrix]:
+        """Every row, block after block, in row order."""
+
+
+#: what the readers produce and the trainer consumes
+Matrix = Union[sp.csr_matrix, RowMatrix]
+
+
+def gather_rows(rows, n_rows: int, block_starts: np.ndarray, block: Callable[[int], sp.csr_matrix]
+                ) -> sp.csr_matrix:
+    """``rows`` of a matrix made of row blocks (block i starts at global row ``block_starts[i]``), each block
+    read once, the result in the order the rows were asked for."""
+    if isinstance(rows, slice):
+        rows = np.arange(*rows.indices(n_rows))
+    rows = np.asarray(rows, dtype=np.int64)
+    which = np.searchsorted(block_starts, rows, side="right") - 1
+    parts, order = [], []
+    for index in np.unique(which):
+        at = np.flatnonzero(which == index)
+        parts.append(block(int(index))[rows[at] - block_starts[index]])
+        order.append(at)
+    if len(parts) == 1:
+        return parts[0]
+    stacked = sp.vstack(parts, format="csr")
+    # rows come back grouped by block: put them in the order asked for
+    return stacked[np.argsort(np.concatenate(order), kind="stable")]
+
+
+def row_blocks(X: Matrix) -> Iterator[sp.csr_matrix]:
+    """Consecutive row blocks of any kind of matrix (a CSR matrix is one block)."""
+    if isinstance(X, sp.spmatrix) or isinstance(X, getattr(sp, "sparray", ())):
+        yield X
+    else:
+        yield from X.row_blocks()
+
+
+def dense_rows(X: Matrix, rows: np.ndarray) -> np.ndarray:
+    """Rows of X as a dense float32 array; only these rows are ever densified.
+
+    scipy gathers the rows in compiled code (one vectorized call, no per-cell Python).
+    """
+    return X[rows].toarray().astype(np.float32, copy=False)
+
+
+def content_digest(X: Matrix) -> str:
+    """sha256 of the matrix's content, the same however its rows are split into blocks."""
+    lengths, indices, values = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+    for block in row_blocks(X):
+        lengths.update(np.diff(block.indptr).astype(np.int64).view(np.uint8))
+        indices.update(np.ascontiguousarray(block.indices, dtype=np.int32).view(np.uint8))
+        values.update(np.ascontiguousarray(block.data, dtype=np.float32).view(np.uint8))
+    return hashlib.sha256("".join(h.hexdigest() for h in (lengths, indices, values)).encode()).hexdigest()

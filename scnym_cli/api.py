@@ -27,7 +27,7 @@ from .store import load_model
 from .train.conformal import true_class_in_set
 from .train.device import thread_count_restored
 from .workflows.inputs import load_cells, load_training_inputs
-from .workflows.predict import Predictor, annotate, open_query, predict_in_memory
+from .workflows.predictor import Predictor, annotate, open_query, predict_in_memory
 from .workflows.runtime import setup_runtime
 from .workflows.train import run_training
 

@@ -1,0 +1,345 @@
+"""The prediction core shared by the command line and the Python API: a :class:`Predictor` loads a model (or a
+run's ensemble, or a tissue-specific run's routed models), aligns each query block to the model's genes and
+predicts it; :func:`iterate_predictions` streams a query block by block; :func:`predict_in_memory` gathers
+every block for the API, and :func:`annotate` writes the results into an AnnData.
+
+What the command writes to files is workflows/predict.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..config import Config
+from ..data import UNKNOWN, read_expression
+from ..data.genes import GeneOverlap, reindex_columns, require_overlap, translate_for_model
+from ..data.labels import join_metadata
+from ..data.normalize import normalize
+from ..data.stream import CellChunks, H5adChunks, InMemoryChunks, ShardedH5adChunks
+from ..errors import ScnymError
+from ..report import predictions_table
+from ..train.conformal import DomainWeights, prediction_sets, set_labels
+from .ensemble import Ensemble
+from .tissues import covariates_for, read_groups, routing_of
+
+log = logging.getLogger(__name__)
+
+# query cells a domain classifier is fit on for weighted sets (a random draw), and the fewest it needs
+SHIFT_QUERY_CELLS = 2000
+MIN_SHIFT_QUERY_CELLS = 20
+
+
+@dataclass
+class ChunkResult:
+    probabilities: np.ndarray       # cells x classes (calibrated)
+    logits: np.ndarray              # cells x classes (NaN for classes a routed model lacks)
+    labels: np.ndarray              # predicted class names ('Unknown' below the threshold)
+    confidence: np.ndarray
+    embedding: Optional[np.ndarray]
+    novelty: Optional[np.ndarray] = None  # distance to the nearest reference cells (None: a model has no reference)
+    disagreement: Optional[np.ndarray] = None  # share of an ensemble's models calling another class (None: one model)
+    sets: Optional[np.ndarray] = None     # cells x classes, True in the cell's conformal set (None: no --coverage)
+
+    def extra_columns(self, classes: list[str]) -> dict[str, np.ndarray]:
+        """The per-cell columns after confidence that this prediction has: novelty, disagreement (an ensemble),
+        prediction_set (classes joined by '|') and set_size (with --coverage)."""
+        columns = {name: value for name, value in (("novelty", self.novelty), ("disagreement", self.disagreement))
+                   if value is not None}
+        if self.sets is not None:
+            columns.update(prediction_set=set_labels(self.sets, classes), set_size=self.sets.sum(axis=1))
+        return columns
+
+
+class Predictor:
+    """A model, or a tissue-specific run's models, ready to predict blocks of one dataset.
+
+    Call :meth:`prepare` once with the dataset's genes and metadata (gene overlap is checked,
+    tissue groups and covariates are resolved), then :meth:`predict` per block.
+    """
+
+    def __init__(self, model_path: Path, config: Config, device):
+        self.config, self.device = config, device
+        self.routing = routing_of(model_path)
+        if self.routing:
+            self.column = self.routing["column"]
+            self.models = {g: Ensemble(Path(model_path) / d, config.ensemble, device)
+                           for g, d in self.routing["models"].items()}
+            self.classes = sorted(set().union(*(m.classes for m in self.models.values())))
+        else:
+            self.column = None
+            self.models = {None: Ensemble(model_path, config.ensemble, device)}
+            self.classes = list(self.models[None].classes)
+        single = None if self.routing else self.models[None]
+        self.description = str(single.directory if single and len(single.members) == 1 else model_path)
+        self.scores_novelty = all(m.novelty is not None for m in self.models.values())
+        self.has_disagreement = all(len(m.members) > 1 for m in self.models.values())
+        if config.unknown_rate is not None and not self.scores_novelty:
+            old = [str(m.directory) for m in self.models.values() if m.novelty is None]
+            raise ScnymError(f"--unknown_rate needs a model with a novelty reference, and {old[0]} was trained "
+                             "without one (an older scnym): retrain it, or use --unknown_threshold")
+        # each model's novelty above which a cell is Unknown (none: no --unknown_rate)
+        self.unknown_above = {g: m.novelty.threshold(config.unknown_rate) for g, m in self.models.items()} \
+            if config.unknown_rate is not None else None
+        # each model's conformal score threshold per class (none: no --coverage)
+        self.set_thresholds = self.shift = self.domain_weights = None
+        if config.coverage is not None:
+            old = [str(m.directory) for m in self.models.values() if m.calibration is None]
+            if old:
+                raise ScnymError(f"--coverage needs a model with a conformal calibration set, and {old[0]} was "
+                                 "trained without one (an older scnym): retrain it")
+            self.set_thresholds = {g: m.calibration.thresholds(config.coverage, config.coverage_per_class)
+                                   for g, m in self.models.items()}
+            # weighted sets: each model's calibration sample; the domain classifiers come with the query
+            self.shift = {g: m.shift_reference() for g, m in self.models.items()} if config.weighted_sets else None
+            for m in self.models.values():
+                too_few = m.calibration.too_few(config.coverage)
+                if config.coverage_per_class and len(too_few):
+                    log.warning("%s: %d classes have too few calibration cells to be ruled out at coverage %g and "
+                                "are in every set: %s", m.path, len(too_few), config.coverage,
+                                ", ".join(m.classes[c] for c in too_few[:5]))
+
+    def describe(self) -> dict:
+        """What predicted (for the summary): the models, their temperatures, the prediction sets' calibration."""
+        described: dict = {"ensemble": self.config.ensemble}
+        for group, model in self.models.items():
+            entry = {"models": model.names, "temperature": {m.directory.name: m.temperature for m in model.members}}
+            if self.set_thresholds is not None:
+                entry["calibration"] = {"cells": model.calibration_source, "n_cells": len(model.calibration)}
+                domain = (self.domain_weights or {}).get(group)
+                if domain is not None:
+                    w = domain.calibration_weights
+                    # how many calibration cells the weighting leaves in effect (few: sets near-full)
+                    entry["calibration"]["weighted"] = {"n_cells": int(len(w)),
+                                                        "effective_cells": float(w.sum() ** 2 / (w ** 2).sum())}
+            if group is None:
+                described.update(entry)
+            else:
+                described.setdefault("per_group", {})[str(group)] = entry
+        if self.set_thresholds is not None:
+            described.update(coverage=self.config.coverage, coverage_per_class=self.config.coverage_per_class,
+                             weighted_sets=self.config.weighted_sets)
+        return described
+
+    @property
+    def model_genes(self) -> list[str]:
+        """The genes of the model(s), in the naming a query's genes are translated to."""
+        return list(dict.fromkeys(g for m in self.models.values() for g in m.genes))
+
+    @property
+    def single(self) -> Optional[Ensemble]:
+        return None if self.routing else self.models[None]
+
+    def prepare(self, genes: pd.Index, obs: pd.DataFrame, source: str) -> GeneOverlap:
+        self.genes = pd.Index(genes)
+        overlaps = {g: require_overlap(self.genes, m.genes, min_overlap=self.config.min_gene_overlap, what="query",
+                                       source=source) for g, m in self.models.items()}
+        self.groups = None
+        if self.routing:
+            groups = read_groups(obs, self.column, source)
+            unseen = ~pd.Index(groups).isin(list(self.models))
+            if unseen.any():
+                names = ", ".join(sorted(set(groups[unseen]))[:5])
+                raise ScnymError(
+                    f"{int(unseen.sum())} query cells belong to {self.column!r} groups without a model ({names}); "
+                    f"models exist for {', '.join(self.models)}: remove those cells or predict them with a "
+                    "tissue-independent model")
+            self.groups = groups
+        self.covariates = {g: covariates_for(m.manifest, obs, source) for g, m in self.models.items()}
+        return next(iter(overlaps.values()))
+
+    def fit_shift(self, source: CellChunks) -> None:
+        """Weighted sets (a first pass over the query): each model's embedding of a random sample of the query's
+        cells, and a domain classifier of those against the model's calibration sample."""
+        config = self.config
+        rng = np.random.default_rng(config.seed)
+        sample = np.sort(rng.choice(source.n_cells, size=min(SHIFT_QUERY_CELLS, source.n_cells), replace=False))
+        embedded: dict = {group: [] for group in self.models}
+        for rows, block in source.chunks(config.prediction_chunk_size):
+            local = sample[(sample >= rows.start) & (sample < rows.stop)] - rows.start
+            if len(local) == 0:
+                continue
+            X, _ = normalize(block[local], config.input_normalization, source=source.source, copy=True,
+                             announce=False)
+            for group, model in self.models.items():
+                mine = np.arange(len(local)) if group is None else np.flatnonzero(self.groups[rows][local] == group)
+                if len(mine) == 0:
+                    continue
+                model_genes = pd.Index(model.genes)
+                part = X[mine]
+                aligned = part if self.genes.equals(model_genes) else reindex_columns(part, self.genes, model_genes)
+                covariates = self.covariates[group]
+                if covariates is not None:
+                    covariates = covariates[rows][local][mine]
+                embedded[group].append(model.embed(aligned, self.device, chunk_size=config.prediction_chunk_size,
+                                                   covariates=covariates))
+        self.domain_weights = {}
+        for group, parts in embedded.items():
+            query = np.concatenate(parts) if parts else np.zeros((0, 1))
+            if len(query) < MIN_SHIFT_QUERY_CELLS:
+                log.warning("%s: %d query cells are too few to weigh calibration cells by their likeness; its sets "
+                            "are unweighted", self.models[group].path, len(query))
+                self.domain_weights[group] = None
+                continue
+            _, reference = self.shift[group]
+            self.domain_weights[group] = DomainWeights.fit(reference, query, config.seed)
+
+    def predict(self, rows: slice, X: sp.csr_matrix, with_embedding: bool) -> ChunkResult:
+        """Predict the cells ``rows`` of the dataset, given as ``X`` (ln(CPM+1) over the dataset's genes)."""
+        n = X.shape[0]
+        probabilities = np.zeros((n, len(self.classes)), dtype=np.float32)
+        logits = np.full((n, len(self.classes)), np.nan, dtype=np.float32)
+        embedding = None
+        novelty = np.full(n, np.nan, dtype=np.float32) if self.scores_novelty else None
+        disagreement = np.full(n, np.nan, dtype=np.float32) if self.has_disagreement else None
+        sets = np.zeros((n, len(self.classes)), dtype=bool) if self.set_thresholds is not None else None
+        unknown = np.zeros(n, dtype=bool)
+        for group, model in self.models.items():
+            local = np.arange(n) if group is None else np.flatnonzero(self.groups[rows] == group)
+            part = X if group is None else X[local]   # a single model reads the block itself, uncopied
+            if part.shape[0] == 0:
+                continue
+            model_genes = pd.Index(model.genes)
+            aligned = part if self.genes.equals(model_genes) else reindex_columns(part, self.genes, model_genes)
+            covariates = self.covariates[group]
+            if covariates is not None:
+                covariates = covariates[rows][local]
+            weighted = self.shift is not None and self.domain_weights.get(group) is not None
+            outputs = model.predict(aligned, self.device, chunk_size=self.config.prediction_chunk_size,
+                                    covariates=covariates,
+                                    with_embedding=with_embedding or novelty is not None or weighted)
+            if novelty is not None:
+                novelty[local] = model.novelty.score(outputs.embedding)
+                if self.unknown_above is not None:
+                    unknown[local] = novelty[local] > self.unknown_above[group]
+            if disagreement is not None:
+                disagreement[local] = outputs.disagreement
+            columns = pd.Index(self.classes).get_indexer(model.classes)
+            probabilities[np.ix_(local, columns)] = outputs.probabilities
+            logits[np.ix_(local, columns)] = outputs.logits
+            if sets is not None:
+                thresholds = self.set_thresholds[group]
+                if weighted:   # each cell's own thresholds, from calibration cells weighted by its likeness
+                    calibration, _ = self.shift[group]
+                    domain = self.domain_weights[group]
+                    thresholds = calibration.weighted_thresholds(
+                        domain.calibration_weights, domain.weights(outputs.embedding), self.config.coverage,
+                        self.config.coverage_per_class)
+                sets[np.ix_(local, columns)] = prediction_sets(outputs.probabilities, thresholds)
+            if with_embedding:
+                if embedding is None:
+                    embedding = np.zeros((n, outputs.embedding.shape[1]), dtype=np.float32)
+                embedding[local] = outputs.embedding
+        confidence = probabilities.max(axis=1)
+        labels = np.asarray(self.classes, dtype=object)[probabilities.argmax(axis=1)]
+        if self.config.unknown_threshold > 0:
+            labels = np.where(confidence < self.config.unknown_threshold, UNKNOWN, labels)
+        labels = np.where(unknown, UNKNOWN, labels)
+        return ChunkResult(probabilities, logits, labels, confidence, embedding if with_embedding else None, novelty,
+                           disagreement, sets)
+
+
+def open_query(config: Config, path: Path, adata=None) -> CellChunks:
+    """The query as raw blocks: streamed from an h5ad file, else read into memory (or the given AnnData)."""
+    if adata is not None:
+        from ..data import cells_from_anndata
+
+        cells = cells_from_anndata(adata, gene_column=config.gene_column, layer=config.input_layer, source=str(path))
+        source: CellChunks = InMemoryChunks(cells)
+    elif str(path).lower().endswith(".h5ad"):
+        source = H5adChunks(path, layer=config.input_layer, gene_column=config.gene_column)
+    elif Path(path).is_dir() and any(p.name.lower().endswith(".h5ad") for p in Path(path).iterdir()):
+        source = ShardedH5adChunks(path, layer=config.input_layer, gene_column=config.gene_column)
+    else:
+        source = InMemoryChunks(read_expression(path, gene_names_file=config.input_gene_names,
+                                                gene_column=config.gene_column, layer=config.input_layer))
+    if config.training_metadata is not None:
+        obs = join_metadata(source.obs, config.training_metadata, source.source)
+        if isinstance(source, InMemoryChunks):
+            source = InMemoryChunks(source.cells.with_(obs=obs))
+        else:
+            source.obs = obs
+    return source
+
+
+def query_genes(config: Config, source: CellChunks, model_genes: Sequence[str]) -> pd.Index:
+    """The query's gene names, translated through --gene_map or --gene_species when given."""
+    return translate_for_model(pd.Index(source.genes), model_genes, gene_map=config.gene_map,
+                               gene_species=config.gene_species, what=source.source)
+
+
+def iterate_predictions(predictor: Predictor, source: CellChunks, config: Config, *, with_embedding: bool
+                        ) -> Iterator[tuple[slice, ChunkResult, str]]:
+    """(rows, result, normalization kind) block by block: normalize over the query's genes, then predict."""
+    kind = config.input_normalization
+    empty = 0
+    for index, (rows, block) in enumerate(source.chunks(config.prediction_chunk_size)):
+        X, found = normalize(block, kind, source=source.source, copy=False, announce=index == 0)
+        kind = found  # decided on the first block, applied to all (NaN / negative checks run on every block)
+        empty += int((np.diff(X.indptr) == 0).sum())
+        yield rows, predictor.predict(rows, X, with_embedding), found
+    if empty:
+        log.warning("%s: %d cells have no expression at all; their predictions are meaningless", source.source, empty)
+
+
+
+# ---------------------------------------------------------------------- in memory (Python API)
+@dataclass
+class Predictions:
+    """Per-cell results on one dataset, in its cell order (the Python API keeps them in memory)."""
+
+    cell_ids: pd.Index
+    labels: np.ndarray
+    confidence: np.ndarray
+    probabilities: np.ndarray
+    logits: np.ndarray
+    embedding: Optional[np.ndarray]
+    classes: list[str]
+    overlap: GeneOverlap
+    extra: dict[str, np.ndarray]          # novelty, disagreement, prediction_set, set_size: those predicted
+    sets: Optional[np.ndarray] = None     # cells x classes (with --coverage)
+
+    def table(self) -> pd.DataFrame:
+        """cell_id, predicted_label, confidence, [novelty, disagreement, prediction_set, set_size,] prob_<class>..."""
+        return predictions_table(self.cell_ids, self.labels, self.confidence, self.probabilities, self.classes,
+                                 extra=self.extra)
+
+
+def predict_in_memory(predictor: Predictor, source: CellChunks, config: Config) -> Predictions:
+    """Every block's results gathered into arrays."""
+    overlap = predictor.prepare(query_genes(config, source, predictor.model_genes), source.obs, source.source)
+    if predictor.shift is not None:
+        predictor.fit_shift(source)
+    parts = [result for _, result, _ in iterate_predictions(predictor, source, config, with_embedding=True)]
+    classes = list(predictor.classes)
+
+    def stack(name):
+        return np.concatenate([getattr(p, name) for p in parts]) if parts else np.zeros((0, len(classes)))
+
+    columns = [p.extra_columns(classes) for p in parts]
+    extra = {name: np.concatenate([c[name] for c in columns]) for name in (columns[0] if columns else {})}
+    return Predictions(source.obs.index, stack("labels"), stack("confidence"), stack("probabilities"),
+                       stack("logits"), stack("embedding"), classes, overlap, extra,
+                       stack("sets") if predictor.set_thresholds is not None else None)
+
+
+def obs_fields(key: str, labels: np.ndarray, confidence: np.ndarray, extra: dict[str, np.ndarray]) -> dict:
+    """The obs columns of predictions: ``key`` (categorical), ``key_confidence`` and ``key_<name>`` of each
+    extra column (novelty, disagreement, prediction_set, set_size)."""
+    return {key: pd.Categorical(labels), f"{key}_confidence": confidence,
+            **{f"{key}_{name}": values for name, values in extra.items()}}
+
+
+def annotate(adata, *, key: str, predictions: Predictions) -> None:
+    """Write predictions into an AnnData (in place), scanpy style."""
+    for name, values in obs_fields(key, predictions.labels, predictions.confidence, predictions.extra).items():
+        adata.obs[name] = values
+    adata.obsm[f"{key}_probabilities"] = predictions.probabilities.astype(np.float32)
+    adata.obsm["X_scnym"] = predictions.embedding.astype(np.float32)
+    adata.uns[f"{key}_classes"] = list(predictions.classes)

@@ -312,7 +312,7 @@ def scnym_interpret(
     highest first) and the per-cell attributions (target cells x genes).
     """
     from .workflows.markers import explain_class
-    from .workflows.tissues import covariates_for
+    from .store import covariates_for
 
     if trained_model is None:
         raise ScnymError("scnym_interpret needs trained_model: a model path or a pretrained model name")

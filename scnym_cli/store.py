@@ -11,20 +11,26 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .data.labels import one_hot, read_groups
 from .errors import ScnymError
 from .nn import CellTypeClassifier
 from .train.conformal import ConformalCalibration
 from .train.novelty import NoveltyReference
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "00_best_model_weights.safetensors"
@@ -192,3 +198,35 @@ def _checked_file(manifest: dict, key: str, manifest_path: Path) -> Optional[Pat
         raise ScnymError(f"{path} does not match the checksum in {manifest_path}; the file is damaged or from "
                          "another model")
     return path
+
+
+# ---------------------------------------------------------------------- what a model needs beside its weights
+# a tissue-specific run's table: upper group -> the model directory of its cells
+ROUTING_FILE = "tissue_specific.json"
+
+
+def covariates_for(manifest: dict, obs: pd.DataFrame, source: str) -> Optional[np.ndarray]:
+    """The one-hot a tissue-dependent model needs for the cells of ``obs`` (None for other models).
+
+    Groups the model never saw get an all-zero one-hot, with a warning that counts them.
+    """
+    spec = manifest.get("covariates")
+    if not spec:
+        return None
+    column, categories, scale = spec["column"], tuple(spec["categories"]), float(spec.get("scale", 1.0))
+    if column not in obs.columns:
+        raise ScnymError(f"this model is tissue-dependent and needs the query's {column!r} column (in the h5ad obs, "
+                         f"loom column attributes or --training_metadata); {source} has none")
+    groups = read_groups(obs, column, source)
+    unseen = ~pd.Index(groups).isin(categories)
+    if unseen.any():
+        names = ", ".join(sorted(set(groups[unseen]))[:5])
+        log.warning("%d query cells belong to %r groups the model never saw (%s): they get no tissue one-hot and "
+                    "their predictions rest on expression alone", int(unseen.sum()), column, names)
+    return one_hot(groups, categories, scale)
+
+
+def routing_of(model_path: Path) -> Optional[dict]:
+    """The routing table of a tissue-specific run directory, or None for any other model path."""
+    path = Path(model_path) / ROUTING_FILE
+    return json.loads(path.read_text()) if Path(model_path).is_dir() and path.is_file() else None

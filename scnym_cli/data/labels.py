@@ -117,3 +117,20 @@ class LabelEncoding:
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         return np.asarray(self.classes, dtype=object)[codes]
+
+
+def read_groups(obs: pd.DataFrame, column: str, source: str) -> np.ndarray:
+    """The upper group of every cell as strings; a missing column or missing values are errors."""
+    values = require_column(obs, column, "--upper_group", source)
+    require_values(values, column, "--upper_group", source,
+                   "give every cell a group (target cells from --unlabeled_counts too)")
+    return values.astype(str).to_numpy()
+
+
+def one_hot(groups: np.ndarray, categories: tuple[str, ...], value: float = 1.0) -> np.ndarray:
+    """float32 one-hot (the hot entry is ``value``); groups not in ``categories`` get an all-zero row."""
+    positions = pd.Index(categories).get_indexer(groups)
+    encoded = np.zeros((len(groups), len(categories)), dtype=np.float32)
+    known = positions >= 0
+    encoded[np.flatnonzero(known), positions[known]] = value
+    return encoded

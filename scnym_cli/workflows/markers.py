@@ -30,10 +30,9 @@ from ..errors import ScnymError
 from ..interpret import expected_gradients, optimize_class_inputs, rank_optima
 from ..report import plot_marker_heatmap
 from ..staging import staged_directory
-from ..store import LoadedModel, load_model
+from ..store import LoadedModel, covariates_for, load_model, routing_of
 from .inputs import load_cells
 from .runtime import setup_runtime
-from .tissues import covariates_for, routing_of
 
 log = logging.getLogger(__name__)
 

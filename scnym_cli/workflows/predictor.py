@@ -20,14 +20,14 @@ import scipy.sparse as sp
 from ..config import Config
 from ..data import UNKNOWN, read_expression
 from ..data.genes import GeneOverlap, reindex_columns, require_overlap, translate_for_model
-from ..data.labels import join_metadata
+from ..data.labels import join_metadata, read_groups
 from ..data.normalize import normalize
 from ..data.stream import CellChunks, H5adChunks, InMemoryChunks, ShardedH5adChunks
 from ..errors import ScnymError
 from ..report import predictions_table
+from ..store import covariates_for, routing_of
 from ..train.conformal import DomainWeights, prediction_sets, set_labels
 from .ensemble import Ensemble
-from .tissues import covariates_for, read_groups, routing_of
 
 log = logging.getLogger(__name__)
 

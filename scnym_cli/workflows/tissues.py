@@ -14,7 +14,6 @@ import logging
 import re
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -23,34 +22,17 @@ import pandas as pd
 from .. import __version__
 from ..config import Config
 from ..data import UNLABELED, LabelEncoding
-from ..data.labels import require_column, require_values
+from ..data.labels import one_hot, read_groups
 from ..errors import ScnymError
 from ..staging import staged_directory
+from ..store import ROUTING_FILE
 from .inputs import TrainingInputs, load_training_inputs
 from .runtime import setup_runtime
 from .train import PROTECTED_OUTPUTS, RUN_MARKER, run_training, train_into
 
 log = logging.getLogger(__name__)
 
-ROUTING_FILE = "tissue_specific.json"
 TISSUES_DIR = "tissues"
-
-
-def read_groups(obs: pd.DataFrame, column: str, source: str) -> np.ndarray:
-    """The upper group of every cell as strings; a missing column or missing values are errors."""
-    values = require_column(obs, column, "--upper_group", source)
-    require_values(values, column, "--upper_group", source,
-                   "give every cell a group (target cells from --unlabeled_counts too)")
-    return values.astype(str).to_numpy()
-
-
-def one_hot(groups: np.ndarray, categories: tuple[str, ...], value: float = 1.0) -> np.ndarray:
-    """float32 one-hot (the hot entry is ``value``); groups not in ``categories`` get an all-zero row."""
-    positions = pd.Index(categories).get_indexer(groups)
-    encoded = np.zeros((len(groups), len(categories)), dtype=np.float32)
-    known = positions >= 0
-    encoded[np.flatnonzero(known), positions[known]] = value
-    return encoded
 
 
 def typical_expression(X) -> float:
@@ -79,27 +61,6 @@ def train_tissue_dependent(config: Config) -> dict:
     """One model conditioned on the upper group; same cross-validation and layout as tissue-independent."""
     return run_training(config, lambda: with_group_covariates(load_training_inputs(config), config.upper_group),
                         command="train_tissue_dependent")
-
-
-def covariates_for(manifest: dict, obs: pd.DataFrame, source: str) -> Optional[np.ndarray]:
-    """The one-hot a tissue-dependent model needs for the cells of ``obs`` (None for other models).
-
-    Groups the model never saw get an all-zero one-hot, with a warning that counts them.
-    """
-    spec = manifest.get("covariates")
-    if not spec:
-        return None
-    column, categories, scale = spec["column"], tuple(spec["categories"]), float(spec.get("scale", 1.0))
-    if column not in obs.columns:
-        raise ScnymError(f"this model is tissue-dependent and needs the query's {column!r} column (in the h5ad obs, "
-                         f"loom column attributes or --training_metadata); {source} has none")
-    groups = read_groups(obs, column, source)
-    unseen = ~pd.Index(groups).isin(categories)
-    if unseen.any():
-        names = ", ".join(sorted(set(groups[unseen]))[:5])
-        log.warning("%d query cells belong to %r groups the model never saw (%s): they get no tissue one-hot and "
-                    "their predictions rest on expression alone", int(unseen.sum()), column, names)
-    return one_hot(groups, categories, scale)
 
 
 # ---------------------------------------------------------------------- tissue-specific
@@ -180,9 +141,3 @@ def train_tissue_specific(config: Config) -> dict:
                    "seconds": round(time.perf_counter() - started, 2)}
         (stage / RUN_MARKER).write_text(json.dumps(summary, indent=1))
     return summary
-
-
-def routing_of(model_path: Path) -> Optional[dict]:
-    """The routing table of a tissue-specific run directory, or None for any other model path."""
-    path = Path(model_path) / ROUTING_FILE
-    return json.loads(path.read_text()) if Path(model_path).is_dir() and path.is_file() else None

@@ -8,10 +8,10 @@ error that suggests the closest valid key.
 The keys are declared in config/keys.py, built and checked in config/build.py.
 """
 
-from .build import (PRESETS, ConfigLayer, build_config, load_config, parse_bool, read_config_file, render_key_value,
-                    render_markdown_table, suggest_key)
+from .build import (PRESETS, Config, ConfigLayer, build_config, load_config, parse_bool, read_config_file,
+                    render_key_value, render_markdown_table, suggest_key)
 from .keys import (ALL_COMMANDS, COLLECT_COMMANDS, CONFIG_KEYS, MARKER_COMMANDS, PREDICT_COMMANDS, SECTIONS,
-                   TRAIN_COMMANDS, Config, describe, keys_for)
+                   TRAIN_COMMANDS, describe, keys_for)
 
 __all__ = ["ALL_COMMANDS", "COLLECT_COMMANDS", "CONFIG_KEYS", "MARKER_COMMANDS", "PREDICT_COMMANDS", "PRESETS",
            "SECTIONS", "TRAIN_COMMANDS", "Config", "ConfigLayer", "build_config", "describe", "keys_for",

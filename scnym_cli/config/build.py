@@ -4,6 +4,7 @@ config back out (default_config.txt, the README's table)."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import re
@@ -16,7 +17,21 @@ import yaml
 
 from ..errors import ScnymError
 from .keys import (_FIELDS, _HINTS, ALL_COMMANDS, CONFIG_KEYS, COLLECT_COMMANDS, PREDICT_COMMANDS, SECTIONS,
-                   TRAIN_COMMANDS, Config, _type_name, _unwrap_optional, describe, keys_for)
+                   TRAIN_COMMANDS, ConfigKeys, _type_name, _unwrap_optional, describe, keys_for)
+
+@dataclass(frozen=True)
+class Config(ConfigKeys):
+    """The effective configuration of a run: every key (config/keys.py), built and validated once
+    (:func:`build_config`), then passed down read-only."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (paths as strings)."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> "Config":
+        """A validated copy with some values changed (the original is never mutated)."""
+        return build_config([ConfigLayer("code", changes)], base=self)
+
 
 # ---------------------------------------------------------------------- reading files
 @dataclass(frozen=True)

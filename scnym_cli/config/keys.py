@@ -1,9 +1,9 @@
 """The config keys: every key of every command declared once (type, default, help, section, the commands that
-read it, its rules) as a field of the frozen :class:`Config`."""
+read it, its rules) as a field of the frozen :class:`ConfigKeys`; config/build.py makes it the :class:`Config`
+that can be built, copied and written."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union, get_args, get_origin, get_type_hints
@@ -56,7 +56,7 @@ _ALIGNS = PREDICT_COMMANDS | MARKER_COMMANDS
 
 
 @dataclass(frozen=True)
-class Config:
+class ConfigKeys:
     """Every option of every command. Field names are the config keys and the CLI flags."""
 
     # ---------------------------------------------------------------- Inputs
@@ -334,26 +334,15 @@ class Config:
         None, "CPU threads for torch (default: the CPUs this process may use, from its affinity mask and "
         "SLURM_CPUS_PER_TASK, at most 2: more do not speed up this model).", "Run", min=1)
 
-    # ----------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready values (paths as strings)."""
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
 
-    def replace(self, **changes: Any) -> "Config":
-        """A validated copy with some values changed (the original is never mutated)."""
-        from .build import ConfigLayer, build_config
-
-        return build_config([ConfigLayer("code", changes)], base=self)
-
-
-CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Config))
-_FIELDS = {f.name: f for f in fields(Config)}
-_HINTS = get_type_hints(Config)
+CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ConfigKeys))
+_FIELDS = {f.name: f for f in fields(ConfigKeys)}
+_HINTS = get_type_hints(ConfigKeys)
 
 
 def keys_for(command: str) -> list[str]:
     """Config keys a command uses, in declaration order."""
-    return [f.name for f in fields(Config) if command in f.metadata["commands"]]
+    return [f.name for f in fields(ConfigKeys) if command in f.metadata["commands"]]
 
 
 def describe(key: str) -> dict[str, Any]:

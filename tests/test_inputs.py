@@ -202,3 +202,39 @@ def test_row_scaling_in_value_blocks_matches_dense(monkeypatch):
     scaled = X.copy()
     module._scale_rows(scaled, factors)
     np.testing.assert_allclose(scaled.toarray(), X.toarray() * factors[:, None].astype(np.float32), rtol=1e-6)
+
+
+def test_one_normalization_policy_in_memory_from_disk_and_streamed(tmp_path, monkeypatch, runner):
+    """The kind is decided on a dataset's first cells however it is read; a file whose later cells are not
+    counts when its first are is refused on every path, not normalized as counts."""
+    import importlib
+
+    from conftest import FAST_FLAGS, assert_one_line_error, invoke, make_counts
+
+    for module in ("scnym_cli.data.normalize", "scnym_cli.workflows.inputs"):
+        monkeypatch.setattr(importlib.import_module(module), "DETECTION_ROWS", 50)
+    adata = make_counts(n_cells=160, seed=8)
+    X = sp.csr_matrix(adata.X, dtype=np.float32)
+    mixed = X.copy()
+    tail = mixed[100:].copy()
+    tail.data = np.log1p(tail.data)
+    mixed = sp.vstack([mixed[:100], tail], format="csr")
+    with pytest.raises(ScnymError, match="first 50 cells hold integer counts but later cells do not"):
+        normalize(mixed, "auto")
+    normalize(mixed[:100], "auto")                       # counts throughout: fine
+    normalize(mixed, "counts")                           # declared: the user says so
+    adata.X = mixed
+    path = write_h5ad(adata, tmp_path / "mixed.h5ad")
+    for backed in ("false", "true"):
+        result = invoke(runner, "train_tissue_independent", "--input_counts", path, "--lower_group", "cell_type",
+                        "--out_path", tmp_path / f"run_{backed}", "--backed", backed, *FAST_FLAGS)
+        assert_one_line_error(result, "hold integer counts but later cells do not")
+    clean = make_counts(n_cells=160, seed=8)
+    good = write_h5ad(clean, tmp_path / "clean.h5ad")
+    result = invoke(runner, "train_tissue_independent", "--input_counts", good, "--lower_group", "cell_type",
+                    "--out_path", tmp_path / "model", *FAST_FLAGS, "--n_folds", "0")
+    assert result.exit_code == 0, result.output
+    result = invoke(runner, "predict_cell_types", "--model_path", tmp_path / "model", "--input_counts", path,
+                    "--out_path", tmp_path / "predicted", "--prediction_chunk_size", "30")
+    assert_one_line_error(result, "hold integer counts but later cells do not")
+    assert not (tmp_path / "predicted").exists()

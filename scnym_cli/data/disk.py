@@ -31,8 +31,9 @@ class DiskPart:
 
     reader: H5adChunks
     source_genes: pd.Index          # the file's genes (after any --gene_map)
-    kind: str                       # normalization, decided on the file's first block
+    kind: str                       # normalization, decided on the file's first cells
     offset: int                     # first global row
+    mode: str = "auto"              # --input_normalization, as given (every block is checked against it)
 
 
 class DiskMatrix:
@@ -65,7 +66,7 @@ class DiskMatrix:
         part_index, start, stop = self.block_bounds[index]
         part = self.parts[part_index]
         raw = part.reader.read(start - part.offset, stop - part.offset)
-        X, _ = normalize(raw, part.kind, source=part.reader.source, copy=False, announce=False)
+        X, _ = normalize(raw, part.mode, kind=part.kind, source=part.reader.source, copy=False, announce=False)
         if not part.source_genes.equals(self.genes):
             X = reindex_columns(X, part.source_genes, self.genes)
         self._cache[index] = X

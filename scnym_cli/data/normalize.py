@@ -5,12 +5,17 @@ Raw integer counts are normalized; log-normalized input at any per-cell target s
 to CPM; negative (scaled), NaN/infinite and linear
 (CPM/TPM without the log) values are refused with a message that says what to pass instead.
 All work is on the CSR ``data`` array, row block by row block, so memory stays bounded.
+
+One policy wherever data come from (a file read whole, a file trained on from disk, a query streamed in
+chunks): the kind of a dataset is decided on its first DETECTION_ROWS cells and applied to every cell; every
+value is checked (NaN, infinite, negative), and data found to be counts must be integers throughout (a file
+whose later cells are not is refused, not silently normalized as counts).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Literal, Optional
+from typing import Iterable, Literal, Optional
 
 import numpy as np
 import scipy.sparse as sp
@@ -29,27 +34,24 @@ BASES = {"log1p": np.e, "log2_1p": 2.0, "log10_1p": 10.0}
 # rows whose de-logged values sum to the same total within this relative spread were normalized
 # over exactly these genes with that log base
 CONSTANT_SUM_SPREAD = 1e-3
+# the cells a dataset's kind is decided on (the first ones, however the dataset is read)
+DETECTION_ROWS = 8192
+# of which this many are enough to tell the log base
+BASE_ROWS = 2000
 
 
-def detect_kind(X: sp.csr_matrix, source: str = "input", *, detect: bool = True) -> Optional[Kind]:
-    """Say whether stored values are raw counts or log-normalized; refuse anything else.
-
-    With ``detect=False`` only the refusals are checked (NaN, infinite, negative values) and None
-    is returned: for data whose kind was declared, or decided on an earlier block of the same file.
-    """
+def check_values(X: sp.csr_matrix, source: str = "input") -> None:
+    """Refuse values no normalization makes sense of: NaN, infinite, negative (scaled or centered data)."""
     values = X.data
     if values.size == 0:
-        return "counts" if detect else None
+        return
     n_nan = n_inf = 0
-    integers = detect
     for start in range(0, values.size, VALUE_BLOCK):  # bounded temporaries on atlas-sized data
         block = values[start:start + VALUE_BLOCK]
         finite = np.isfinite(block)
         if not finite.all():
             nan = int(np.isnan(block).sum())
             n_nan, n_inf = n_nan + nan, n_inf + int((~finite).sum()) - nan
-        elif integers:
-            integers = bool(np.all(np.mod(block, 1) == 0))
     if n_nan or n_inf:
         raise ScnymError(
             f"{source} has {n_nan} NaN and {n_inf} infinite values; remove or impute them before running scnym")
@@ -58,34 +60,67 @@ def detect_kind(X: sp.csr_matrix, source: str = "input", *, detect: bool = True)
         raise ScnymError(
             f"{source} has negative values (min {low:.3g}): it looks scaled or centered; give raw counts or "
             "log-normalized values instead (for h5ad: --input_layer raw or a counts layer)")
-    if not detect:
-        return None
+
+
+def detect_kind_of_blocks(blocks: Iterable[sp.csr_matrix], source: str = "input") -> Kind:
+    """Raw counts or log-normalized (and which log base), from the first DETECTION_ROWS cells of consecutive
+    row blocks (a whole matrix is one block; a stream reads only those cells, a chunk at a time); refuse
+    anything else."""
+    integers, high, seen = True, -np.inf, 0
+    totals: dict[str, list[np.ndarray]] = {kind: [] for kind in BASES}   # of the first BASE_ROWS cells
+    for block in blocks:
+        block = block[:DETECTION_ROWS - seen]
+        check_values(block, source)
+        block_integers = _all_integers(block.data)
+        if block.nnz:
+            integers = integers and block_integers
+            high = max(high, float(block.data.max()))
+        if seen < BASE_ROWS and not block_integers:  # counts need no log base
+            for kind, sums in _totals_by_base(block[:BASE_ROWS - seen]).items():
+                totals[kind].append(sums)
+        seen += block.shape[0]
+        if seen >= DETECTION_ROWS:
+            break
     if integers:
         return "counts"
-    high = float(values.max())
     if high > MAX_LOG_VALUE:
         raise ScnymError(
             f"{source} has non-integer values up to {high:.3g}: it looks normalized but not log-transformed "
             "(CPM/TPM); give raw counts or log1p-transformed values")
-    return _detect_log_base(X, source)
+    return _log_base(totals, source)
 
 
-def _detect_log_base(X: sp.csr_matrix, source: str, n_rows: int = 2000) -> Kind:
+def detect_kind(X: sp.csr_matrix, source: str = "input") -> Kind:
+    """The kind of X from its first DETECTION_ROWS cells (see :func:`detect_kind_of_blocks`)."""
+    return detect_kind_of_blocks([X], source)
+
+
+def _all_integers(values: np.ndarray) -> bool:
+    return all(bool(np.all(np.mod(values[start:start + VALUE_BLOCK], 1) == 0))
+               for start in range(0, values.size, VALUE_BLOCK))
+
+
+def _totals_by_base(rows: sp.csr_matrix) -> dict[str, np.ndarray]:
+    """Per non-empty row, the sum of base^x - 1 for each candidate log base."""
+    rows = rows[np.diff(rows.indptr) > 0]
+    return {kind: np.asarray(sp.csr_matrix((np.power(base, rows.data.astype(np.float64)) - 1.0, rows.indices,
+                                            rows.indptr), shape=rows.shape).sum(axis=1)).ravel()
+            for kind, base in BASES.items()}
+
+
+def _log_base(totals: dict[str, list[np.ndarray]], source: str) -> Kind:
     """Natural, base-2 or base-10 log: the base under which every cell sums to one target total.
 
     When no base gives constant totals (the genes are a subset of those normalized over), the
     base cannot be told from the data: natural log is assumed (scanpy's log1p) and said.
     """
-    rows = X[: min(n_rows, X.shape[0])]
-    rows = rows[np.diff(rows.indptr) > 0]
-    for kind, base in BASES.items():
-        totals = np.asarray(sp.csr_matrix((np.power(base, rows.data.astype(np.float64)) - 1.0, rows.indices,
-                                           rows.indptr), shape=rows.shape).sum(axis=1)).ravel()
-        if len(totals) > 1 and totals.std() <= CONSTANT_SUM_SPREAD * totals.mean():
+    for kind in BASES:
+        sums = np.concatenate(totals[kind]) if totals[kind] else np.zeros(0)
+        if len(sums) > 1 and sums.std() <= CONSTANT_SUM_SPREAD * sums.mean():
             if kind != "log1p":
                 log.info("%s: values are %s(x + 1) of data normalized to %.4g per cell", source,
-                         {"log2_1p": "log2", "log10_1p": "log10"}[kind], totals.mean())
-            return kind
+                         {"log2_1p": "log2", "log10_1p": "log10"}[kind], sums.mean())
+            return kind  # type: ignore[return-value]
     log.info("%s: log-normalized values over a gene subset; the log base cannot be checked, natural log "
              "(log1p) is assumed (set --input_normalization log2_1p for log2 data)", source)
     return "log1p"
@@ -124,8 +159,25 @@ def to_log1p_cpm(X: sp.csr_matrix, kind: Kind, *, copy: bool = True) -> sp.csr_m
     return X
 
 
+def decide_kind(blocks: Iterable[sp.csr_matrix], mode: str = "auto", *, source: str = "input",
+                announce: bool = True) -> str:
+    """The kind of a dataset from its first cells (the first DETECTION_ROWS of consecutive row ``blocks``, or of
+    one matrix): detected for ``auto``, else as declared (with a warning when declared log-normalized data
+    look like counts)."""
+    if isinstance(blocks, sp.spmatrix):
+        blocks = [blocks]
+    if mode not in ("auto", *BASES):
+        return mode
+    detected = detect_kind_of_blocks(blocks, source)
+    if mode == "auto":
+        return detected
+    if announce and detected == "counts":
+        log.warning("%s: --input_normalization %s was given but the values are integers", source, mode)
+    return mode
+
+
 def normalize(X: sp.csr_matrix, mode: str = "auto", *, source: str = "input", copy: bool = True,
-              announce: bool = True) -> tuple[sp.csr_matrix, str]:
+              announce: bool = True, kind: Optional[str] = None) -> tuple[sp.csr_matrix, str]:
     """Bring X to ln(CPM + 1) according to ``input_normalization``.
 
     Parameters
@@ -138,17 +190,23 @@ def normalize(X: sp.csr_matrix, mode: str = "auto", *, source: str = "input", co
         used unchanged).
     announce
         Log what was found (off for the 2nd.. chunk of a stream, which reports totals itself).
+    kind
+        The dataset's kind, decided already on its first cells (:func:`decide_kind`; the later chunks of a
+        stream, the blocks of a file read from disk); by default decided on the first cells of X.
 
     Returns
     -------
     The normalized matrix and the kind that was found or declared.
     """
-    # NaN / negative checks apply in every mode; the kind is only worked out when it is asked for
-    # (auto) or to warn about a declared log-normalization that looks like counts
-    detected = detect_kind(X, source, detect=mode == "auto" or (announce and mode in BASES))
-    kind = detected if mode == "auto" else mode
-    if announce and mode in BASES and detected == "counts" and X.nnz:
-        log.warning("%s: --input_normalization %s was given but the values are integers", source, mode)
+    if kind is None:
+        kind = decide_kind(X, mode, source=source, announce=announce)
+    # NaN / infinite / negative values are refused in every mode, and counts found by detection must be
+    # integers in every cell, not only in the first ones
+    check_values(X, source)
+    if mode == "auto" and kind == "counts" and not _all_integers(X.data):
+        raise ScnymError(f"{source}: its first {min(DETECTION_ROWS, X.shape[0])} cells hold integer counts but later "
+                         "cells do not: is the file a mix of raw and normalized data? Give one kind, or declare "
+                         "--input_normalization counts if these are all counts (e.g. ambient-corrected)")
     empty = int((np.diff(X.indptr) == 0).sum())
     if announce and empty:
         log.warning("%s: %d cells have no expression at all; their predictions are meaningless", source, empty)

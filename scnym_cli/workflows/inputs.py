@@ -14,6 +14,7 @@ from ..config import Config
 from ..data import (UNLABELED, CellMatrix, GeneOverlap, LabelEncoding, align_genes, attach_metadata,
                     drop_duplicate_genes, normalize, read_expression, read_gene_list, read_labels, subset_genes)
 from ..data.genes import require_overlap, translate_for_model
+from ..data.normalize import DETECTION_ROWS
 from ..data.labels import missing_values, require_column, require_values
 from ..errors import ScnymError
 
@@ -130,9 +131,9 @@ def _open_disk_part(config: Config, path: Path, offset: int, *, translate_to: Op
     if translate_to is not None:
         genes = translate_for_model(genes, translate_to, gene_map=config.gene_map,
                                     gene_species=config.gene_species, what=str(path))
-    _, kind = normalize(reader.read(0, min(BLOCK_ROWS, reader.n_cells)), config.input_normalization,
+    _, kind = normalize(reader.read(0, min(DETECTION_ROWS, reader.n_cells)), config.input_normalization,
                         source=str(path), copy=False)
-    return DiskPart(reader, pd.Index(genes), kind, offset)
+    return DiskPart(reader, pd.Index(genes), kind, offset, config.input_normalization)
 
 
 def load_training_inputs_backed(config: Config) -> TrainingInputs:

@@ -21,7 +21,7 @@ from ..config import Config
 from ..data import UNKNOWN, read_expression
 from ..data.genes import GeneOverlap, reindex_columns, require_overlap, translate_for_model
 from ..data.labels import join_metadata, read_groups
-from ..data.normalize import normalize
+from ..data.normalize import decide_kind, normalize
 from ..data.stream import CellChunks, H5adChunks, InMemoryChunks, ShardedH5adChunks
 from ..errors import ScnymError
 from ..report import predictions_table
@@ -161,11 +161,12 @@ class Predictor:
         rng = np.random.default_rng(config.seed)
         sample = np.sort(rng.choice(source.n_cells, size=min(SHIFT_QUERY_CELLS, source.n_cells), replace=False))
         embedded: dict = {group: [] for group in self.models}
+        kind = query_kind(source, config, announce=False)
         for rows, block in source.chunks(config.prediction_chunk_size):
             local = sample[(sample >= rows.start) & (sample < rows.stop)] - rows.start
             if len(local) == 0:
                 continue
-            X, _ = normalize(block[local], config.input_normalization, source=source.source, copy=True,
+            X, _ = normalize(block[local], config.input_normalization, kind=kind, source=source.source, copy=True,
                              announce=False)
             for group, model in self.models.items():
                 mine = np.arange(len(local)) if group is None else np.flatnonzero(self.groups[rows][local] == group)
@@ -274,16 +275,23 @@ def query_genes(config: Config, source: CellChunks, model_genes: Sequence[str]) 
                                gene_species=config.gene_species, what=source.source)
 
 
+def query_kind(source: CellChunks, config: Config, announce: bool = True) -> str:
+    """The query's normalization, decided on its first cells like any dataset's (data/normalize.py), read a
+    chunk at a time (memory follows the chunk)."""
+    first_chunks = (block for _, block in source.chunks(config.prediction_chunk_size))
+    return decide_kind(first_chunks, config.input_normalization, source=source.source, announce=announce)
+
+
 def iterate_predictions(predictor: Predictor, source: CellChunks, config: Config, *, with_embedding: bool
                         ) -> Iterator[tuple[slice, ChunkResult, str]]:
     """(rows, result, normalization kind) block by block: normalize over the query's genes, then predict."""
-    kind = config.input_normalization
+    kind = query_kind(source, config)
     empty = 0
     for index, (rows, block) in enumerate(source.chunks(config.prediction_chunk_size)):
-        X, found = normalize(block, kind, source=source.source, copy=False, announce=index == 0)
-        kind = found  # decided on the first block, applied to all (NaN / negative checks run on every block)
+        X, _ = normalize(block, config.input_normalization, kind=kind, source=source.source, copy=False,
+                         announce=index == 0)
         empty += int((np.diff(X.indptr) == 0).sum())
-        yield rows, predictor.predict(rows, X, with_embedding), found
+        yield rows, predictor.predict(rows, X, with_embedding), kind
     if empty:
         log.warning("%s: %d cells have no expression at all; their predictions are meaningless", source.source, empty)
 

@@ -40,4 +40,16 @@ if not _package_log.handlers:
 if _package_log.level == logging.NOTSET:  # a level the program chose before importing scnym stays
     _package_log.setLevel(logging.INFO)
 
-__all__ = ["ScnymError", "__version__"]
+
+
+def __getattr__(name: str):
+    """``scnym_cli.Model`` and ``scnym_cli.Predictions`` (scnym_cli/model.py), imported when first used: the
+    command line's start-up does not pay for torch and the workflows."""
+    if name in ("Model", "Predictions"):
+        from . import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'scnym_cli' has no attribute {name!r}")
+
+
+__all__ = ["Model", "Predictions", "ScnymError", "__version__"]

@@ -258,3 +258,38 @@ def test_public_signatures_follow_scanpy(function):
     assert "Returns" in function.__doc__
     if "copy" in inspect.signature(function).parameters:
         assert inspect.signature(function).parameters["copy"].default is False
+
+
+def test_model_and_predictions_objects(tmp_path):
+    """For people who want objects: Model.load -> predict -> Predictions (table, AnnData, scores, report),
+    the same results as scnym_api's predict."""
+    from scnym_cli import Model, Predictions
+
+    adata = make_counts(n_cells=150, seed=7)
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
+    api.scnym_api(adata, "train", groupby="cell_type", out_path=tmp_path / "m",
+                  config={**FAST, "preset": "no_ssl", "n_folds": 2})
+    query = make_counts(n_cells=60, seed=8)
+    query.obs["cell_type"] = query.obs["cell_type"].astype(str)
+    before = snapshot(query)
+    model = Model.load(tmp_path / "m", coverage=0.9)
+    assert model.classes == ["type_0", "type_1", "type_2"] and len(model.genes) == 60 and "3 classes" in repr(model)
+    predictions = model.predict(query)
+    assert_unchanged(query, before)
+    assert isinstance(predictions, Predictions)
+    table = predictions.table()
+    assert list(table.columns[:3]) == ["cell_id", "predicted_label", "confidence"]
+    assert {"prediction_set", "set_size", "disagreement", "novelty"} <= set(table.columns) and len(table) == 60
+    via_api = api.scnym_api(query, "predict", trained_model=tmp_path / "m", config={"coverage": 0.9}, copy=True)
+    assert (via_api.obs["scNym"].astype(str).to_numpy() == predictions.labels.astype(str)).all()
+    annotated = query.copy()
+    predictions.to_anndata(annotated, key="mine")
+    assert (annotated.obs["mine"].astype(str) == via_api.obs["scNym"].astype(str)).all()
+    assert annotated.obsm["mine_probabilities"].shape == (60, 3)
+    evaluation = predictions.write_report(query.obs["cell_type"], tmp_path / "report")
+    assert 0 <= evaluation.metrics["balanced_accuracy"] <= 1 and "coverage" in evaluation.per_class.columns
+    assert (tmp_path / "report" / "confusion_matrix.png").is_file()
+    with pytest.raises(ScnymError, match="other cells"):
+        predictions.to_anndata(query[:10].copy())
+    with pytest.raises(ScnymError, match="config\\['ensemble'\\]"):
+        Model.load(tmp_path / "m" / "fold00", ensemble="folds")

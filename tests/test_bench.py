@@ -11,7 +11,7 @@ import pytest
 from conftest import shared_data
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.real_data
+pytestmark = [pytest.mark.real_data, pytest.mark.slow]  # benchmark harnesses: the full tier (--all)
 
 
 def load_bench(name):

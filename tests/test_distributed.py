@@ -21,6 +21,7 @@ def torchrun(tmp_path, *args):
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("semi_supervised", [False, True], ids=["supervised", "semi-supervised"])
 def test_two_process_gloo_training(tmp_path, semi_supervised):
     data = write_h5ad(make_counts(n_cells=240, seed=5), tmp_path / "ref.h5ad")

@@ -88,6 +88,7 @@ def test_tissue_dependent_prediction_needs_the_column_and_warns_on_unseen_groups
     assert "30 query cells" in result.stderr and "heart" in result.stderr
 
 
+@pytest.mark.slow
 def test_tissue_specific_models_and_routing(runner, tmp_path):
     adata = tissue_labelled(n_cells=300)
     adata.obs["tissue"] = adata.obs["tissue"].astype(str)

@@ -24,9 +24,9 @@ from ..data.labels import join_metadata, read_groups
 from ..data.normalize import decide_kind, normalize
 from ..data.stream import CellChunks, H5adChunks, InMemoryChunks, ShardedH5adChunks
 from ..errors import ScnymError
-from ..report import predictions_table
+from ..report import LabeledEvaluation, evaluate_labeled, predictions_table, write_labeled_report
 from ..store import covariates_for, routing_of
-from ..train.conformal import DomainWeights, prediction_sets, set_labels
+from ..train.conformal import DomainWeights, prediction_sets, set_labels, true_class_in_set
 from .ensemble import Ensemble
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,8 @@ def iterate_predictions(predictor: Predictor, source: CellChunks, config: Config
 # ---------------------------------------------------------------------- in memory (Python API)
 @dataclass
 class Predictions:
-    """Per-cell results on one dataset, in its cell order (the Python API keeps them in memory)."""
+    """Per-cell results on one dataset, in its cell order: what :meth:`scnym_cli.Model.predict` returns (and
+    what scnym_api writes into an AnnData)."""
 
     cell_ids: pd.Index
     labels: np.ndarray
@@ -317,6 +318,37 @@ class Predictions:
         """cell_id, predicted_label, confidence, [novelty, disagreement, prediction_set, set_size,] prob_<class>..."""
         return predictions_table(self.cell_ids, self.labels, self.confidence, self.probabilities, self.classes,
                                  extra=self.extra)
+
+    def to_anndata(self, adata, key: str = "scNym") -> None:
+        """Write the predictions into ``adata`` (in place; its cells in this order): ``obs[key]``,
+        ``obs[key + "_confidence"]``, the other per-cell columns, ``obsm[key + "_probabilities"]``,
+        ``obsm["X_scnym"]``, ``uns[key + "_classes"]``."""
+        if adata.n_obs != len(self.cell_ids) or not (adata.obs_names == self.cell_ids).all():
+            raise ScnymError(f"these predictions are of {len(self.cell_ids)} other cells than the AnnData's "
+                             f"{adata.n_obs}; write them into the AnnData they were made from")
+        annotate(adata, key=key, predictions=self)
+
+    def evaluate(self, truth) -> LabeledEvaluation:
+        """Scores against known labels (one per cell, e.g. ``adata.obs["cell_type"]``): accuracy, balanced
+        accuracy, macro-F1, ECE, the per-class table, the confusion matrix, the reliability bins and, with
+        prediction sets, their coverage."""
+        truth = np.asarray(truth, dtype=str)
+        if len(truth) != len(self.labels):
+            raise ScnymError(f"truth has {len(truth)} labels for {len(self.labels)} predicted cells")
+        with_sets = {}
+        if self.sets is not None:
+            with_sets = {"in_set": true_class_in_set(self.sets, pd.Index(self.classes).get_indexer(truth)),
+                         "set_size": self.extra["set_size"]}
+        return evaluate_labeled(truth, self.labels, self.confidence, self.classes, **with_sets)
+
+    def write_report(self, truth, directory) -> LabeledEvaluation:
+        """:meth:`evaluate`, written to ``directory`` as the command line writes it for a labeled query:
+        per_class_metrics.csv, confusion_matrix.csv / .png, reliability.csv / reliability_diagram.png."""
+        evaluation = self.evaluate(truth)
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_labeled_report(directory, evaluation, "predictions")
+        return evaluation
 
 
 def predict_in_memory(predictor: Predictor, source: CellChunks, config: Config) -> Predictions:

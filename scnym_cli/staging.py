@@ -47,6 +47,10 @@ def staged_directory(out_path: Path, *, overwrite: bool, protected: Sequence[str
     out_path = Path(out_path).expanduser().resolve()
     if out_path.exists() and not out_path.is_dir():
         raise ScnymError(f"--out_path {out_path} is a file; give a directory")
+    blocking = next((parent for parent in out_path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise ScnymError(f"--out_path {out_path} cannot be created: {blocking} is a file, not a folder; "
+                         "choose another --out_path")
     existing = [name for name in protected if (out_path / name).exists()]
     if existing and not overwrite:
         raise ScnymError(f"--out_path {out_path} already holds results ({', '.join(existing)}); "

@@ -77,7 +77,32 @@ CASES = {
                             ["config file", "does not exist"]),
     "cuda requested without a GPU": (lambda t: write_h5ad(make_counts(n_cells=20), t / "x.h5ad"),
                                      ["--device", "cuda:0"], ["no CUDA GPU"]),
+    # silently wrong before (issue 13): now each stops with the cause and the fix
+    "counts declared log-normalized": (lambda t: _modified(t, lambda a: None), ["--input_normalization", "log1p"],
+                                       ["integers up to", "look like raw counts", "--input_normalization counts"]),
+    "log2 data declared as_is": (lambda t: _modified(t, _log2_cpm), ["--input_normalization", "as_is"],
+                                 ["as_is means the values are ln(CPM+1)", "reach"]),
+    "all-zero matrix": (lambda t: _modified(t, _all_zero), [], ["no expression at all"]),
+    "duplicated cell ids": (lambda t: _modified(t, _duplicate_ids), [], ["cell ids given more than once",
+                                                                          "obs_names_make_unique"]),
+    "out_path under a file": (lambda t: _modified(t, lambda a: None), ["--out_path", "FILE/run"],
+                              ["cannot be created", "is a file, not a folder"]),
 }
+
+
+def _log2_cpm(adata):
+    X = sp.csr_matrix(adata.X, dtype=np.float32)
+    X = X.multiply(1e6 / X.sum(1)).tocsr().astype(np.float32)
+    X.data = np.log2(X.data + 1).astype(np.float32)
+    adata.X = X
+
+
+def _all_zero(adata):
+    adata.X = sp.csr_matrix(adata.shape, dtype=np.float32)
+
+
+def _duplicate_ids(adata):
+    adata.obs_names = [f"cell{i // 2}" for i in range(adata.n_obs)]
 
 
 def _truncated(tmp_path):
@@ -99,6 +124,7 @@ def test_bad_training_input(runner, tmp_path, case):
         "GENES3": str(write_lines(tmp_path / "genes3.txt", ["a", "b", "c"])),
         "META10": str(_meta(tmp_path, 10)),
         "BADCONFIG": str(write_lines(tmp_path / "bad.txt", ["batchsize: 12"])),
+        "FILE/run": str(write_lines(tmp_path / "a_file", ["x"]) / "run"),
     }
     extra = [replacements.get(e, e) for e in extra]
     out = tmp_path / "out"
@@ -131,3 +157,16 @@ def test_prediction_needs_a_model(runner, tmp_path):
     data = write_h5ad(make_counts(n_cells=20), tmp_path / "x.h5ad")
     result = invoke(runner, "predict_cell_types", "--input_counts", data, "--out_path", tmp_path / "p")
     assert_one_line_error(result, "needs --model_path")
+
+
+@pytest.mark.parametrize("case", ["duplicated cell ids", "counts declared log-normalized", "all-zero matrix",
+                                  "out_path under a file"])
+def test_bad_prediction_inputs_that_were_silently_wrong(runner, trained_run, tmp_path, case):
+    make_input, extra, fragments = CASES[case]
+    data = make_input(tmp_path)
+    out = tmp_path / "p"
+    extra = [str(write_lines(tmp_path / "a_file", ["x"]) / "run") if e == "FILE/run" else e for e in extra]
+    result = invoke(runner, "predict_cell_types", "--model_path", trained_run, "--input_counts", data,
+                    "--out_path", out, *extra)
+    assert_one_line_error(result, *fragments)
+    assert not out.exists()

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 
 from scnym_cli.config import Config
 from scnym_cli.data import attach_metadata, normalize, read_expression, read_labels
-from scnym_cli.data.normalize import detect_kind
+from scnym_cli.data.normalize import AS_IS_MAX, detect_kind
 from scnym_cli.errors import ScnymError
 from scnym_cli.workflows.inputs import load_cells, load_training_inputs
 
@@ -93,8 +93,29 @@ def test_log_normalized_input_at_any_scale_and_base_is_rescaled_to_cpm(counts_ad
     np.testing.assert_allclose(from_log.toarray(), from_counts.toarray(), rtol=1e-4, atol=1e-4)
     declared, _ = normalize(logged, kind)
     np.testing.assert_allclose(declared.toarray(), from_counts.toarray(), rtol=1e-4, atol=1e-4)
-    as_is, detected = normalize(logged, "as_is")
-    assert detected == "as_is" and (as_is != logged).nnz == 0 and as_is is not logged
+    if logged.data.max() <= AS_IS_MAX:  # what could be ln(CPM+1) is trusted as it is
+        as_is, detected = normalize(logged, "as_is")
+        assert detected == "as_is" and (as_is != logged).nnz == 0 and as_is is not logged
+    else:  # log2 / log10 of CPM reach beyond ln(1e6 + 1): not ln(CPM+1), whatever the user said
+        with pytest.raises(ScnymError, match="as_is means the values are ln"):
+            normalize(logged, "as_is")
+
+
+def test_declared_normalizations_that_the_values_contradict_are_refused(counts_adata):
+    """Counts declared log-normalized overflow or sit far above any log value; all-zero data has nothing."""
+    counts = sp.csr_matrix(counts_adata.X, dtype=np.float32)
+    big = counts.copy()
+    big.data = big.data * 40 + 100
+    with pytest.raises(ScnymError, match="integers up to .* these look like raw counts"):
+        normalize(big, "log1p")
+    small = counts.copy()
+    small.data = np.minimum(small.data, 5)
+    normalize(small, "log1p")                     # small integers: possible, a warning only
+    later = sp.vstack([small, big], format="csr")   # first cells fine, later ones overflow when de-logged
+    with pytest.raises(ScnymError, match="overflows"):
+        normalize(later, "log1p", kind="log1p")
+    with pytest.raises(ScnymError, match="no expression at all"):
+        normalize(sp.csr_matrix(counts.shape, dtype=np.float32), "auto")
 
 
 def test_log_base_of_a_gene_subset_defaults_to_natural_log(counts_adata):

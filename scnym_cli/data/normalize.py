@@ -15,6 +15,7 @@ whose later cells are not is refused, not silently normalized as counts).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Iterable, Literal, Optional
 
 import numpy as np
@@ -38,6 +39,8 @@ CONSTANT_SUM_SPREAD = 1e-3
 DETECTION_ROWS = 8192
 # of which this many are enough to tell the log base
 BASE_ROWS = 2000
+# the largest ln(CPM + 1): a cell whose counts all fall on one gene
+AS_IS_MAX = float(np.log1p(TARGET_SUM)) + 1e-3
 
 
 def check_values(X: sp.csr_matrix, source: str = "input") -> None:
@@ -62,37 +65,64 @@ def check_values(X: sp.csr_matrix, source: str = "input") -> None:
             "log-normalized values instead (for h5ad: --input_layer raw or a counts layer)")
 
 
-def detect_kind_of_blocks(blocks: Iterable[sp.csr_matrix], source: str = "input") -> Kind:
-    """Raw counts or log-normalized (and which log base), from the first DETECTION_ROWS cells of consecutive
-    row blocks (a whole matrix is one block; a stream reads only those cells, a chunk at a time); refuse
-    anything else."""
-    integers, high, seen = True, -np.inf, 0
-    totals: dict[str, list[np.ndarray]] = {kind: [] for kind in BASES}   # of the first BASE_ROWS cells
+@dataclass
+class FirstCells:
+    """What the first DETECTION_ROWS cells of a dataset show."""
+
+    n_cells: int = 0
+    integers: bool = True
+    high: float = 0.0                 # the largest value
+    totals: dict = field(default_factory=lambda: {kind: [] for kind in BASES})  # of the first BASE_ROWS cells
+
+
+def scan_first_cells(blocks: Iterable[sp.csr_matrix], source: str = "input") -> FirstCells:
+    """Read the first DETECTION_ROWS cells of consecutive row blocks (a whole matrix is one block; a stream
+    reads only those cells, a chunk at a time): refuse NaN / infinite / negative values, and a dataset whose
+    first cells hold no value at all."""
+    found = FirstCells()
     for block in blocks:
-        block = block[:DETECTION_ROWS - seen]
+        block = block[:DETECTION_ROWS - found.n_cells]
         check_values(block, source)
         block_integers = _all_integers(block.data)
         if block.nnz:
-            integers = integers and block_integers
-            high = max(high, float(block.data.max()))
-        if seen < BASE_ROWS and not block_integers:  # counts need no log base
-            for kind, sums in _totals_by_base(block[:BASE_ROWS - seen]).items():
-                totals[kind].append(sums)
-        seen += block.shape[0]
-        if seen >= DETECTION_ROWS:
+            found.integers = found.integers and block_integers
+            found.high = max(found.high, float(block.data.max()))
+        if found.n_cells < BASE_ROWS and not block_integers:  # counts need no log base
+            for kind, sums in _totals_by_base(block[:BASE_ROWS - found.n_cells]).items():
+                found.totals[kind].append(sums)
+        found.n_cells += block.shape[0]
+        if found.n_cells >= DETECTION_ROWS:
             break
-    if integers:
+    if found.n_cells and found.high == 0.0:
+        raise ScnymError(f"{source}: its first {found.n_cells} cells have no expression at all (every value is 0); "
+                         "check that the matrix (or --input_layer) holds the data")
+    return found
+
+
+def detect_kind_of_blocks(blocks: Iterable[sp.csr_matrix], source: str = "input") -> Kind:
+    """Raw counts or log-normalized (and which log base), from a dataset's first cells (see
+    :func:`scan_first_cells`); refuse anything else."""
+    return _kind_of(scan_first_cells(blocks, source), source)
+
+
+def _kind_of(found: FirstCells, source: str) -> Kind:
+    if found.integers:
         return "counts"
-    if high > MAX_LOG_VALUE:
+    if found.high > MAX_LOG_VALUE:
         raise ScnymError(
-            f"{source} has non-integer values up to {high:.3g}: it looks normalized but not log-transformed "
+            f"{source} has non-integer values up to {found.high:.3g}: it looks normalized but not log-transformed "
             "(CPM/TPM); give raw counts or log1p-transformed values")
-    return _log_base(totals, source)
+    return _log_base(found.totals, source)
 
 
 def detect_kind(X: sp.csr_matrix, source: str = "input") -> Kind:
     """The kind of X from its first DETECTION_ROWS cells (see :func:`detect_kind_of_blocks`)."""
     return detect_kind_of_blocks([X], source)
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    return all(bool(np.isfinite(values[start:start + VALUE_BLOCK]).all())
+               for start in range(0, values.size, VALUE_BLOCK))
 
 
 def _all_integers(values: np.ndarray) -> bool:
@@ -162,17 +192,23 @@ def to_log1p_cpm(X: sp.csr_matrix, kind: Kind, *, copy: bool = True) -> sp.csr_m
 def decide_kind(blocks: Iterable[sp.csr_matrix], mode: str = "auto", *, source: str = "input",
                 announce: bool = True) -> str:
     """The kind of a dataset from its first cells (the first DETECTION_ROWS of consecutive row ``blocks``, or of
-    one matrix): detected for ``auto``, else as declared (with a warning when declared log-normalized data
-    look like counts)."""
+    one matrix): detected for ``auto``; else as declared, unless the values contradict the declaration."""
     if isinstance(blocks, sp.spmatrix):
         blocks = [blocks]
-    if mode not in ("auto", *BASES):
-        return mode
-    detected = detect_kind_of_blocks(blocks, source)
+    found = scan_first_cells(blocks, source)
     if mode == "auto":
-        return detected
-    if announce and detected == "counts":
-        log.warning("%s: --input_normalization %s was given but the values are integers", source, mode)
+        return _kind_of(found, source)
+    if mode in BASES and found.integers:
+        if found.high > MAX_LOG_VALUE:
+            raise ScnymError(f"{source}: --input_normalization {mode} was given but the values are integers up to "
+                             f"{found.high:.3g}, far above any log-normalized value: these look like raw counts; "
+                             "use --input_normalization counts (or auto)")
+        if announce:
+            log.warning("%s: --input_normalization %s was given but the values are integers", source, mode)
+    if mode == "as_is" and found.high > AS_IS_MAX:
+        raise ScnymError(f"{source}: --input_normalization as_is means the values are ln(CPM+1) already (at most "
+                         f"{AS_IS_MAX:.1f}), but they reach {found.high:.3g}; use --input_normalization auto, or the "
+                         "kind they are (counts, log1p, log2_1p, log10_1p)")
     return mode
 
 
@@ -214,4 +250,8 @@ def normalize(X: sp.csr_matrix, mode: str = "auto", *, source: str = "input", co
         return (X.copy() if copy else X), kind
     if announce:
         log.info("%s: %s -> ln(CPM+1)", source, "raw counts" if kind == "counts" else f"log-normalized data ({kind})")
-    return to_log1p_cpm(X, kind, copy=copy), kind
+    X = to_log1p_cpm(X, kind, copy=copy)
+    if not _all_finite(X.data):  # de-logging values that were never logged overflows
+        raise ScnymError(f"{source}: undoing the {kind} normalization overflows: the values are not {kind} data; "
+                         "use --input_normalization auto, or the kind they are")
+    return X, kind

@@ -144,14 +144,22 @@ def read_expression(
     return _with_clean_names(X, genes, obs, str(path))
 
 
+def require_unique_cell_ids(ids: pd.Index, source: str) -> None:
+    """Every output row is keyed by its cell id (predictions.csv, the fold tables, annotated.h5ad): ids given
+    twice would make two cells one."""
+    if ids.has_duplicates:
+        repeated = ids[ids.duplicated()].unique()
+        raise ScnymError(f"{source} has {len(repeated)} cell ids given more than once (e.g. "
+                         f"{', '.join(map(str, repeated[:3]))}); make them unique (in Python: "
+                         "adata.obs_names_make_unique()) so that each output row names one cell")
+
+
 def _with_clean_names(X: sp.csr_matrix, genes: pd.Index, obs: pd.DataFrame, source: str) -> CellMatrix:
     if pd.Index(genes).isna().any() or (pd.Index(genes).astype(str).str.strip() == "").any():
         raise ScnymError(f"{source} has empty gene names; fix the gene names or pass --input_gene_names")
     obs = obs.copy()
     obs.index = pd.Index(obs.index.astype(str), name=None)
-    if obs.index.has_duplicates:
-        log.warning("%s: %d duplicated cell ids; they are kept but cannot be matched by id",
-                    source, int(obs.index.duplicated().sum()))
+    require_unique_cell_ids(obs.index, source)
     return CellMatrix(X, pd.Index(genes).astype(str), obs, source)
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import ScnymError
-from .readers import CellMatrix, as_csr32
+from .readers import CellMatrix, as_csr32, require_unique_cell_ids
 
 
 class CellChunks(Protocol):
@@ -81,6 +81,7 @@ class H5adChunks:
         else:
             raise ScnymError(f"gene column {gene_column!r} not in {path} var columns {list(var.columns)}")
         self.obs.index = self.obs.index.astype(str)
+        require_unique_cell_ids(self.obs.index, str(path))
         encoding = self._element.attrs.get("encoding-type", "array") if hasattr(self._element, "attrs") else "array"
         self._whole = None
         if encoding == "csc_matrix":
@@ -158,6 +159,7 @@ class ShardedH5adChunks:
                 raise ScnymError(f"shard {part.source} has other genes than {self.parts[0].source}; all shards of "
                                  f"{directory} must have the same genes in the same order")
         self.obs = pd.concat([part.obs for part in self.parts], axis=0, join="outer")
+        require_unique_cell_ids(self.obs.index, self.source)
 
     @property
     def n_cells(self) -> int:

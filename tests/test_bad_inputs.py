@@ -170,3 +170,34 @@ def test_bad_prediction_inputs_that_were_silently_wrong(runner, trained_run, tmp
                     "--out_path", out, *extra)
     assert_one_line_error(result, *fragments)
     assert not out.exists()
+
+
+def test_gene_names_that_contradict_the_file_and_target_files_without_cells_or_names(runner, tmp_path):
+    adata = make_counts(n_cells=60)
+    data = write_csv(adata, tmp_path / "x.csv")                      # a header names the genes
+    shuffled = write_lines(tmp_path / "genes.txt", list(adata.var_names[::-1]))
+    common = ["--lower_group", "cell_type", "--training_metadata", str(_meta(tmp_path, 60)), *FAST_FLAGS]
+    result = invoke(runner, "train_tissue_independent", "--input_counts", data, "--input_gene_names", shuffled,
+                    "--out_path", tmp_path / "a", *common)
+    assert_one_line_error(result, "names its genes and --input_gene_names names them otherwise", "column 1")
+    reference = write_h5ad(adata, tmp_path / "ref.h5ad")
+    nameless = write_csv(make_counts(n_cells=30, seed=3), tmp_path / "target.csv", header=False)
+    result = invoke(runner, "train_tissue_independent", "--input_counts", reference, "--lower_group", "cell_type",
+                    "--unlabeled_counts", nameless, "--out_path", tmp_path / "b", *FAST_FLAGS)
+    assert_one_line_error(result, "no gene names", "--unlabeled_genes")
+    empty = write_h5ad(make_counts(n_cells=30, seed=3)[:0].copy(), tmp_path / "empty.h5ad")
+    for backed in ("false", "true"):
+        result = invoke(runner, "train_tissue_independent", "--input_counts", reference, "--lower_group",
+                        "cell_type", "--unlabeled_counts", empty, "--out_path", tmp_path / f"c{backed}",
+                        "--backed", backed, *FAST_FLAGS)
+        assert_one_line_error(result, "holds no cells", "nothing to adapt to")
+    assert not [p for p in tmp_path.iterdir() if p.name in ("a", "b", "cfalse", "ctrue")]
+
+
+def test_a_misspelt_label_column_at_prediction_is_named(runner, trained_run, tmp_path):
+    data = write_h5ad(make_counts(n_cells=40, seed=5), tmp_path / "q.h5ad")
+    result = invoke(runner, "predict_cell_types", "--model_path", trained_run, "--input_counts", data,
+                    "--out_path", tmp_path / "p", "--lower_group", "celltype")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "no column 'celltype' (--lower_group)" in text and "did you mean 'cell_type'?" in text

@@ -196,7 +196,7 @@ def _target_csv_without_genes(tmp_path):
     (_useless_map, ["--gene_map translates none", "Xist"]),
     (_domain_with_gaps, ["20 cells have no value", "--input_domain_group"]),
     (_single_class, ["at least 2 classes", "only 'type_0'"]),
-    (_target_csv_without_genes, ["no gene names", "--input_gene_names"]),
+    (_target_csv_without_genes, ["no gene names", "--unlabeled_genes"]),
 ], ids=["all unlabeled", "barely overlapping target genes", "gene map maps nothing", "domain column with gaps",
         "single class", "target without gene names"])
 def test_bad_target_data(runner, tmp_path, make_args, fragments):

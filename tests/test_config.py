@@ -221,3 +221,20 @@ def test_every_key_means_the_same_through_every_face(tmp_path):
             assert getattr(config, key) == value, f"{key} through {face}: {getattr(config, key)!r} != {value!r}"
         checked.append(key)
     assert len(checked) == len(CONFIG_KEYS) - 1
+
+
+@pytest.mark.parametrize("name, data, fragments", [
+    ("latin1.txt", b"lr: 0.5\n# caf\xe9\n", ["line 2 is not UTF-8", "save it as UTF-8"]),
+    ("twice.txt", b"lr: 0.5\nlr: 0.7\n", ["line 2 sets 'lr' a second time"]),
+    ("twice.yaml", b"lr: 0.5\nlr: 0.7\n", ["line 2", "'lr' is given more than once"]),
+    ("twice.json", b'{"lr": 0.5, "lr": 0.7}', ["sets 'lr' more than once"]),
+    ("broken.yaml", b"lr: 0.5\n  bad: [\n", ["could not be parsed (line 2 column"]),
+])
+def test_config_files_that_were_read_wrong_or_crashed(runner, tmp_path, h5ad_path, name, data, fragments):
+    """A non-UTF-8 byte was a traceback, a repeated key silently took the last value, YAML errors had no line."""
+    path = tmp_path / name
+    path.write_bytes(data)
+    result = invoke(runner, "train_tissue_independent", "-c", path, "--input_counts", h5ad_path,
+                    "--lower_group", "cell_type", "--out_path", tmp_path / "out")
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "out").exists()

@@ -47,18 +47,23 @@ def read_config_file(path: Union[str, Path]) -> ConfigLayer:
     path = Path(path)
     if not path.is_file():
         raise ScnymError(f"config file {path} does not exist; check the path given to -c/--config")
-    text = path.read_text()
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ScnymError(f"config file {path} line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}); save it as "
+                         "UTF-8 (a character pasted from another program, even in a comment, can do this)") from None
     suffix = path.suffix.lower()
     try:
         if suffix == ".json" or (suffix not in (".yaml", ".yml") and text.lstrip().startswith("{")):
-            values = json.loads(text or "{}")
+            values = json.loads(text or "{}", object_pairs_hook=lambda pairs: _unique_keys(pairs, path))
         elif suffix in (".yaml", ".yml"):
-            values = yaml.safe_load(text) or {}
+            values = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         else:
             values = _parse_key_value_lines(text, path)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        first = str(e).splitlines()[0]
-        raise ScnymError(f"config file {path} could not be parsed ({first}); fix its syntax") from None
+        raise ScnymError(f"config file {path} could not be parsed ({_where(e)}); fix its syntax") from None
     if not isinstance(values, dict):
         raise ScnymError(f"config file {path} must hold key: value pairs, not a {type(values).__name__}")
     for key, value in values.items():
@@ -78,8 +83,43 @@ def _parse_key_value_lines(text: str, path: Path) -> dict[str, Any]:
         if not match:
             raise ScnymError(f"config file {path} line {number} is not 'key: value': {raw.strip()!r}")
         key, value = match.group(1).replace("-", "_"), match.group(2).strip().strip("'\"")
+        if key in values:
+            raise ScnymError(f"config file {path} line {number} sets {key!r} a second time; keep one of them")
         values[key] = value
     return values
+
+
+def _unique_keys(pairs: list, path: Path) -> dict:
+    """A JSON object whose keys are unique (json keeps the last of a repeated key without a word)."""
+    values: dict = {}
+    for key, value in pairs:
+        if key in values:
+            raise ScnymError(f"config file {path} sets {key!r} more than once; keep one of them")
+        values[key] = value
+    return values
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given more than once", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _where(error: Exception) -> str:
+    """A parser's complaint with its line (and column): JSON says them, YAML's marks hold them."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"line {error.lineno} column {error.colno}: {error.msg}"
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"line {mark.line + 1} column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 # ---------------------------------------------------------------------- parsing values

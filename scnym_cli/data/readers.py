@@ -100,6 +100,7 @@ def read_expression(
     gene_names_file: Optional[Path] = None,
     gene_column: Optional[str] = None,
     layer: Optional[str] = None,
+    gene_names_option: str = "--input_gene_names",
 ) -> CellMatrix:
     """Read an expression matrix of any supported format (gene names checked, cell ids as strings).
 
@@ -113,6 +114,8 @@ def read_expression(
         h5ad var column / loom row attribute / 10x features column holding gene names.
     layer
         h5ad/loom layer to read instead of the main matrix (``raw`` = h5ad ``.raw``).
+    gene_names_option
+        The option that gives ``gene_names_file`` (for messages: --unlabeled_genes for a target file).
     """
     path = Path(path)
     if not path.exists():
@@ -132,16 +135,28 @@ def read_expression(
         raise ScnymError(
             f"unsupported input format {path.name!r}; give a .h5ad, .loom, .csv/.tsv file or a 10x mtx directory")
 
+    option = gene_names_option
     if gene_names_file is not None:
-        names = read_gene_list(gene_names_file, "--input_gene_names")
+        names = read_gene_list(gene_names_file, option)
         if len(names) != X.shape[1]:
             raise ScnymError(
-                f"--input_gene_names has {len(names)} names but {path.name} has {X.shape[1]} genes (columns); "
+                f"{option} has {len(names)} names but {path.name} has {X.shape[1]} genes (columns); "
                 "give one name per column, in column order")
-        genes = pd.Index(names)
+        names = pd.Index(names)
+        if genes is not None and not _numbered(genes) and not names.equals(pd.Index(genes).astype(str)):
+            column = int(np.flatnonzero(names != pd.Index(genes).astype(str))[0])
+            raise ScnymError(f"{path.name} names its genes and {option} names them otherwise (column {column + 1}: "
+                             f"{genes[column]!r} in the file, {names[column]!r} in the list); remove {option} or "
+                             "fix it, so that no gene is silently renamed")
+        genes = names
     elif genes is None:
-        raise ScnymError(f"{path.name} has no gene names; pass them with --input_gene_names (one per line)")
+        raise ScnymError(f"{path.name} has no gene names; pass them with {option} (one per line)")
     return _with_clean_names(X, genes, obs, str(path))
+
+
+def _numbered(names: pd.Index) -> bool:
+    """Names that are only positions (0, 1, 2, ...: what AnnData gives a matrix without gene names)."""
+    return bool((pd.Index(names).astype(str) == pd.Index(map(str, range(len(names))))).all())
 
 
 def require_unique_cell_ids(ids: pd.Index, source: str) -> None:

@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def load_cells(config: Config, path: Path, *, metadata: Optional[Path] = None, adata=None,
-               gene_names_file: Optional[Path] = None, translate_to: Optional[Sequence[str]] = None
-               ) -> tuple[CellMatrix, str]:
+               gene_names_file: Optional[Path] = None, gene_names_option: str = "--input_gene_names",
+               translate_to: Optional[Sequence[str]] = None) -> tuple[CellMatrix, str]:
     """Read one input and bring it to ln(CPM+1) over all of its genes, then drop duplicate genes.
 
     ``adata`` (an AnnData already in memory) replaces reading ``path``; it is never modified.
@@ -37,8 +37,11 @@ def load_cells(config: Config, path: Path, *, metadata: Optional[Path] = None, a
                                    source=str(path))
         copy = True
     else:
-        cells = read_expression(path, gene_names_file=gene_names_file or config.input_gene_names,
-                                gene_column=config.gene_column, layer=config.input_layer)
+        if gene_names_option == "--input_gene_names":  # the reference's (or query's) list; a target has its own
+            gene_names_file = gene_names_file or config.input_gene_names
+        cells = read_expression(path, gene_names_file=gene_names_file,
+                                gene_column=config.gene_column, layer=config.input_layer,
+                                gene_names_option=gene_names_option)
         copy = False  # freshly read: normalize in place
     if metadata is not None:
         cells = attach_metadata(cells, metadata)
@@ -175,6 +178,9 @@ def load_training_inputs_backed(config: Config) -> TrainingInputs:
                 part.source_genes)
             parts.append(part)
             offset += part.reader.n_cells
+        if offset == n_reference:
+            raise ScnymError(f"--unlabeled_counts {config.unlabeled_counts} holds no cells: there is nothing to "
+                             "adapt to; give the target data, or leave --unlabeled_counts out to train supervised")
         target_obs = pd.concat([p.reader.obs for p in parts[n_reference_parts:]], axis=0)
         clashes = target_obs.index.isin(reference_obs.index)
         target_obs.index = [f"{i}-target" if c else i for i, c in zip(target_obs.index, clashes)]
@@ -252,7 +258,10 @@ def load_training_inputs(config: Config, adata=None) -> TrainingInputs:
     overlap = target = None
     if config.unlabeled_counts is not None:
         target, _ = load_cells(config, config.unlabeled_counts, gene_names_file=config.unlabeled_genes,
-                               translate_to=cells.genes)
+                               gene_names_option="--unlabeled_genes", translate_to=cells.genes)
+        if target.n_cells == 0:
+            raise ScnymError(f"--unlabeled_counts {config.unlabeled_counts} holds no cells: there is nothing to "
+                             "adapt to; give the target data, or leave --unlabeled_counts out to train supervised")
         overlap = require_overlap(target.genes, cells.genes, min_overlap=config.min_gene_overlap,
                                   what="unlabeled target data", source=target.source,
                                   missing_genes=MISSING_TARGET_GENES[config.shared_genes])

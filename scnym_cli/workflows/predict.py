@@ -16,6 +16,7 @@ diagram.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import shutil
@@ -163,6 +164,11 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
     truth = None
     if config.lower_group in source.obs.columns:
         truth = require_column(source.obs, config.lower_group, "--lower_group", source.source).astype(str)
+    elif config.lower_group != Config.__dataclass_fields__["lower_group"].default:
+        # a column asked for by name and not there: likely a typo, and the scores the user wants are missing
+        close = difflib.get_close_matches(config.lower_group, list(map(str, source.obs.columns)), n=1)
+        log.warning("%s has no column %r (--lower_group): the predictions are not scored against known labels%s",
+                    source.source, config.lower_group, f"; did you mean {close[0]!r}?" if close else "")
     if predictor.set_thresholds is not None:
         extra["prediction_set"] = np.empty(source.n_cells, dtype=object)
         extra["set_size"] = np.zeros(source.n_cells, dtype=np.int32)

@@ -54,7 +54,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _run(command: str, config_files: Optional[List[Path]], quiet: bool, flags: dict,
          workflow: Callable[[Config], object]) -> None:
-    from .train import distributed
+    from .workflows.runtime import teardown_runtime
 
     setup_logging(quiet)
     try:
@@ -65,7 +65,7 @@ def _run(command: str, config_files: Optional[List[Path]], quiet: bool, flags: d
     except KeyboardInterrupt:
         _fail("interrupted; no outputs were written", 130)
     finally:
-        distributed.shutdown()
+        teardown_runtime()
 
 
 def _is_boolean(key: str) -> bool:

@@ -26,7 +26,7 @@ def _remove(path: Path) -> None:
 
 @contextmanager
 def staged_directory(out_path: Path, *, overwrite: bool, protected: Sequence[str],
-                     last: Sequence[str] = ()) -> Iterator[Path]:
+                     last: Sequence[str] = (), writes: bool = True) -> Iterator[Path]:
     """Yield a staging directory; on success move its entries into ``out_path``.
 
     Parameters
@@ -36,10 +36,11 @@ def staged_directory(out_path: Path, *, overwrite: bool, protected: Sequence[str
         (before any work starts) unless ``overwrite``.
     last
         Entries moved after all others (completion markers).
+    writes
+        False in the processes of a data-parallel run other than the first (workflows/runtime.py): they
+        compute, only the first writes; theirs is a scratch directory, deleted afterwards.
     """
-    from .train import distributed
-
-    if not distributed.current().is_main:
+    if not writes:
         # data-parallel runs: every rank computes, only rank 0 writes outputs
         with tempfile.TemporaryDirectory(prefix="scnym-rank-") as scratch:
             yield Path(scratch)

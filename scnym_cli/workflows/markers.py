@@ -32,7 +32,7 @@ from ..report import plot_marker_heatmap
 from ..staging import staged_directory
 from ..store import LoadedModel, covariates_for, load_model, routing_of
 from .inputs import load_cells
-from .runtime import setup_runtime
+from .runtime import setup_runtime, writes_outputs
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def find_cell_type_markers(config: Config) -> dict:
     genes = list(loaded.genes)
     summary: dict = {"model": str(loaded.directory), "classes": classes, "methods": list(methods)}
     with staged_directory(config.out_path, overwrite=config.overwrite, protected=PROTECTED_OUTPUTS,
-                          last=("markers_summary.json",)) as stage:
+                          last=("markers_summary.json",), writes=writes_outputs()) as stage:
         cells = labels = covariates = None
         if config.input_counts is not None:
             cells, _ = load_cells(config, config.input_counts, metadata=config.training_metadata,

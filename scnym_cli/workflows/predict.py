@@ -35,7 +35,7 @@ from ..report import evaluate_labeled, predictions_table, write_labeled_report
 from ..staging import staged_directory
 from ..train.conformal import true_class_in_set
 from .predictor import ChunkResult, Predictor, iterate_predictions, obs_fields, open_query, query_genes
-from .runtime import setup_runtime
+from .runtime import setup_runtime, writes_outputs
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def predict_cell_types(config: Config) -> dict:
     predictor = Predictor(config.model_path, config, device)
     _check_training_gene_names(config, predictor)
     with staged_directory(config.out_path, overwrite=config.overwrite, protected=PROTECTED_OUTPUTS,
-                          last=(PREDICTIONS_FILE,)) as stage:
+                          last=(PREDICTIONS_FILE,), writes=writes_outputs()) as stage:
         source = open_query(config, config.input_counts)
         try:
             summary = _predict_to(stage, config, predictor, source, started)

@@ -22,3 +22,13 @@ def setup_runtime(config: Config) -> torch.device:
     log.info("device: %s (%d CPU threads)%s", device, torch.get_num_threads(),
              f", rank {ranks.rank} of {ranks.world_size}" if ranks.active else "")
     return device
+
+
+def writes_outputs() -> bool:
+    """Whether this process writes the outputs: always, except in the non-first processes of a torchrun run."""
+    return distributed.current().is_main
+
+
+def teardown_runtime() -> None:
+    """Leave a torchrun process group, if one was joined."""
+    distributed.shutdown()

@@ -27,7 +27,7 @@ from ..errors import ScnymError
 from ..staging import staged_directory
 from ..store import ROUTING_FILE
 from .inputs import TrainingInputs, load_training_inputs
-from .runtime import setup_runtime
+from .runtime import setup_runtime, writes_outputs
 from .train import PROTECTED_OUTPUTS, RUN_MARKER, run_training, train_into
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def train_tissue_specific(config: Config) -> dict:
     device = setup_runtime(config)
     protected = (*PROTECTED_OUTPUTS, ROUTING_FILE, TISSUES_DIR)
     with staged_directory(config.out_path, overwrite=config.overwrite, protected=protected,
-                          last=(RUN_MARKER,)) as stage:
+                          last=(RUN_MARKER,), writes=writes_outputs()) as stage:
         inputs = load_training_inputs(config)
         groups = read_groups(inputs.cells.obs, config.upper_group, inputs.cells.source)
         rows_by_group = {g: np.flatnonzero(groups == g) for g in sorted(set(groups))}

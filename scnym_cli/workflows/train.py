@@ -40,7 +40,7 @@ from ..train.inference import forward_rows
 from ..train.metrics import classification_metrics, expected_calibration_error
 from ..train.novelty import NOVELTY_FILE, SELECTION_CELLS, NoveltyReference, bank_rows
 from .inputs import TrainingInputs, load_training_inputs
-from .runtime import setup_runtime
+from .runtime import setup_runtime, writes_outputs
 from .settings import training_settings
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ def run_training(config: Config, get_inputs: Callable[[], TrainingInputs],
     only = selected_models(config)
     protected = PROTECTED_OUTPUTS if only is None else (*only, RUN_MARKER)
     with staged_directory(config.out_path, overwrite=config.overwrite, protected=protected,
-                          last=(RUN_MARKER,)) as stage:
+                          last=(RUN_MARKER,), writes=writes_outputs()) as stage:
         return train_into(stage, config, get_inputs(), device, command, only)
 
 
@@ -380,7 +380,8 @@ def collect_folds(config: Config) -> dict:
     if len(jobs) != 1:
         raise ScnymError(f"the models in {directory} come from jobs with different data or settings; rerun them "
                          "with one config")
-    with staged_directory(directory, overwrite=True, protected=(), last=(RUN_MARKER,)) as stage:
+    with staged_directory(directory, overwrite=True, protected=(), last=(RUN_MARKER,),
+                          writes=writes_outputs()) as stage:
         for name in ("scnym_config.json", "celltype_label.csv"):
             shutil.copy(directory / name, stage / name)
         for name in names:  # summarize from a view of the finished models (symlinks: nothing copied)

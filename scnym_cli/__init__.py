@@ -12,7 +12,7 @@ them with ``logging.getLogger("scnym_cli").setLevel(logging.WARNING)``.
 import logging
 import sys
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 from .errors import ScnymError  # noqa: E402
 

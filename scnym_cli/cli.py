@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 from typer.core import TyperCommand
 
-from . import __version__
+from ._version import __version__
 from .config import (ALL_COMMANDS, CONFIG_KEYS, Config, describe, keys_for, load_config, render_key_value)
 from .errors import ScnymError
 

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from ._version import __version__
 from .data.labels import one_hot, read_groups
 from .errors import ScnymError
 from .nn import CellTypeClassifier

@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from .. import __version__
+from .._version import __version__
 from ..config import Config
 from ..data import UNLABELED, LabelEncoding
 from ..data.labels import one_hot, read_groups

@@ -12,6 +12,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -105,9 +106,59 @@ def save_model(directory: Path, model: CellTypeClassifier, *, genes: Sequence[st
         **(extra or {}),
         "config": config,
     }
+    manifest["meaning_sha256"] = meaning_sha256(manifest)
     manifest_path = directory / MANIFEST_FILE
     manifest_path.write_text(json.dumps(manifest, indent=1, default=str))
     return manifest_path
+
+
+# the manifest fields that give the weights their meaning: edit one and the same weights predict something else
+MEANING_FIELDS = ("model", "genes", "classes", "normalization", "temperature", "covariates", "weights_sha256",
+                  "novelty", "conformal")
+
+
+def meaning_sha256(manifest: dict) -> str:
+    """A checksum over a canonical form of the fields that give the weights meaning (MEANING_FIELDS)."""
+    meaning = {key: manifest.get(key) for key in MEANING_FIELDS}
+    return hashlib.sha256(json.dumps(meaning, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_manifest(manifest_path: Path) -> dict:
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ScnymError(f"{manifest_path} is not valid JSON ({str(e).splitlines()[0]}); the model directory is "
+                         "damaged") from None
+    if not isinstance(manifest, dict):
+        raise ScnymError(f"{manifest_path} does not hold a model manifest; the model directory is damaged")
+    return manifest
+
+
+def _check_manifest(manifest: dict, manifest_path: Path) -> None:
+    """Types and ranges of what the manifest says, and the checksum of its meaning: a clear error, never a
+    model that loads and predicts something else."""
+    expected = manifest.get("meaning_sha256")
+    if expected is not None and meaning_sha256(manifest) != expected:
+        raise ScnymError(f"{manifest_path} was edited after training: its genes, classes, temperature or architecture "
+                         "no longer match the checksum written with the weights; restore the file or retrain")
+    for key in ("genes", "classes"):
+        values = manifest[key]
+        if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+            raise ScnymError(f"{manifest_path}: {key!r} must be a non-empty list of names; the file is damaged")
+        if len(set(values)) != len(values):
+            raise ScnymError(f"{manifest_path}: {key!r} lists a name twice; the file is damaged")
+    temperature = manifest.get("temperature", 1.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature <= 0:
+        raise ScnymError(f"{manifest_path}: 'temperature' must be a positive number, not {temperature!r}; the file "
+                         "is damaged")
+    kwargs = manifest["model"].get("kwargs") if isinstance(manifest["model"], dict) else None
+    if not isinstance(kwargs, dict):
+        raise ScnymError(f"{manifest_path}: 'model' has no 'kwargs' (the architecture); the file is damaged")
+    for key in ("n_genes", "n_classes", "n_hidden", "n_layers"):
+        if key in kwargs and (isinstance(kwargs[key], bool) or not isinstance(kwargs[key], int) or kwargs[key] < 1):
+            raise ScnymError(f"{manifest_path}: model {key!r} must be a positive whole number, not {kwargs[key]!r}; "
+                             "the file is damaged")
 
 
 def resolve_model_path(path: Path) -> tuple[Path, Path]:
@@ -141,7 +192,7 @@ def resolve_model_path(path: Path) -> tuple[Path, Path]:
 def load_model(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
     """Rebuild a model from its manifest and load its weights (no pickle)."""
     weights_path, manifest_path = resolve_model_path(path)
-    manifest = json.loads(manifest_path.read_text())
+    manifest = _read_manifest(manifest_path)
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ScnymError(f"{manifest_path} has model format version {version!r}; this scnym reads up to "
@@ -149,6 +200,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
     for key in ("model", "genes", "classes"):
         if key not in manifest:
             raise ScnymError(f"{manifest_path} lacks {key!r}; the model directory is damaged")
+    _check_manifest(manifest, manifest_path)
     if not weights_path.is_file():
         raise ScnymError(f"weights file {weights_path} is missing; the model directory is incomplete")
     expected = manifest.get("weights_sha256")
@@ -161,8 +213,12 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
     kwargs = manifest["model"]["kwargs"]
     if kwargs.get("n_genes") != len(manifest["genes"]) or kwargs.get("n_classes") != len(manifest["classes"]):
         raise ScnymError(f"{manifest_path}: the model's sizes do not match its gene and class lists")
-    with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave the caller's RNG alone
-        model = model_class(**kwargs)
+    try:
+        with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave the caller's RNG alone
+            model = model_class(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ScnymError(f"{manifest_path}: the model's architecture cannot be built ({e}); the file is damaged") \
+            from None
     try:
         state = load_file(str(weights_path))
         model.load_state_dict(state, strict=True)
@@ -182,7 +238,9 @@ def load_calibration(directory: Path) -> Optional[ConformalCalibration]:
     """A model directory's conformal calibration set alone (checked against its manifest), without loading the
     model: what a run's folds contribute when they calibrate prediction sets but do not predict."""
     manifest_path = Path(directory) / MANIFEST_FILE
-    path = _checked_file(json.loads(manifest_path.read_text()), "conformal", manifest_path)
+    manifest = _read_manifest(manifest_path)
+    _check_manifest(manifest, manifest_path)
+    path = _checked_file(manifest, "conformal", manifest_path)
     return ConformalCalibration.load(path) if path else None
 
 

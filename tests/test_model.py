@@ -118,3 +118,42 @@ def test_a_classifier_with_domain_specific_batch_norm_routes_rows_and_reloads(tm
     loaded = load_model(tmp_path).model
     torch.testing.assert_close(loaded(x, domain=TARGET), model(x, domain=TARGET))
     assert not torch.allclose(model(x, domain=TARGET), model(x))          # the reference's by default
+
+
+def _edited(run, tmp_path, change, keep_checksum=True):
+    import json
+    import shutil
+
+    copy = tmp_path / f"edited{len(list(tmp_path.iterdir()))}"
+    shutil.copytree(run / "all_data", copy)
+    manifest = json.loads((copy / "model.json").read_text())
+    change(manifest)
+    if not keep_checksum:
+        manifest.pop("meaning_sha256", None)
+    (copy / "model.json").write_text(json.dumps(manifest))
+    return copy
+
+
+@pytest.mark.parametrize("change, keep_checksum, fragment", [
+    (lambda m: m.update(classes=m["classes"][::-1]), True, "was edited after training"),
+    (lambda m: m.update(genes=m["genes"][::-1]), True, "was edited after training"),
+    (lambda m: m.update(temperature=0), False, "'temperature' must be a positive number"),
+    (lambda m: m.update(temperature="hot"), False, "'temperature' must be a positive number"),
+    (lambda m: m["model"]["kwargs"].update(n_layers="two"), False, "'n_layers' must be a positive whole number"),
+    (lambda m: m.update(classes=[m["classes"][0]] * len(m["classes"])), False, "lists a name twice"),
+], ids=["classes swapped", "genes permuted", "temperature 0", "temperature text", "n_layers text", "classes repeated"])
+def test_an_edited_or_damaged_manifest_is_refused(trained_run, tmp_path, change, keep_checksum, fragment):
+    """The checksum covers what gives the weights meaning (genes, classes, temperature, architecture...), and
+    every field is checked on load: an edited model.json never loads and predicts something else."""
+    from scnym_cli.errors import ScnymError
+    from scnym_cli.store import load_model
+
+    with pytest.raises(ScnymError, match=fragment):
+        load_model(_edited(trained_run, tmp_path, change, keep_checksum))
+
+
+def test_models_written_before_the_meaning_checksum_still_load(trained_run, tmp_path):
+    from scnym_cli.store import load_model
+
+    loaded = load_model(_edited(trained_run, tmp_path, lambda m: None, keep_checksum=False))
+    assert loaded.classes == ["type_0", "type_1", "type_2"]

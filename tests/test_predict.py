@@ -125,7 +125,7 @@ def test_novelty_reference_is_checked_and_required_for_unknown_rate(runner, trai
     shutil.copytree(trained_run / "all_data", older)
     (older / "novelty_reference.safetensors").unlink()
     manifest = json.loads((older / "model.json").read_text())
-    del manifest["novelty"]
+    del manifest["novelty"], manifest["meaning_sha256"]     # older models had neither
     (older / "model.json").write_text(json.dumps(manifest))
     assert "novelty" not in predict(runner, older, data, tmp_path / "p2").columns
     result = invoke(runner, "predict_cell_types", "--model_path", older, "--input_counts", data,
@@ -251,7 +251,7 @@ def test_damaged_models(runner, trained_run, tmp_path, query):
                     "--out_path", tmp_path / "p")
     assert_one_line_error(result, "checksum")
     manifest = json.loads((model / "model.json").read_text())
-    manifest.pop("weights_sha256")
+    manifest.pop("weights_sha256"), manifest.pop("meaning_sha256")   # a model with no checksums at all
     (model / "model.json").write_text(json.dumps(manifest))
     result = invoke(runner, "predict_cell_types", "--model_path", model, "--input_counts", data,
                     "--out_path", tmp_path / "p")

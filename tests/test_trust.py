@@ -182,7 +182,7 @@ def test_coverage_options_are_checked(runner, trained_run, tmp_path, query_file)
     shutil.copytree(trained_run / "all_data", older)
     (older / "conformal_calibration.safetensors").unlink()
     manifest = json.loads((older / "model.json").read_text())
-    del manifest["conformal"]
+    del manifest["conformal"], manifest["meaning_sha256"]   # older models had neither
     (older / "model.json").write_text(json.dumps(manifest))
     predict(runner, older, query_file, tmp_path / "p0")
     result = invoke(runner, "predict_cell_types", "--model_path", older, "--input_counts", query_file,

@@ -26,7 +26,7 @@ def _remove(path: Path) -> None:
 
 @contextmanager
 def staged_directory(out_path: Path, *, overwrite: bool, protected: Sequence[str],
-                     last: Sequence[str] = (), writes: bool = True) -> Iterator[Path]:
+                     last: Sequence[str] = (), writes: bool = True, owned: Sequence[str] = ()) -> Iterator[Path]:
     """Yield a staging directory; on success move its entries into ``out_path``.
 
     Parameters
@@ -36,6 +36,10 @@ def staged_directory(out_path: Path, *, overwrite: bool, protected: Sequence[str
         (before any work starts) unless ``overwrite``.
     last
         Entries moved after all others (completion markers).
+    owned
+        Glob patterns of every entry the command writes: when it replaces an earlier result, those of the
+        earlier result it did not write again go (a fold folder of a run with more folds, an old logits.csv),
+        so that out_path never mixes two runs. Other entries are never touched.
     writes
         False in the processes of a data-parallel run other than the first (workflows/runtime.py): they
         compute, only the first writes; theirs is a scratch directory, deleted afterwards.
@@ -57,11 +61,23 @@ def staged_directory(out_path: Path, *, overwrite: bool, protected: Sequence[str
         raise ScnymError(f"--out_path {out_path} already holds results ({', '.join(existing)}); "
                          "choose another --out_path or pass --overwrite true")
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    unfinished = sorted(out_path.parent.glob(f".{out_path.name}.partial-*"))
+    if unfinished:
+        # never removed here: a fold job of the same run may be writing one right now
+        log.warning("%d unfinished output folder(s) of %s from runs that stopped before the end (killed, out of "
+                    "time) lie beside it: %s; they are never used, delete them when no job of this run is running",
+                    len(unfinished), out_path.name, ", ".join(p.name for p in unfinished[:3]))
     stage = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.partial-", dir=out_path.parent))
     try:
         yield stage
         out_path.mkdir(parents=True, exist_ok=True)
         entries = sorted(stage.iterdir(), key=lambda p: (p.name in last, p.name))
+        written = {entry.name for entry in entries}
+        if existing:  # an earlier result is replaced: none of its own entries may stay beside the new one
+            for pattern in owned:
+                for stale in out_path.glob(pattern):
+                    if stale.name not in written:
+                        _remove(stale)
         for entry in entries:
             target = out_path / entry.name
             _remove(target)

@@ -176,3 +176,30 @@ def test_identical_weights_give_identical_weight_files(tmp_path):
         save_model(tmp_path / name, model, genes=list("vwxyz"), classes=["p", "q"], config={})
     files = {(tmp_path / n / "00_best_model_weights.safetensors").read_bytes() for n in "abc"}
     assert len(files) == 1
+
+
+def test_overwriting_leaves_nothing_of_the_earlier_run_and_names_unfinished_folders(runner, tmp_path):
+    """Fewer folds than before: the old fold02 goes; a prediction without logits: the old logits.csv goes; a
+    user's own file stays; folders of killed runs are named, never used or removed behind a running job."""
+    data = write_h5ad(make_counts(n_cells=120), tmp_path / "x.h5ad")
+    run = tmp_path / "run"
+    flags = [f for f in FAST_FLAGS]
+    flags[flags.index("--n_folds") + 1] = "3"
+    result = invoke(runner, "train_tissue_independent", "--input_counts", data, "--lower_group", "cell_type",
+                    "--out_path", run, *flags)
+    assert result.exit_code == 0, result.output
+    (run / "my_notes.txt").write_text("mine")
+    killed = tmp_path / ".run.partial-abc123"
+    killed.mkdir()
+    result = invoke(runner, "train_tissue_independent", "--input_counts", data, "--lower_group", "cell_type",
+                    "--out_path", run, "--overwrite", *FAST_FLAGS)
+    assert result.exit_code == 0, result.output
+    assert (run / "fold01").is_dir() and not (run / "fold02").exists()
+    assert (run / "my_notes.txt").read_text() == "mine" and killed.is_dir()
+    assert "unfinished output folder" in " ".join(result.output.split()) and ".run.partial-abc123" in result.output
+    out = tmp_path / "p"
+    for logits in ("true", "false"):
+        result = invoke(runner, "predict_cell_types", "--model_path", run, "--input_counts", data, "--out_path", out,
+                        "--overwrite", "--write_logits", logits, "--write_h5ad", "false")
+        assert result.exit_code == 0, result.output
+        assert (out / "logits.csv").exists() == (logits == "true")

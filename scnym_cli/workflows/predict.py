@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "predictions.csv"
 PROTECTED_OUTPUTS = (PREDICTIONS_FILE, "prediction_summary.json", "annotated.h5ad")
+# every entry a prediction writes
+PREDICTION_OUTPUTS = (*PROTECTED_OUTPUTS, "logits.csv", "embedding.csv", "gene_overlap.json", "per_class_metrics.csv",
+                      "confusion_matrix.*", "reliability.csv", "reliability_diagram.png")
 
 
 class CsvBlocks:
@@ -129,7 +132,7 @@ def predict_cell_types(config: Config) -> dict:
     predictor = Predictor(config.model_path, config, device)
     _check_training_gene_names(config, predictor)
     with staged_directory(config.out_path, overwrite=config.overwrite, protected=PROTECTED_OUTPUTS,
-                          last=(PREDICTIONS_FILE,), writes=writes_outputs()) as stage:
+                          last=(PREDICTIONS_FILE,), writes=writes_outputs(), owned=PREDICTION_OUTPUTS) as stage:
         source = open_query(config, config.input_counts)
         try:
             summary = _predict_to(stage, config, predictor, source, started)

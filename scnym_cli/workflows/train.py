@@ -49,6 +49,10 @@ RUN_MARKER = "run_summary.json"
 # the coverage of the prediction sets cross-validation reports (prediction chooses its own: --coverage)
 REPORTED_COVERAGE = 0.9
 PROTECTED_OUTPUTS = (RUN_MARKER, ALL_DATA_DIR, "fold_eval_acc.csv")
+# every entry a whole training run writes (fold jobs write only their own folder)
+RUN_OUTPUTS = ("fold[0-9][0-9]", ALL_DATA_DIR, "fold_eval_acc.csv", "fold_eval_losses.csv", "per_class_metrics.csv",
+               "confusion_matrix.*", "reliability.csv", "reliability_diagram.png", RUN_MARKER, "celltype_label.csv",
+               "scnym_config.json")
 
 
 @dataclass
@@ -217,7 +221,8 @@ def run_training(config: Config, get_inputs: Callable[[], TrainingInputs],
     only = selected_models(config)
     protected = PROTECTED_OUTPUTS if only is None else (*only, RUN_MARKER)
     with staged_directory(config.out_path, overwrite=config.overwrite, protected=protected,
-                          last=(RUN_MARKER,), writes=writes_outputs()) as stage:
+                          last=(RUN_MARKER,), writes=writes_outputs(),
+                          owned=RUN_OUTPUTS if only is None else ()) as stage:
         return train_into(stage, config, get_inputs(), device, command, only)
 
 

@@ -22,9 +22,7 @@ from .config import CONFIG_KEYS, Config, ConfigLayer, build_config
 from .data import UNLABELED, align_genes, read_labels
 from .data.labels import require_column
 from .errors import ScnymError
-from .report import evaluate_labeled
 from .store import load_model
-from .train.conformal import true_class_in_set
 from .train.device import thread_count_restored
 from .workflows.inputs import load_cells, load_training_inputs
 from .workflows.predictor import Predictor, annotate, open_query, predict_in_memory
@@ -266,12 +264,7 @@ def scnym_api(
     result = predict_in_memory(predictor, open_query(effective, "adata", adata=adata), effective)
     if task == "predict" and groupby is not None:
         truth = require_column(adata.obs, groupby, "groupby", "adata").astype(str).to_numpy()
-        with_sets = {}
-        if result.sets is not None:
-            with_sets = {"in_set": true_class_in_set(result.sets, pd.Index(result.classes).get_indexer(truth)),
-                         "set_size": result.extra["set_size"]}
-        extra["evaluation"] = evaluate_labeled(truth, result.labels, result.confidence, result.classes,
-                                               **with_sets).to_dict()
+        extra["evaluation"] = result.evaluate(truth).to_dict()
     _write_results(target, result, key_added, extra)
     log.info("scnym_api: wrote obs[%r], obs[%r], obsm[%r], obsm['X_scnym'], uns[%r]", key_added,
              f"{key_added}_confidence", f"{key_added}_probabilities", key_added)

@@ -17,7 +17,6 @@ from typing import Any, Union
 
 from .api import _api_call, make_config, resolve_trained_model
 from .config import Config
-from .train.device import thread_count_restored
 from .workflows.predictor import Predictions, Predictor, open_query, predict_in_memory
 from .workflows.runtime import setup_runtime
 
@@ -38,9 +37,7 @@ class Model:
         ``coverage=0.9``, ``unknown_rate=0.05``, ``device="cpu"``, ...); they hold for every prediction."""
         path = resolve_trained_model(trained_model)
         config = make_config(None, **settings)
-        with thread_count_restored():
-            device = setup_runtime(config)
-            return cls(Predictor(path, config, device), config, path)
+        return cls(Predictor(path, config, setup_runtime(config)), config, path)
 
     @property
     def classes(self) -> list[str]:
@@ -54,13 +51,12 @@ class Model:
         """What predicts: the models, their temperatures, the calibration of prediction sets."""
         return self._predictor.describe()
 
-    @_api_call
+    @_api_call  # errors in API terms, torch's thread count given back (as for load)
     def predict(self, adata) -> Predictions:
         """Predict every cell of ``adata`` (counts or log-normalized in ``X``, or the config's ``input_layer``;
         never modified)."""
-        with thread_count_restored():
-            source = open_query(self.config, Path("adata"), adata=adata)
-            return predict_in_memory(self._predictor, source, self.config)
+        source = open_query(self.config, Path("adata"), adata=adata)
+        return predict_in_memory(self._predictor, source, self.config)
 
     def __repr__(self) -> str:
         return f"Model({str(self.path)!r}, {len(self.classes)} classes, {len(self.genes)} genes)"

@@ -99,12 +99,6 @@ def scan_first_cells(blocks: Iterable[sp.csr_matrix], source: str = "input") -> 
     return found
 
 
-def detect_kind_of_blocks(blocks: Iterable[sp.csr_matrix], source: str = "input") -> Kind:
-    """Raw counts or log-normalized (and which log base), from a dataset's first cells (see
-    :func:`scan_first_cells`); refuse anything else."""
-    return _kind_of(scan_first_cells(blocks, source), source)
-
-
 def _kind_of(found: FirstCells, source: str) -> Kind:
     if found.integers:
         return "counts"
@@ -116,8 +110,9 @@ def _kind_of(found: FirstCells, source: str) -> Kind:
 
 
 def detect_kind(X: sp.csr_matrix, source: str = "input") -> Kind:
-    """The kind of X from its first DETECTION_ROWS cells (see :func:`detect_kind_of_blocks`)."""
-    return detect_kind_of_blocks([X], source)
+    """Raw counts or log-normalized (and which log base), from X's first DETECTION_ROWS cells (see
+    :func:`scan_first_cells`); refuse anything else."""
+    return _kind_of(scan_first_cells([X], source), source)
 
 
 def _all_finite(values: np.ndarray) -> bool:

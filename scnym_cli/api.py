@@ -249,7 +249,7 @@ def scnym_api(
             settings["n_folds"] = 0  # a notebook wants one model fast; a Config says what it wants itself
         effective = make_config(config, **settings)
         summary = run_training(effective, lambda: load_training_inputs(effective, adata), command="scnym_api")
-        model_path = Path(effective.out_path)
+        model_path = effective.path("out_path")
         extra = {"params": effective.to_dict(), "model_path": str(model_path), "train_results": summary}
     else:
         if trained_model is None:
@@ -261,7 +261,7 @@ def scnym_api(
     if task == "train":  # adata is the training data: already in the model's gene naming, labels in obs
         effective = effective.replace(gene_map=None, gene_species=None, training_metadata=None)
     predictor = Predictor(model_path, effective, device)
-    result = predict_in_memory(predictor, open_query(effective, "adata", adata=adata), effective)
+    result = predict_in_memory(predictor, open_query(effective, Path("adata"), adata=adata), effective)
     if task == "predict" and groupby is not None:
         truth = require_column(adata.obs, groupby, "groupby", "adata").astype(str).to_numpy()
         extra["evaluation"] = result.evaluate(truth).to_dict()

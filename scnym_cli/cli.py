@@ -128,7 +128,7 @@ def _register(command: str, help_text: str, workflow: Callable[[Config], object]
         _run(command, config_files, quiet, options, workflow)
 
     signature = _options_signature(command)
-    run.__signature__ = signature
+    setattr(run, "__signature__", signature)  # what typer reads the options from
     run.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
     run.__doc__ = help_text
     app.command(command, help=help_text, cls=_BareBooleanFlags)(run)

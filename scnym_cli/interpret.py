@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from .data.matrix import dense_rows
+from .nn.classifier import CellTypeClassifier
 from .train.device import flush_denormals, seeded_rng
 
 
 @flush_denormals()
-def optimize_class_inputs(model: torch.nn.Module, classes: list[int], *, n_restarts: int = 5, n_steps: int = 300,
+def optimize_class_inputs(model: CellTypeClassifier, classes: list[int], *, n_restarts: int = 5, n_steps: int = 300,
                           l1: float = 1e-4, lr: float = 0.05, seed: int = 0, device: torch.device | str = "cpu",
                           covariates: Optional[np.ndarray] = None) -> np.ndarray:
     """Optimal non-negative inputs, one per class and restart: array (classes, restarts, genes).
@@ -54,7 +55,7 @@ def optimize_class_inputs(model: torch.nn.Module, classes: list[int], *, n_resta
 
 
 @flush_denormals()
-def expected_gradients(model: torch.nn.Module, X: sp.csr_matrix, target_rows: np.ndarray,
+def expected_gradients(model: CellTypeClassifier, X: sp.csr_matrix, target_rows: np.ndarray,
                        reference_rows: np.ndarray, class_index: int, *, n_samples: int = 64, seed: int = 0,
                        device: torch.device | str = "cpu", covariates: Optional[np.ndarray] = None,
                        max_points: int = 4096) -> np.ndarray:

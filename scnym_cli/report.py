@@ -9,6 +9,8 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from .data.labels import Labels
+
 
 def _figure(figsize: tuple[float, float]):
     """A figure drawn off-screen, outside pyplot: no backend is chosen or switched (a notebook keeps its own)
@@ -50,7 +52,7 @@ def plot_training_curve(history: pd.DataFrame, path: Path, title: str, best_epoc
     fig.savefig(path, dpi=110)
 
 
-def confusion_table(truth: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> pd.DataFrame:
+def confusion_table(truth: Labels, predicted: Labels, classes: Sequence[str]) -> pd.DataFrame:
     """Counts, rows = true class (classes + any other true labels), columns = predicted class (classes + any
     other predicted labels, e.g. Unknown)."""
     classes = [str(c) for c in classes]
@@ -129,7 +131,7 @@ class LabeledEvaluation:
                 "reliability": self.reliability.to_dict(orient="list")}
 
 
-def evaluate_labeled(truth: Sequence[str], predicted: Sequence[str], confidence: np.ndarray,
+def evaluate_labeled(truth: Labels, predicted: Labels, confidence: np.ndarray,
                      classes: Sequence[str], in_set: Optional[np.ndarray] = None,
                      set_size: Optional[np.ndarray] = None) -> LabeledEvaluation:
     """Scores of predictions whose true labels are known. Confusion rows: the model's classes, then labels it

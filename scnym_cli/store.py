@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
-from .data.labels import one_hot, read_groups
+from .data.labels import Labels, one_hot, read_groups
 from .errors import ScnymError
 from .nn import CellTypeClassifier
 from .train.conformal import ConformalCalibration
@@ -49,7 +49,7 @@ def file_sha256(path: Path) -> str:
 
 
 def data_fingerprint(X: sp.csr_matrix, genes: Sequence[str], cell_ids: Sequence[str],
-                     labels: Sequence[str]) -> dict[str, Any]:
+                     labels: Labels) -> dict[str, Any]:
     """A checksum of exactly what the model was trained on (normalized matrix, genes, cells, labels)."""
     from .data.matrix import content_digest, row_blocks
 

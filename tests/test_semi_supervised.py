@@ -200,16 +200,17 @@ def test_the_census_records_guesses_and_balances_target_batches_by_pseudolabel()
     from scnym_cli.train.trainer import TargetCensus
 
     target_rows = np.arange(100, 400)
-    census = TargetCensus(target_rows, record=True)
-    guess = torch.zeros(300, 3)
-    guess[:240, 0], guess[240:290, 1], guess[290:, 2] = 0.9, 0.8, 0.7   # pseudolabels: 240 / 50 / 10 cells
-    census.record(target_rows[::-1].copy(), guess.flip(0))             # rows in any order
-    assert list(np.bincount(census.classes)) == [240, 50, 10]
-    sampler = EpochSampler(target_rows, 100, seed=0)
     settings = MixMatchSettings(adaptive_thresholds=True, balance_target_classes=True, pseudolabel_min_confidence=0.75,
                                 dan_max_weight=0.0)
     objective = SemiSupervisedObjective(LogitsAreInputs(3), settings, n_domains=2)
-    census.apply(objective, sampler, n_rows=400)
+    census = TargetCensus(objective, target_rows, record=True)
+    guess = torch.zeros(300, 3)
+    guess[:240, 0], guess[240:290, 1], guess[290:, 2] = 0.9, 0.8, 0.7   # pseudolabels: 240 / 50 / 10 cells
+    objective.last_guess = guess.flip(0)
+    census.record(target_rows[::-1].copy())                            # rows in any order
+    assert list(np.bincount(census.classes)) == [240, 50, 10]
+    sampler = EpochSampler(target_rows, 100, seed=0)
+    census.apply(sampler, n_rows=400)
     drawn = np.concatenate([np.concatenate(list(sampler.epoch())) for _ in range(20)])
     shares = np.bincount(census.classes[drawn - 100], minlength=3) / len(drawn)
     np.testing.assert_allclose(shares, 1 / 3, atol=0.03)              # rare pseudolabels drawn as often

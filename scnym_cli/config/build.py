@@ -32,6 +32,16 @@ class Config(ConfigKeys):
         """A validated copy with some values changed (the original is never mutated)."""
         return build_config([ConfigLayer("code", changes)], base=self)
 
+    def path(self, key: str) -> Path:
+        """A path the command cannot run without (``out_path``, ``model_path``...), as a Path.
+
+        Commands check their required paths when the config is built; this names the key if code reached
+        one that was never given."""
+        value = getattr(self, key)
+        if value is None:
+            raise ScnymError(f"--{key} is required here: give it on the command line or in a config file")
+        return Path(value)
+
 
 # ---------------------------------------------------------------------- reading files
 @dataclass(frozen=True)

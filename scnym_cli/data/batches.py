@@ -10,7 +10,7 @@ import torch
 from .matrix import Matrix, dense_rows
 
 
-def batch_tensor(X: Matrix, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+def batch_tensor(X: Matrix, rows: np.ndarray | slice, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(dense_rows(X, rows)).to(device, non_blocking=True)
 
 
@@ -49,8 +49,10 @@ class EpochSampler:
         one_pass = len(self.rows) // self.batch_size
         self.passes = max(1, -(-int(min_batches) // max(one_pass, 1)))
         self.rng = np.random.default_rng(seed)
-        self.probabilities = None
+        self.probabilities: Optional[np.ndarray] = None
         if balance_classes:
+            if codes is None:
+                raise ValueError("EpochSampler: balance_classes needs the codes of the rows")
             self.balance_by(codes)
 
     def balance_by(self, codes: np.ndarray) -> None:

@@ -138,7 +138,7 @@ class BlockShuffleSampler:
         for start in range(0, len(order), self.window_blocks):
             window = np.isin(self.block_ids, order[start:start + self.window_blocks])
             rows = self.rows[window]
-            if self.balance:
+            if self.balance and self.codes is not None:
                 drawn = self._inner.rng.choice(rows, size=len(rows), replace=True,
                                                p=class_balanced_probabilities(self.codes[rows]))
             else:

@@ -6,7 +6,7 @@ import difflib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -17,6 +17,9 @@ from .readers import CellMatrix
 log = logging.getLogger(__name__)
 
 UNLABELED = "Unlabeled"
+
+# one string per cell: a list, or a numpy / pandas array of them
+Labels = Union[Sequence[str], np.ndarray]
 UNKNOWN = "Unknown"
 
 
@@ -99,7 +102,7 @@ class LabelEncoding:
     classes: tuple[str, ...]
 
     @classmethod
-    def fit(cls, labels: Sequence[str], column: str = "labels") -> "LabelEncoding":
+    def fit(cls, labels: Labels, column: str = "labels") -> "LabelEncoding":
         classes = tuple(sorted(set(map(str, labels)) - {UNLABELED}))
         if not classes:
             raise ScnymError(f"every cell is {UNLABELED!r} in column {column!r}: training needs labeled reference "
@@ -110,7 +113,7 @@ class LabelEncoding:
             raise ScnymError(f"{UNKNOWN!r} is reserved for low-confidence predictions; rename that class in {column!r}")
         return cls(classes)
 
-    def encode(self, labels: Sequence[str]) -> np.ndarray:
+    def encode(self, labels: Labels) -> np.ndarray:
         """Integer codes; cells labelled 'Unlabeled' (or unknown classes) get -1."""
         codes = pd.Index(self.classes).get_indexer(pd.Index(np.asarray(labels, dtype=str)))
         return codes.astype(np.int64)

@@ -60,7 +60,7 @@ def row_blocks(X: Matrix) -> Iterator[sp.csr_matrix]:
         yield from X.row_blocks()
 
 
-def dense_rows(X: Matrix, rows: np.ndarray) -> np.ndarray:
+def dense_rows(X: Matrix, rows: np.ndarray | slice) -> np.ndarray:
     """Rows of X as a dense float32 array; only these rows are ever densified.
 
     scipy gathers the rows in compiled code (one vectorized call, no per-cell Python).
@@ -72,7 +72,8 @@ def content_digest(X: Matrix) -> str:
     """sha256 of the matrix's content, the same however its rows are split into blocks."""
     lengths, indices, values = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
     for block in row_blocks(X):
-        lengths.update(np.diff(block.indptr).astype(np.int64).view(np.uint8))
-        indices.update(np.ascontiguousarray(block.indices, dtype=np.int32).view(np.uint8))
-        values.update(np.ascontiguousarray(block.data, dtype=np.float32).view(np.uint8))
+        # .data: the arrays' bytes in place (contiguous), no copy
+        lengths.update(np.diff(block.indptr).astype(np.int64).data)
+        indices.update(np.ascontiguousarray(block.indices, dtype=np.int32).data)
+        values.update(np.ascontiguousarray(block.data, dtype=np.float32).data)
     return hashlib.sha256("".join(h.hexdigest() for h in (lengths, indices, values)).encode()).hexdigest()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Optional
+from typing import Iterable, Literal, Optional, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -245,7 +245,7 @@ def normalize(X: sp.csr_matrix, mode: str = "auto", *, source: str = "input", co
         return (X.copy() if copy else X), kind
     if announce:
         log.info("%s: %s -> ln(CPM+1)", source, "raw counts" if kind == "counts" else f"log-normalized data ({kind})")
-    X = to_log1p_cpm(X, kind, copy=copy)
+    X = to_log1p_cpm(X, cast(Kind, kind), copy=copy)
     if not _all_finite(X.data):  # de-logging values that were never logged overflows
         raise ScnymError(f"{source}: undoing the {kind} normalization overflows: the values are not {kind} data; "
                          "use --input_normalization auto, or the kind they are")

@@ -279,7 +279,9 @@ def _read_csv(path: Path):
             path, sep=sep, header=0 if has_header else None, index_col=0 if has_index else None,
             chunksize=CSV_CHUNK_ROWS, dtype=None, low_memory=False,
         )
-        blocks, ids, columns = [], [], None
+        blocks: list[sp.csr_matrix] = []
+        ids: list[str] = []
+        columns: Optional[pd.Index] = None
         for chunk in reader:
             columns = chunk.columns
             try:
@@ -300,7 +302,7 @@ def _read_csv(path: Path):
     if not has_index:
         ids = [f"cell_{i}" for i in range(X.shape[0])]
     obs = pd.DataFrame(index=pd.Index(ids))
-    return as_csr32(X), (pd.Index(columns.astype(str)) if has_header else None), obs
+    return as_csr32(X), (pd.Index(columns.astype(str)) if has_header and columns is not None else None), obs
 
 
 # ---------------------------------------------------------------------- 10x mtx

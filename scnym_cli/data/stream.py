@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Protocol
+from typing import Any, Iterator, Optional, Protocol
 
 import pandas as pd
 import scipy.sparse as sp
@@ -22,9 +22,14 @@ from .readers import CellMatrix, as_csr32, require_unique_cell_ids
 class CellChunks(Protocol):
     """What prediction needs of its input: gene names, metadata, and raw rows in blocks."""
 
-    genes: pd.Index
-    obs: pd.DataFrame
-    source: str
+    @property
+    def genes(self) -> pd.Index: ...
+
+    @property
+    def obs(self) -> pd.DataFrame: ...
+
+    @property
+    def source(self) -> str: ...
 
     @property
     def n_cells(self) -> int: ...
@@ -83,7 +88,8 @@ class H5adChunks:
         self.obs.index = self.obs.index.astype(str)
         require_unique_cell_ids(self.obs.index, str(path))
         encoding = self._element.attrs.get("encoding-type", "array") if hasattr(self._element, "attrs") else "array"
-        self._whole = None
+        self._whole: Optional[sp.csr_matrix] = None
+        self._rows: Any = None  # an h5py dataset or anndata's sparse dataset: rows read on demand
         if encoding == "csc_matrix":
             self._whole = as_csr32(anndata.io.read_elem(self._element))
             self._rows = None

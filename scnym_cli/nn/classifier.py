@@ -8,7 +8,7 @@ layers, which silently tied their weights).
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union, cast
 
 import torch
 from torch import nn
@@ -81,12 +81,12 @@ class DomainBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, domain: Domain = None) -> torch.Tensor:
         if domain is None or isinstance(domain, int):
-            return self._normalize(self.norms[domain or 0], x)
+            return self._normalize(cast(nn.BatchNorm1d, self.norms[domain or 0]), x)
         out = torch.empty_like(x)
         for index, norm in enumerate(self.norms):
             rows = domain == index
             if bool(rows.any()):
-                out[rows] = self._normalize(norm, x[rows])
+                out[rows] = self._normalize(cast(nn.BatchNorm1d, norm), x[rows])
         return out
 
     @staticmethod
@@ -181,7 +181,7 @@ class CellTypeClassifier(nn.Module):
         self.n_genes, self.n_classes, self.n_hidden, self.n_covariates = n_genes, n_classes, n_hidden, n_covariates
         self.n_norm_domains = n_norm_domains
         self.input_dropout = InputDropout(init_dropout)
-        norms = dict(batch_norm=batch_norm, track_running_stats=track_running_stats, n_domains=n_norm_domains)
+        norms: dict[str, Any] = dict(batch_norm=batch_norm, track_running_stats=track_running_stats, n_domains=n_norm_domains)
         blocks: list[nn.Module] = [HiddenBlock(n_genes + n_covariates, n_hidden, dropout, **norms)]
         for _ in range(n_layers - 1):
             blocks.append(ResidualBlock(n_hidden, dropout, **norms) if residual

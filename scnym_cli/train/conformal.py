@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -113,6 +113,8 @@ class ConformalCalibration:
 
     def subset(self, rows: np.ndarray) -> "ConformalCalibration":
         """The calibration cells that are these training rows, in their order (all must be calibration cells)."""
+        if self.rows is None:
+            raise ValueError("this calibration does not know its cells' training rows; it cannot be subset")
         order = np.argsort(self.rows)
         take = order[np.searchsorted(self.rows, rows, sorter=order)]
         return ConformalCalibration(self.codes[take], self.true_probability[take], self.n_classes, self.rows[take])
@@ -167,7 +169,7 @@ class DomainWeights:
     own weights are cross-fitted (each from a classifier fit without it), so that they are not inflated by
     the classifier having seen them."""
 
-    classifier: object            # a fitted sklearn pipeline
+    classifier: Any               # a fitted sklearn pipeline
     calibration_weights: np.ndarray
 
     @classmethod

@@ -18,15 +18,14 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..nn.adversary import DomainClassifier
-from ..nn.classifier import REFERENCE, TARGET
+from ..nn.classifier import REFERENCE, TARGET, CellTypeClassifier
 from .augment import AUGMENTATIONS
 from .losses import soft_cross_entropy
 from .objectives import LabeledBatch, Objective, mixup
@@ -37,6 +36,10 @@ class UnlabeledBatch:
     x: torch.Tensor
     domains: Optional[torch.Tensor] = None
     covariates: Optional[torch.Tensor] = None
+
+
+# what MixUp mixes, per cell: inputs, targets, covariates, domain one-hots (the last two may be None)
+MixPart = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ def sharpen(probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def mix_with_pool(labeled: Sequence[Optional[torch.Tensor]], unlabeled: Sequence[Optional[torch.Tensor]],
-                  alpha: float) -> tuple[list, list]:
+                  alpha: float) -> tuple[list[Optional[torch.Tensor]], list[Optional[torch.Tensor]]]:
     """MixUp of labeled and unlabeled samples with one shuffled pool of both.
 
     ``labeled`` and ``unlabeled`` are matching tuples of per-cell tensors (inputs, targets,
@@ -98,15 +101,19 @@ def mix_with_pool(labeled: Sequence[Optional[torch.Tensor]], unlabeled: Sequence
     lambda' = max(lambda, 1 - lambda) >= 0.5: it stays the dominant part of its mix, so the mix
     keeps its identity. Returns the mixed tuples of the labeled and the unlabeled samples.
     """
-    n_l = labeled[0].shape[0]
-    n = n_l + unlabeled[0].shape[0]
-    device = labeled[0].device
+    inputs_l, inputs_u = labeled[0], unlabeled[0]
+    if inputs_l is None or inputs_u is None:
+        raise ValueError("mix_with_pool: the first tensors of both tuples (the inputs) are required")
+    n_l = inputs_l.shape[0]
+    n = n_l + inputs_u.shape[0]
+    device = inputs_l.device
     partner = torch.randperm(n, device=device)
     lam = torch.distributions.Beta(alpha, alpha).sample((n, 1)).to(device)
     lam = torch.maximum(lam, 1 - lam)
-    mixed_l, mixed_u = [], []
+    mixed_l: list[Optional[torch.Tensor]] = []
+    mixed_u: list[Optional[torch.Tensor]] = []
     for a, b in zip(labeled, unlabeled):
-        if a is None:
+        if a is None or b is None:
             mixed_l.append(None)
             mixed_u.append(None)
             continue
@@ -141,7 +148,12 @@ class SemiSupervisedObjective(Objective):
     alignment aligns the target's pseudolabels to.
     """
 
-    def __init__(self, model: nn.Module, settings: MixMatchSettings, n_domains: int,
+    teacher: Optional[CellTypeClassifier]  # set with object.__setattr__: not a submodule (see __init__)
+    labeled_prior: torch.Tensor            # buffers (register_buffer in __init__)
+    target_marginal: torch.Tensor
+    class_thresholds: torch.Tensor
+
+    def __init__(self, model: CellTypeClassifier, settings: MixMatchSettings, n_domains: int,
                  class_weight: Optional[torch.Tensor] = None, labeled_prior: Optional[torch.Tensor] = None):
         super().__init__(model)
         self.settings = settings
@@ -188,18 +200,20 @@ class SemiSupervisedObjective(Objective):
         return self.augment(x, self.settings.augmentation_rate)
 
     @torch.no_grad()
-    def guess_labels(self, model: nn.Module, x_u: torch.Tensor, cov_u: Optional[torch.Tensor]
+    def guess_labels(self, model: CellTypeClassifier, x_u: torch.Tensor, cov_u: Optional[torch.Tensor]
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """(class distribution averaged over augmentations, its confidence) for target cells."""
         teacher = self.teacher if self.teacher is not None else model
         was_training = teacher.training
         teacher.eval()
         views = self.settings.n_augmentations if self.settings.augment_pseudolabels else 1
-        total = 0.0
+        total: Optional[torch.Tensor] = None
         for _ in range(views):
             x = self._augment(x_u) if self.settings.augment_pseudolabels else x_u
-            total = total + torch.softmax(teacher(x, cov_u, **self._domain(TARGET)).float(), dim=1)
+            probabilities = torch.softmax(teacher(x, cov_u, **self._domain(TARGET)).float(), dim=1)
+            total = probabilities if total is None else total + probabilities
         teacher.train(was_training)
+        assert total is not None  # views >= 1
         average = total / views
         return average, average.max(dim=1).values
 
@@ -229,7 +243,7 @@ class SemiSupervisedObjective(Objective):
                                               self.model.n_classes, self.settings.pseudolabel_min_confidence)
             self.class_thresholds.copy_(thresholds.to(self.class_thresholds.device))
 
-    def _domain_features(self, model: nn.Module, embedding: torch.Tensor, logits: Optional[torch.Tensor]):
+    def _domain_features(self, model: CellTypeClassifier, embedding: torch.Tensor, logits: Optional[torch.Tensor]):
         """What the domain classifier sees: the embedding, or (conditional adversary, CDAN) the outer product
         of the class probabilities (not back-propagated through) and the embedding."""
         if not self.settings.dan_conditional:
@@ -255,7 +269,9 @@ class SemiSupervisedObjective(Objective):
         terms: dict[str, float] = {}
 
         x_l = self._augment(batch.x)
-        x_u = confident = None
+        x_u: Optional[torch.Tensor] = None
+        confident: Optional[torch.Tensor] = None
+        targets_u: Optional[torch.Tensor] = None
         if unlabeled is not None:
             guess, _ = self.guess_labels(model, unlabeled.x, unlabeled.covariates)
             self.last_guess = guess  # the trainer's census of target pseudolabels reads it
@@ -268,29 +284,35 @@ class SemiSupervisedObjective(Objective):
             terms["confident_fraction"] = float(confident.float().mean())
 
         domains_l = domains_u = None
-        if self.domain_classifier is not None and s.dan_on_mixes:
+        if self.domain_classifier is not None and s.dan_on_mixes and batch.domains is not None:
             domains_l = F.one_hot(batch.domains, self.n_domains).float()
-            domains_u = None if unlabeled is None else F.one_hot(unlabeled.domains, self.n_domains).float()
-        mixed_embedding = mixed_logits = mixed_domains = None
-        if unlabeled is not None and s.unsup_max_weight > 0 and bool(confident.any()):
+            domains_u = (None if unlabeled is None or unlabeled.domains is None
+                         else F.one_hot(unlabeled.domains, self.n_domains).float())
+        mixed_embedding: Optional[torch.Tensor] = None
+        mixed_logits: Optional[torch.Tensor] = None
+        mixed_domains: Optional[torch.Tensor] = None
+        if (unlabeled is not None and x_u is not None and confident is not None and targets_u is not None
+                and s.unsup_max_weight > 0 and bool(confident.any())):
             rows = confident
-            unlabeled_part = (x_u[rows], targets_u[rows],
+            unlabeled_part: MixPart = (x_u[rows], targets_u[rows],
                               None if unlabeled.covariates is None else unlabeled.covariates[rows],
                               None if domains_u is None else domains_u[rows])
-            labeled_part = (x_l, batch.target, batch.covariates, domains_l)
+            labeled_part: MixPart = (x_l, batch.target, batch.covariates, domains_l)
             if s.mixup_alpha:
-                labeled_part, unlabeled_part = mix_with_pool(labeled_part, unlabeled_part, s.mixup_alpha)
+                mixed_l, mixed_u = mix_with_pool(labeled_part, unlabeled_part, s.mixup_alpha)
+                # None stays None, so inputs and targets are still tensors
+                labeled_part, unlabeled_part = cast(MixPart, tuple(mixed_l)), cast(MixPart, tuple(mixed_u))
             xl, yl, cl, dl = labeled_part
             xu, yu, cu, du = unlabeled_part
             # a mix keeps the domain of its dominant part (lambda' >= 0.5), the row's own
-            logits, embedding = model(torch.cat([xl, xu]), None if cl is None else torch.cat([cl, cu]),
+            logits, embedding = model(torch.cat([xl, xu]), None if cl is None or cu is None else torch.cat([cl, cu]),
                                       return_embedding=True,
                                       **self._domain(self._row_domains(xl.shape[0], xu.shape[0], xl.device)))
             logits_l, logits_u = logits[: xl.shape[0]], logits[xl.shape[0]:]
             per_cell = ((torch.softmax(logits_u.float(), dim=1) - yu) ** 2).mean(dim=1)
             # divided by all target cells of the batch: those below the threshold add exactly 0
             unsup_loss = per_cell.sum() / unlabeled.x.shape[0]
-            if dl is not None:
+            if dl is not None and du is not None:
                 mixed_embedding, mixed_logits, mixed_domains = embedding, logits, torch.cat([dl, du])
         else:
             xl, yl, cl = mixup(x_l, batch.target, batch.covariates, s.mixup_alpha) if s.mixup_alpha \
@@ -303,7 +325,7 @@ class SemiSupervisedObjective(Objective):
         terms.update(supervised_loss=float(sup_loss.detach()), unsupervised_loss=float(unsup_loss.detach()),
                      unsup_weight=unsup_weight)
         if self.domain_classifier is not None:
-            if mixed_embedding is not None:  # the adversary on the mixed batch: no second forward pass
+            if mixed_embedding is not None and mixed_domains is not None:  # the adversary on the mixed batch: no second forward pass
                 domain_logits = self.domain_classifier(
                     self._domain_features(model, mixed_embedding, mixed_logits), dan_weight)
                 domain_loss = soft_cross_entropy(domain_logits, mixed_domains)

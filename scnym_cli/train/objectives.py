@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from ..nn.classifier import CellTypeClassifier
 from .losses import soft_cross_entropy
 
 
@@ -31,7 +32,9 @@ class Objective(torch.nn.Module):
     labeled cells).
     """
 
-    def __init__(self, model: torch.nn.Module):
+    model: CellTypeClassifier
+
+    def __init__(self, model: CellTypeClassifier):
         super().__init__()
         self.model = model
 
@@ -53,7 +56,7 @@ def mixup(x: torch.Tensor, target: torch.Tensor, covariates: Optional[torch.Tens
 class SupervisedObjective(Objective):
     """Cross-entropy on labeled cells, optionally class-weighted and MixUp-ed."""
 
-    def __init__(self, model: torch.nn.Module, class_weight: Optional[torch.Tensor] = None,
+    def __init__(self, model: CellTypeClassifier, class_weight: Optional[torch.Tensor] = None,
                  mixup_alpha: Optional[float] = None):
         super().__init__(model)
         self.class_weight = class_weight

@@ -7,7 +7,7 @@ import csv
 import logging
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TextIO
 
 import pandas as pd
 from rich.console import Console
@@ -41,9 +41,8 @@ class EpochProgress:
         self._task = self._bar.add_task(self.name, total=self.n_epochs, status="")
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> None:
         self._bar.__exit__(*exc)
-        return False
 
     def update(self, epoch: int, loss: float, select_accuracy: float, best_epoch: int) -> None:
         status = f"loss {loss:.3f} select acc {select_accuracy:.3f} best epoch {best_epoch}"
@@ -60,13 +59,16 @@ class EpochLog:
     """One CSV row per epoch, flushed as it is written so a running job can be watched."""
 
     def __init__(self, path: Optional[Path]):
-        self.path, self.rows, self._writer, self._handle = path, [], None, None
+        self.path = path
+        self.rows: list[dict] = []
+        self._writer: Optional[csv.DictWriter] = None
+        self._handle: Optional[TextIO] = None
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
         if self.path is None:
             return
-        if self._writer is None:
+        if self._writer is None or self._handle is None:
             self._handle = open(self.path, "w", newline="")
             self._writer = csv.DictWriter(self._handle, fieldnames=list(row))
             self._writer.writeheader()

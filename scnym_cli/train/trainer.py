@@ -28,7 +28,7 @@ from ..data.batches import EpochSampler, batch_tensor
 from ..data.disk import BlockShuffleSampler, DiskMatrix
 from ..data.matrix import Matrix
 from ..data.splits import Split
-from ..nn.classifier import TARGET
+from ..nn.classifier import TARGET, CellTypeClassifier
 from .device import Precision, flush_denormals, seeded_rng
 from .inference import forward_rows
 from .losses import inverse_frequency_weights
@@ -131,21 +131,24 @@ class TargetCensus:
     start of each epoch instead, identical on every rank (all ranks must draw the same batches).
     """
 
-    def __init__(self, target_rows: np.ndarray, *, record: bool):
+    def __init__(self, objective: SemiSupervisedObjective, target_rows: np.ndarray, *, record: bool):
+        self.objective = objective
         self.rows = np.asarray(target_rows)
         self.recording = record
         self.classes = np.full(len(self.rows), -1, dtype=np.int64)
         self.confidence = np.zeros(len(self.rows), dtype=np.float32)
 
-    def record(self, rows: np.ndarray, guess: torch.Tensor) -> None:
-        if not self.recording:
+    def record(self, rows: Optional[np.ndarray]) -> None:
+        """Keep the guesses the objective's teacher made for these target rows in the step just taken."""
+        guess = self.objective.last_guess
+        if not self.recording or rows is None or guess is None:
             return
         positions = np.searchsorted(self.rows, rows)
         confidence, classes = guess.detach().float().max(dim=1)
         self.classes[positions] = classes.cpu().numpy()
         self.confidence[positions] = confidence.cpu().numpy()
 
-    def refresh(self, trainer: "Trainer", model: torch.nn.Module, data: "TrainingData", epoch: int) -> None:
+    def refresh(self, trainer: "Trainer", model: CellTypeClassifier, data: "TrainingData", epoch: int) -> None:
         """With several processes: predict every target cell now (from the second epoch on)."""
         if self.recording or epoch == 1:
             return
@@ -153,9 +156,9 @@ class TargetCensus:
         confidence, classes = torch.softmax(torch.from_numpy(outputs.logits), dim=1).max(dim=1)
         self.classes, self.confidence = classes.numpy(), confidence.numpy()
 
-    def apply(self, objective: SemiSupervisedObjective, target_sampler, n_rows: int) -> None:
-        objective.update_census(self.classes, self.confidence)
-        if objective.settings.balance_target_classes:
+    def apply(self, target_sampler, n_rows: int) -> None:
+        self.objective.update_census(self.classes, self.confidence)
+        if self.objective.settings.balance_target_classes:
             pseudolabels = np.full(n_rows, -1, dtype=np.int64)
             pseudolabels[self.rows] = self.classes   # cells not guessed yet share the code -1
             target_sampler.balance_by(pseudolabels)
@@ -180,7 +183,7 @@ class Trainer:
         shape = partial(LR_SCHEDULES[schedule], total_steps=max(c.n_epochs * steps_per_epoch, 1))
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, shape)
 
-    def _objective(self, model: torch.nn.Module, data: TrainingData) -> Objective:
+    def _objective(self, model: CellTypeClassifier, data: TrainingData) -> Objective:
         """MixMatch / domain adversary when there is something to adapt to, else supervised."""
         c = self.settings
         class_weight = None
@@ -229,7 +232,7 @@ class Trainer:
         return UnlabeledBatch(batch_tensor(data.X, rows, self.device), self._rows_to_device(data.domains, rows),
                               self._rows_to_device(data.covariates, rows))
 
-    def _evaluate(self, model: torch.nn.Module, data: TrainingData) -> dict[str, float]:
+    def _evaluate(self, model: CellTypeClassifier, data: TrainingData) -> dict[str, float]:
         rows = data.split.select
         if len(rows) == 0:
             return {"select_loss": float("nan"), "select_accuracy": float("nan"),
@@ -252,7 +255,7 @@ class Trainer:
         return -value if metric == "loss" else value
 
     # ------------------------------------------------------------------ loop
-    def fit(self, model: torch.nn.Module, data: TrainingData) -> FitResult:
+    def fit(self, model: CellTypeClassifier, data: TrainingData) -> FitResult:
         """Train ``model`` in place; on return it holds the weights of the best epoch.
 
         Every random choice (sampling order, dropout, MixUp) comes from ``settings.seed``; the
@@ -262,7 +265,7 @@ class Trainer:
         with seeded_rng(c.seed), flush_denormals():
             return self._fit(model, data)
 
-    def _fit(self, model: torch.nn.Module, data: TrainingData) -> FitResult:
+    def _fit(self, model: CellTypeClassifier, data: TrainingData) -> FitResult:
         c = self.settings
         model.to(self.device)
         objective = self._objective(model, data).to(self.device)
@@ -273,7 +276,7 @@ class Trainer:
         optimizer, scheduler = self._optimizer(objective, max(len(sampler), 1))
         precision = Precision(self.device)
         ranks = distributed.current()
-        step = objective
+        step: torch.nn.Module = objective
         if ranks.active:  # gradients averaged across ranks by PyTorch's DistributedDataParallel
             from torch.nn.parallel import DistributedDataParallel
 
@@ -288,8 +291,9 @@ class Trainer:
             target_sampler = self._sampler(data, data.unlabeled, balance_classes=False, seed=c.seed + 1)
             target_batches = target_sampler.forever()
         census = None
-        if semi_supervised and target_sampler is not None and objective.settings.needs_target_census:
-            census = TargetCensus(data.unlabeled, record=not ranks.active)
+        if isinstance(objective, SemiSupervisedObjective) and target_sampler is not None \
+                and objective.settings.needs_target_census:
+            census = TargetCensus(objective, data.unlabeled, record=not ranks.active)
         min_epochs = min(c.min_epochs, c.n_epochs)
         # the selection loss picks the kept epoch with or without target cells: keeping the last epoch of a
         # semi-supervised run let B cells drift into T/NK cells on the 10k-gene V2 split (0.974 against 0.991
@@ -308,7 +312,7 @@ class Trainer:
                     n_seen, n_correct = 0, 0
                     if census is not None:
                         census.refresh(self, model, data, epoch)
-                        census.apply(objective, target_sampler, data.X.shape[0])
+                        census.apply(target_sampler, data.X.shape[0])
                     steps_per_epoch = max(len(sampler), 1)
                     for step_index, global_rows in enumerate(sampler.epoch()):
                         # every rank draws the same global batch and takes its share of it
@@ -327,8 +331,8 @@ class Trainer:
                         if scheduler is not None:
                             scheduler.step()
                         objective.after_step()
-                        if census is not None and objective.last_guess is not None:
-                            census.record(target_rows, objective.last_guess)
+                        if census is not None:
+                            census.record(target_rows)
                         if verify:
                             if not distributed.parameters_identical(objective):
                                 raise RuntimeError(f"{self.name}: parameters differ between ranks after step "
@@ -378,7 +382,7 @@ class Trainer:
         return FitResult(best_epoch, best_score, epoch, stopped_early, seconds, history, temperature,
                          semi_supervised, ranks.world_size, verified_steps)
 
-    def _calibrate(self, model: torch.nn.Module, data: TrainingData) -> float:
+    def _calibrate(self, model: CellTypeClassifier, data: TrainingData) -> float:
         """Temperature that makes the best model's confidences calibrated on every labeled cell it was not
         fit on: the selection split, and a fold's held-out cells. The selection split alone is small (a few
         hundred cells, often all classified right on easy data), and fold models whose temperatures rest on

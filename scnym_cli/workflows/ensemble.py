@@ -116,16 +116,18 @@ class Ensemble:
         # run has folds (whichever members predict), else the model's own model-selection cells
         parts = [loaded[d].calibration if d in loaded else load_calibration(d) for d in folds] \
             or [self.primary.calibration]
+        present = [p for p in parts if p is not None]
         self.calibration: Optional[ConformalCalibration] = (
-            None if any(p is None for p in parts) else ConformalCalibration.concatenate(parts))
+            ConformalCalibration.concatenate(present) if len(present) == len(parts) else None)
         self.calibration_source = "out-of-fold cells of the folds" if folds else "model-selection cells"
 
     def shift_reference(self) -> tuple[ConformalCalibration, np.ndarray]:
         """(the calibration cells the primary model embedded at training, their embedding): what a query is
         compared with for weighted prediction sets."""
         shift = self.primary.calibration.shift if self.primary.calibration is not None else None
-        rows = self.calibration.rows if self.calibration is not None else None
-        if shift is None or rows is None:
+        calibration = self.calibration
+        rows = calibration.rows if calibration is not None else None
+        if shift is None or calibration is None or rows is None:
             raise ScnymError(f"--weighted_sets needs a run trained by this scnym (its all_data model keeps a sample "
                              f"of calibration cells); {self.path} has none: retrain it, or leave --weighted_sets off")
         inside = np.isin(shift.rows, rows)
@@ -133,7 +135,7 @@ class Ensemble:
             raise ScnymError(f"--weighted_sets: {self.path} holds {int(inside.sum())} calibration cells embedded by "
                              f"its final model (at least {MIN_SHIFT_CELLS} are needed); give the training run "
                              "directory rather than one model's")
-        return self.calibration.subset(shift.rows[inside]), shift.embedding[inside]
+        return calibration.subset(shift.rows[inside]), shift.embedding[inside]
 
     @property
     def genes(self) -> list[str]:
@@ -170,7 +172,8 @@ class Ensemble:
     def predict(self, X, device, *, chunk_size: int, covariates: Optional[np.ndarray],
                 with_embedding: bool) -> EnsembleOutputs:
         """Every member on the same block (ln(CPM+1) over the model's genes)."""
-        total, calls = None, []
+        total: Optional[np.ndarray] = None
+        calls = []
         logits = embedding = None
 
         def forward(model: LoadedModel, embed: bool):
@@ -187,6 +190,8 @@ class Ensemble:
         if logits is None:   # --ensemble folds: the final model still gives the embedding and the logits
             outputs = forward(self.primary, with_embedding)
             logits, embedding = outputs.logits, outputs.embedding
+        if total is None:
+            raise ValueError(f"{self.path}: an ensemble without members")
         probabilities = total / len(self.members)
         disagreement = None
         if len(self.members) > 1:

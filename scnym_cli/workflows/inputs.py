@@ -147,7 +147,7 @@ def load_training_inputs_backed(config: Config) -> TrainingInputs:
     from ..data.stream import h5ad_files
 
     parts, offset = [], 0
-    for path in h5ad_files(config.input_counts):
+    for path in h5ad_files(config.path("input_counts")):
         parts.append(_open_disk_part(config, path, offset))
         offset += parts[-1].reader.n_cells
         if not parts[-1].source_genes.equals(parts[0].source_genes):
@@ -248,7 +248,7 @@ def load_training_inputs(config: Config, adata=None) -> TrainingInputs:
                              "not an AnnData in memory (use anndata.read_h5ad(path, backed='r') and the command "
                              "line, or leave backed off)")
         return load_training_inputs_backed(config)
-    source = config.input_counts if adata is None else Path("adata")
+    source = config.path("input_counts") if adata is None else Path("adata")
     cells, kind = load_cells(config, source, metadata=config.training_metadata, adata=adata)
     labels = read_labels(cells, config.lower_group)
     if config.genes_to_use is not None:

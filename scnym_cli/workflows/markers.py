@@ -118,10 +118,10 @@ def _file_name(name: str) -> str:
 
 def find_cell_type_markers(config: Config) -> dict:
     device = setup_runtime(config)
-    if routing_of(config.model_path):
+    if routing_of(config.path("model_path")):
         raise ScnymError(f"{config.model_path} holds one model per tissue; give one of them as --model_path "
                          "(e.g. <run>/tissues/<group>)")
-    loaded = load_model(config.model_path, device)
+    loaded = load_model(config.path("model_path"), device)
     classes = chosen_classes(loaded, config.marker_classes)
     methods = {"both": ("input_optimization", "expected_gradients")}.get(config.marker_methods,
                                                                          (config.marker_methods,))
@@ -130,7 +130,7 @@ def find_cell_type_markers(config: Config) -> dict:
                          "--marker_methods input_optimization")
     genes = list(loaded.genes)
     summary: dict = {"model": str(loaded.directory), "classes": classes, "methods": list(methods)}
-    with staged_directory(config.out_path, overwrite=config.overwrite, protected=PROTECTED_OUTPUTS,
+    with staged_directory(config.path("out_path"), overwrite=config.overwrite, protected=PROTECTED_OUTPUTS,
                           last=("markers_summary.json",), writes=writes_outputs()) as stage:
         cells = labels = covariates = None
         if config.input_counts is not None:
@@ -140,7 +140,8 @@ def find_cell_type_markers(config: Config) -> dict:
             cells, overlap = align_genes(cells, genes, min_overlap=config.min_gene_overlap, what="marker data")
             labels = require_column(cells.obs, config.lower_group, "--lower_group", cells.source).astype(str).to_numpy()
             summary["gene_overlap"] = overlap.to_dict()
-        heat_source, heat_scores = None, None
+        heat_source: Optional[str] = None
+        heat_scores: Optional[np.ndarray] = None
         if "input_optimization" in methods:
             fixed = None
             if loaded.manifest.get("covariates"):
@@ -160,10 +161,10 @@ def find_cell_type_markers(config: Config) -> dict:
             heat_source, heat_scores = "input_optimization", specificity[keep]
             log.info("input optimization: %d classes x %d restarts, %d steps", len(loaded.classes),
                      config.n_restarts, config.optimization_steps)
-        if "expected_gradients" in methods:
+        if "expected_gradients" in methods and cells is not None and labels is not None:
             saliency, tables = {}, []
             for name in classes:
-                if not (labels == name).any():
+                if not np.any(labels == name):
                     log.warning("no cell labelled %r in %s: skipped for expected gradients", name, cells.source)
                     continue
                 result = explain_class(loaded, cells, labels, name, config.marker_source, config, device,
@@ -193,6 +194,8 @@ def find_cell_type_markers(config: Config) -> dict:
                 -pd.Index(genes).map(dict(zip(markers.loc[markers["class"] == c, "gene"],
                                               markers.loc[markers["class"] == c, "rank"]))).to_numpy(dtype=float)
                 if c in saliency else np.full(len(genes), -np.inf) for c in classes])
+        if heat_source is None or heat_scores is None:
+            raise ScnymError(f"--marker_methods {config.marker_methods}: no marker method ran")
         summary["top_markers"] = {
             c: list(np.asarray(genes)[np.argsort(-heat_scores[i])[: config.n_top_markers]])
             for i, c in enumerate(classes) if np.isfinite(heat_scores[i]).any()}

@@ -22,6 +22,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -51,7 +52,9 @@ class CsvBlocks:
     probabilities took pandas 6 s of a 31 s prediction, pyarrow a seventh of that."""
 
     def __init__(self, path: Path):
-        self.path, self.writer, self.schema = path, None, None
+        self.path = path
+        self.writer: Any = None   # a pyarrow CSVWriter, opened with the first block's schema
+        self.schema: Any = None
 
     def write(self, frame: pd.DataFrame) -> None:
         import pyarrow as pa
@@ -129,11 +132,11 @@ def predict_cell_types(config: Config) -> dict:
     """Run prediction as configured; returns the summary (also in prediction_summary.json)."""
     started = time.perf_counter()
     device = setup_runtime(config)
-    predictor = Predictor(config.model_path, config, device)
+    predictor = Predictor(config.path("model_path"), config, device)
     _check_training_gene_names(config, predictor)
-    with staged_directory(config.out_path, overwrite=config.overwrite, protected=PROTECTED_OUTPUTS,
+    with staged_directory(config.path("out_path"), overwrite=config.overwrite, protected=PROTECTED_OUTPUTS,
                           last=(PREDICTIONS_FILE,), writes=writes_outputs(), owned=PREDICTION_OUTPUTS) as stage:
-        source = open_query(config, config.input_counts)
+        source = open_query(config, config.path("input_counts"))
         try:
             summary = _predict_to(stage, config, predictor, source, started)
         finally:
@@ -191,7 +194,7 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
             logits_csv.write(pd.concat([table[["cell_id"]], pd.DataFrame(result.logits,
                                                                          columns=[f"logit_{c}" for c in classes])],
                                        axis=1))
-        if embedding_csv:
+        if embedding_csv and result.embedding is not None:
             columns = [f"scnym_{i}" for i in range(result.embedding.shape[1])]
             embedding_csv.write(pd.concat([table[["cell_id"]], pd.DataFrame(result.embedding, columns=columns)],
                                           axis=1))

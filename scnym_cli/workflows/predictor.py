@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,7 +26,7 @@ from ..data.stream import CellChunks, H5adChunks, InMemoryChunks, ShardedH5adChu
 from ..errors import ScnymError
 from ..report import LabeledEvaluation, evaluate_labeled, predictions_table, write_labeled_report
 from ..store import covariates_for, routing_of
-from ..train.conformal import DomainWeights, prediction_sets, set_labels, true_class_in_set
+from ..train.conformal import ConformalCalibration, DomainWeights, prediction_sets, set_labels, true_class_in_set
 from .ensemble import Ensemble
 
 log = logging.getLogger(__name__)
@@ -85,21 +85,27 @@ class Predictor:
             raise ScnymError(f"--unknown_rate needs a model with a novelty reference, and {old[0]} was trained "
                              "without one (an older scnym): retrain it, or use --unknown_threshold")
         # each model's novelty above which a cell is Unknown (none: no --unknown_rate)
-        self.unknown_above = {g: m.novelty.threshold(config.unknown_rate) for g, m in self.models.items()} \
-            if config.unknown_rate is not None else None
+        self.unknown_above: Optional[dict[Any, float]] = None
+        if config.unknown_rate is not None:
+            self.unknown_above = {g: m.novelty.threshold(config.unknown_rate) for g, m in self.models.items()
+                                  if m.novelty is not None}
         # each model's conformal score threshold per class (none: no --coverage)
-        self.set_thresholds = self.shift = self.domain_weights = None
+        self.set_thresholds: Optional[dict[Any, np.ndarray]] = None
+        # weighted sets: each model's calibration sample, and (fit_shift) its domain classifier against the query
+        self.shift: Optional[dict[Any, tuple[ConformalCalibration, np.ndarray]]] = None
+        self.domain_weights: dict[Any, Optional[DomainWeights]] = {}
         if config.coverage is not None:
-            old = [str(m.directory) for m in self.models.values() if m.calibration is None]
+            calibrations = {g: m.calibration for g, m in self.models.items() if m.calibration is not None}
+            old = [str(m.directory) for g, m in self.models.items() if g not in calibrations]
             if old:
                 raise ScnymError(f"--coverage needs a model with a conformal calibration set, and {old[0]} was "
                                  "trained without one (an older scnym): retrain it")
-            self.set_thresholds = {g: m.calibration.thresholds(config.coverage, config.coverage_per_class)
-                                   for g, m in self.models.items()}
-            # weighted sets: each model's calibration sample; the domain classifiers come with the query
+            self.set_thresholds = {g: c.thresholds(config.coverage, config.coverage_per_class)
+                                   for g, c in calibrations.items()}
             self.shift = {g: m.shift_reference() for g, m in self.models.items()} if config.weighted_sets else None
-            for m in self.models.values():
-                too_few = m.calibration.too_few(config.coverage)
+            for g, calibration in calibrations.items():
+                m = self.models[g]
+                too_few = calibration.too_few(config.coverage)
                 if config.coverage_per_class and len(too_few):
                     log.warning("%s: %d classes have too few calibration cells to be ruled out at coverage %g and "
                                 "are in every set: %s", m.path, len(too_few), config.coverage,
@@ -109,10 +115,10 @@ class Predictor:
         """What predicted (for the summary): the models, their temperatures, the prediction sets' calibration."""
         described: dict = {"ensemble": self.config.ensemble}
         for group, model in self.models.items():
-            entry = {"models": model.names, "temperature": {m.directory.name: m.temperature for m in model.members}}
+            entry: dict[str, Any] = {"models": model.names, "temperature": {m.directory.name: m.temperature for m in model.members}}
             if self.set_thresholds is not None:
-                entry["calibration"] = {"cells": model.calibration_source, "n_cells": len(model.calibration)}
-                domain = (self.domain_weights or {}).get(group)
+                entry["calibration"] = {"cells": model.calibration_source, "n_cells": len(model.calibration or ())}
+                domain = self.domain_weights.get(group)
                 if domain is not None:
                     w = domain.calibration_weights
                     # how many calibration cells the weighting leaves in effect (few: sets near-full)
@@ -140,7 +146,7 @@ class Predictor:
         self.genes = pd.Index(genes)
         overlaps = {g: require_overlap(self.genes, m.genes, min_overlap=self.config.min_gene_overlap, what="query",
                                        source=source) for g, m in self.models.items()}
-        self.groups = None
+        self.groups: Optional[np.ndarray] = None
         if self.routing:
             groups = read_groups(obs, self.column, source)
             unseen = ~pd.Index(groups).isin(list(self.models))
@@ -157,7 +163,9 @@ class Predictor:
     def fit_shift(self, source: CellChunks) -> None:
         """Weighted sets (a first pass over the query): each model's embedding of a random sample of the query's
         cells, and a domain classifier of those against the model's calibration sample."""
-        config = self.config
+        config, shift = self.config, self.shift
+        if shift is None:
+            raise ValueError("fit_shift is for weighted sets: the Predictor was built without --weighted_sets")
         rng = np.random.default_rng(config.seed)
         sample = np.sort(rng.choice(source.n_cells, size=min(SHIFT_QUERY_CELLS, source.n_cells), replace=False))
         embedded: dict = {group: [] for group in self.models}
@@ -169,7 +177,8 @@ class Predictor:
             X, _ = normalize(block[local], config.input_normalization, kind=kind, source=source.source, copy=True,
                              announce=False)
             for group, model in self.models.items():
-                mine = np.arange(len(local)) if group is None else np.flatnonzero(self.groups[rows][local] == group)
+                mine = (np.arange(len(local)) if group is None or self.groups is None
+                        else np.flatnonzero(self.groups[rows][local] == group))
                 if len(mine) == 0:
                     continue
                 model_genes = pd.Index(model.genes)
@@ -188,7 +197,7 @@ class Predictor:
                             "are unweighted", self.models[group].path, len(query))
                 self.domain_weights[group] = None
                 continue
-            _, reference = self.shift[group]
+            _, reference = shift[group]
             self.domain_weights[group] = DomainWeights.fit(reference, query, config.seed)
 
     def predict(self, rows: slice, X: sp.csr_matrix, with_embedding: bool) -> ChunkResult:
@@ -202,7 +211,7 @@ class Predictor:
         sets = np.zeros((n, len(self.classes)), dtype=bool) if self.set_thresholds is not None else None
         unknown = np.zeros(n, dtype=bool)
         for group, model in self.models.items():
-            local = np.arange(n) if group is None else np.flatnonzero(self.groups[rows] == group)
+            local = np.arange(n) if group is None or self.groups is None else np.flatnonzero(self.groups[rows] == group)
             part = X if group is None else X[local]   # a single model reads the block itself, uncopied
             if part.shape[0] == 0:
                 continue
@@ -211,11 +220,11 @@ class Predictor:
             covariates = self.covariates[group]
             if covariates is not None:
                 covariates = covariates[rows][local]
-            weighted = self.shift is not None and self.domain_weights.get(group) is not None
+            domain = self.domain_weights.get(group) if self.shift is not None else None
             outputs = model.predict(aligned, self.device, chunk_size=self.config.prediction_chunk_size,
                                     covariates=covariates,
-                                    with_embedding=with_embedding or novelty is not None or weighted)
-            if novelty is not None:
+                                    with_embedding=with_embedding or novelty is not None or domain is not None)
+            if novelty is not None and model.novelty is not None and outputs.embedding is not None:
                 novelty[local] = model.novelty.score(outputs.embedding)
                 if self.unknown_above is not None:
                     unknown[local] = novelty[local] > self.unknown_above[group]
@@ -224,16 +233,16 @@ class Predictor:
             columns = pd.Index(self.classes).get_indexer(model.classes)
             probabilities[np.ix_(local, columns)] = outputs.probabilities
             logits[np.ix_(local, columns)] = outputs.logits
-            if sets is not None:
+            if sets is not None and self.set_thresholds is not None and self.config.coverage is not None:
                 thresholds = self.set_thresholds[group]
-                if weighted:   # each cell's own thresholds, from calibration cells weighted by its likeness
+                if domain is not None and self.shift is not None and outputs.embedding is not None:
+                    # each cell's own thresholds, from calibration cells weighted by its likeness
                     calibration, _ = self.shift[group]
-                    domain = self.domain_weights[group]
                     thresholds = calibration.weighted_thresholds(
                         domain.calibration_weights, domain.weights(outputs.embedding), self.config.coverage,
                         self.config.coverage_per_class)
                 sets[np.ix_(local, columns)] = prediction_sets(outputs.probabilities, thresholds)
-            if with_embedding:
+            if with_embedding and outputs.embedding is not None:
                 if embedding is None:
                     embedding = np.zeros((n, outputs.embedding.shape[1]), dtype=np.float32)
                 embedding[local] = outputs.embedding
@@ -264,7 +273,7 @@ def open_query(config: Config, path: Path, adata=None) -> CellChunks:
         obs = join_metadata(source.obs, config.training_metadata, source.source)
         if isinstance(source, InMemoryChunks):
             source = InMemoryChunks(source.cells.with_(obs=obs))
-        else:
+        elif isinstance(source, (H5adChunks, ShardedH5adChunks)):
             source.obs = obs
     return source
 
@@ -381,5 +390,6 @@ def annotate(adata, *, key: str, predictions: Predictions) -> None:
     for name, values in obs_fields(key, predictions.labels, predictions.confidence, predictions.extra).items():
         adata.obs[name] = values
     adata.obsm[f"{key}_probabilities"] = predictions.probabilities.astype(np.float32)
-    adata.obsm["X_scnym"] = predictions.embedding.astype(np.float32)
+    if predictions.embedding is not None:
+        adata.obsm["X_scnym"] = predictions.embedding.astype(np.float32)
     adata.uns[f"{key}_classes"] = list(predictions.classes)

@@ -102,7 +102,7 @@ def train_tissue_specific(config: Config) -> dict:
     started = time.perf_counter()
     device = setup_runtime(config)
     protected = (*PROTECTED_OUTPUTS, ROUTING_FILE, TISSUES_DIR)
-    with staged_directory(config.out_path, overwrite=config.overwrite, protected=protected,
+    with staged_directory(config.path("out_path"), overwrite=config.overwrite, protected=protected,
                           last=(RUN_MARKER,), writes=writes_outputs()) as stage:
         inputs = load_training_inputs(config)
         groups = read_groups(inputs.cells.obs, config.upper_group, inputs.cells.source)

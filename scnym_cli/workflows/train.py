@@ -36,7 +36,7 @@ from ..train import Trainer, TrainingData
 from ..train.conformal import (CONFORMAL_FILE, SHIFT_REFERENCE_CELLS, ConformalCalibration, ShiftReference,
                                coverage_summary, cross_conformal_sets, true_class_in_set)
 from ..train.device import seeded_rng
-from ..train.inference import forward_rows
+from ..train.inference import embed_rows, forward_rows
 from ..train.metrics import classification_metrics, expected_calibration_error
 from ..train.novelty import NOVELTY_FILE, SELECTION_CELLS, NoveltyReference, bank_rows
 from .inputs import TrainingInputs, load_training_inputs
@@ -91,8 +91,8 @@ def build_novelty_reference(model: CellTypeClassifier, data: TrainingData, devic
     select = data.split.select
     select = np.sort(rng.choice(select, size=SELECTION_CELLS, replace=False)) if len(select) > SELECTION_CELLS \
         else select
-    embed = partial(forward_rows, model, data.X, device=device, covariates=data.covariates, with_embedding=True)
-    return NoveltyReference.build(embed(bank).embedding, embed(select).embedding)
+    embed = partial(embed_rows, model, data.X, device=device, covariates=data.covariates)
+    return NoveltyReference.build(embed(bank), embed(select))
 
 
 def shift_reference(model: CellTypeClassifier, data: TrainingData, device: torch.device,
@@ -102,8 +102,7 @@ def shift_reference(model: CellTypeClassifier, data: TrainingData, device: torch
     calibrating = np.sort(np.concatenate([data.split.fit, data.split.select])) if config.n_folds else data.split.select
     rng = np.random.default_rng(config.seed)
     rows = np.sort(rng.choice(calibrating, size=min(SHIFT_REFERENCE_CELLS, len(calibrating)), replace=False))
-    outputs = forward_rows(model, data.X, rows, device, covariates=data.covariates, with_embedding=True)
-    return ShiftReference(rows, outputs.embedding)
+    return ShiftReference(rows, embed_rows(model, data.X, rows, device, covariates=data.covariates))
 
 
 def _write_ids(path: Path, cell_ids: pd.Index, rows: np.ndarray) -> None:
@@ -220,7 +219,7 @@ def run_training(config: Config, get_inputs: Callable[[], TrainingInputs],
     device = setup_runtime(config)
     only = selected_models(config)
     protected = PROTECTED_OUTPUTS if only is None else (*only, RUN_MARKER)
-    with staged_directory(config.out_path, overwrite=config.overwrite, protected=protected,
+    with staged_directory(config.path("out_path"), overwrite=config.overwrite, protected=protected,
                           last=(RUN_MARKER,), writes=writes_outputs(),
                           owned=RUN_OUTPUTS if only is None else ()) as stage:
         return train_into(stage, config, get_inputs(), device, command, only)
@@ -371,7 +370,7 @@ def summarize_run(directory: Path, command: str, seconds: float) -> dict:
 
 def collect_folds(config: Config) -> dict:
     """Assemble a run whose models were trained by separate fold-level jobs; say what is missing."""
-    directory = Path(config.out_path)
+    directory = config.path("out_path")
     if not (directory / "scnym_config.json").is_file():
         raise ScnymError(f"{directory} holds no scnym_config.json: no fold-level job has finished there")
     stored = json.loads((directory / "scnym_config.json").read_text())

@@ -155,7 +155,7 @@ _register("train_tissue_specific",
 _register("collect_folds",
           "Assemble a run whose folds were trained by separate jobs (--fold / --folds): check that every "
           "model is there and complete, then write fold_eval_acc.csv and the other run tables.",
-          _workflow("train", "collect_folds"))
+          _workflow("collect", "collect_folds"))
 _register("predict_cell_types",
           "Predict cell types of new data with a trained model (any input format; genes aligned to the model).",
           _workflow("predict", "predict_cell_types"))

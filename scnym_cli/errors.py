@@ -15,3 +15,10 @@ class ScnymError(Exception):
     def __init__(self, message: str):
         # One line, always: callers may build messages from file contents.
         super().__init__(" ".join(str(message).split()))
+
+
+class RunInterrupted(ScnymError):
+    """A run stopped on request (SIGUSR1 / SIGTERM from a batch system) after writing a checkpoint: the
+    unfinished run is kept, to be continued with --resume."""
+
+    exit_code = 75   # EX_TEMPFAIL: try again

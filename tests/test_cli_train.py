@@ -119,7 +119,7 @@ def test_help_shows_allowed_values_and_each_default_once(runner):
     text = " ".join(result.output.split())
     assert "[auto|counts|log1p|log2_1p|log10_1p|as_is]" in text and "[all|all_data|folds]" in text
     assert "(default: var_names / 'Gene'). (default" not in text and "(default: var_names / 'Gene')" in text
-    assert "Replace results already in out_path. (default: false); a bare flag means true" in text
+    assert "unfinished run of the same command there). (default: false); a bare flag means true" in text
 
 
 def test_a_failed_run_leaves_nothing(runner, tmp_path, monkeypatch):
@@ -142,8 +142,25 @@ def test_a_failed_run_leaves_nothing(runner, tmp_path, monkeypatch):
     result = invoke(runner, "train_tissue_independent", "--input_counts", data, "--lower_group", "cell_type",
                     "--out_path", tmp_path / "run", *FAST_FLAGS)
     assert_one_line_error(result, "simulated failure")
-    assert not (tmp_path / "run").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not (tmp_path / "run").exists()   # nothing that looks like a result
+    # only the unfinished run, hidden, keeping the model that was finished: --resume continues from it
+    hidden = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in hidden] == [".run.partial-train"]
+    assert (hidden[0] / "fold00" / "model.json").is_file() and not (hidden[0] / "fold01").exists()
+
+
+def test_a_run_that_fails_before_any_model_is_finished_leaves_nothing(runner, tmp_path, monkeypatch):
+    data = write_h5ad(make_counts(n_cells=120), tmp_path / "x.h5ad")
+    import scnym_cli.workflows.train as train_module
+
+    def explode(*args, **kwargs):
+        raise train_module.ScnymError("simulated failure in the first model")
+
+    monkeypatch.setattr(train_module, "train_one_model", explode)
+    result = invoke(runner, "train_tissue_independent", "--input_counts", data, "--lower_group", "cell_type",
+                    "--out_path", tmp_path / "run", *FAST_FLAGS)
+    assert_one_line_error(result, "simulated failure")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or p.name == "run"]
 
 
 def test_no_cross_validation(runner, tmp_path):
@@ -203,3 +220,18 @@ def test_overwriting_leaves_nothing_of_the_earlier_run_and_names_unfinished_fold
                         "--overwrite", "--write_logits", logits, "--write_h5ad", "false")
         assert result.exit_code == 0, result.output
         assert (out / "logits.csv").exists() == (logits == "true")
+
+
+def test_files_of_the_users_own_under_names_a_run_writes_are_not_replaced_without_overwrite(runner, tmp_path):
+    data = write_h5ad(make_counts(n_cells=120), tmp_path / "x.h5ad")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "confusion_matrix.csv").write_text("made by another tool\n")
+    (out / "notes.txt").write_text("mine\n")
+    args = ["train_tissue_independent", "--input_counts", data, "--lower_group", "cell_type", "--out_path", out,
+            *FAST_FLAGS]
+    assert_one_line_error(invoke(runner, *args), "already holds files this command writes", "confusion_matrix.csv",
+                          "--overwrite true")
+    assert (out / "confusion_matrix.csv").read_text() == "made by another tool\n"
+    assert invoke(runner, *args, "--overwrite").exit_code == 0
+    assert (out / "run_summary.json").is_file() and (out / "notes.txt").read_text() == "mine\n"

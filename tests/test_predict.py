@@ -272,3 +272,13 @@ def test_architecture_comes_from_the_manifest_not_the_callers_config(runner, tra
     a = predict(runner, trained_run, write_h5ad(query, tmp_path / "q.h5ad"), tmp_path / "a")
     b = predict(runner, trained_run, tmp_path / "q.h5ad", tmp_path / "b", "-c", config)
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_a_logits_csv_of_the_users_own_is_not_replaced_without_overwrite(runner, trained_run, tmp_path, query):
+    data = write_h5ad(query, tmp_path / "q.h5ad")
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "logits.csv").write_text("mine\n")
+    result = invoke(runner, "predict_cell_types", "--model_path", trained_run, "--input_counts", data,
+                    "--out_path", tmp_path / "p")
+    assert_one_line_error(result, "already holds files this command writes", "logits.csv")
+    assert (tmp_path / "p" / "logits.csv").read_text() == "mine\n"

@@ -197,7 +197,7 @@ def test_distribution_alignment_pulls_guesses_towards_the_labeled_prior():
 
 def test_the_census_records_guesses_and_balances_target_batches_by_pseudolabel():
     from scnym_cli.data.batches import EpochSampler
-    from scnym_cli.train.trainer import TargetCensus
+    from scnym_cli.train.census import TargetCensus
 
     target_rows = np.arange(100, 400)
     settings = MixMatchSettings(adaptive_thresholds=True, balance_target_classes=True, pseudolabel_min_confidence=0.75,

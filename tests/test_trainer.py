@@ -210,7 +210,7 @@ def test_small_data_epochs_make_at_least_min_steps_each():
 
 @pytest.mark.parametrize("schedule", ["one_cycle", "cosine"])
 def test_learning_rate_schedules_step_per_batch(schedule):
-    from scnym_cli.train.trainer import cosine, one_cycle
+    from scnym_cli.train.optim import cosine, one_cycle
 
     data = synthetic_training_data()
     _, result = fit(Config(**{**FAST, "optimizer": "adamw", "lr": 0.01, "lr_schedule": schedule}), data)

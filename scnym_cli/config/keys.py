@@ -328,7 +328,17 @@ class ConfigKeys:
     folds: Optional[str] = option(
         None, "Train only these models: comma-separated fold numbers and/or all_data (e.g. 0,3,all_data).",
         "Run", _TRAIN)
-    overwrite: bool = option(False, "Replace results already in out_path.", "Run")
+    overwrite: bool = option(False, "Replace results already in out_path (and delete an unfinished run of the "
+                             "same command there).", "Run")
+    resume: bool = option(
+        False, "Continue the unfinished run in out_path (killed, out of time) from its last checkpoint: same "
+        "settings and data, finished models kept. Automatic when SLURM requeues the job.", "Run", _TRAIN)
+    checkpoint_epochs: int = option(
+        10, "Write a training checkpoint every this many epochs (0: only by --checkpoint_minutes).", "Run", _TRAIN,
+        min=0)
+    checkpoint_minutes: float = option(
+        5.0, "... and once this many minutes have passed since the last one (0: only by --checkpoint_epochs; "
+        "both 0: no checkpoints).", "Run", _TRAIN, min=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N | mps.", "Run")
     num_threads: Optional[int] = option(
         None, "CPU threads for torch (default: the CPUs this process may use, from its affinity mask and "

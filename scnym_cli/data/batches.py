@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional, Protocol
 
 import numpy as np
 import torch
@@ -64,10 +64,13 @@ class EpochSampler:
         full, rest = divmod(self.passes * len(self.rows), self.batch_size)
         return full if (self.drop_last or rest == 0) else full + 1
 
-    def forever(self) -> Iterator[np.ndarray]:
-        """Batches epoch after epoch, without end (target cells, drawn alongside labeled batches)."""
-        while True:
-            yield from self.epoch()
+    def state_dict(self) -> dict[str, Any]:
+        """What the next epochs' draws depend on (training checkpoints): the generator and the weights."""
+        return {"rng": self.rng.bit_generator.state, "probabilities": self.probabilities}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.probabilities = None if state["probabilities"] is None else np.asarray(state["probabilities"])
 
     def epoch(self) -> Iterator[np.ndarray]:
         if self.probabilities is None:
@@ -78,6 +81,50 @@ class EpochSampler:
             batch = order[batch_index * self.batch_size:(batch_index + 1) * self.batch_size]
             if len(batch) > 1 or not self.drop_last:
                 yield batch
+
+
+class Sampler(Protocol):
+    """Row batches epoch by epoch, from a generator whose state can be saved (EpochSampler, BlockShuffleSampler)."""
+
+    def __len__(self) -> int: ...
+
+    def epoch(self) -> Iterator[np.ndarray]: ...
+
+    def balance_by(self, codes: np.ndarray) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class BatchStream:
+    """A sampler's batches pass after pass, without end: target cells, drawn alongside the labeled batches,
+    whose passes do not line up with the labeled epochs.
+
+    Each pass is drawn whole when it starts, so the stream's position is data (the rest of the pass and the
+    sampler's state) that a checkpoint can save and restore exactly.
+    """
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+        self.pending: list[np.ndarray] = []   # the rest of the current pass, next batch last
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if not self.pending:
+            self.pending = list(self.sampler.epoch())[::-1]
+            if not self.pending:
+                raise RuntimeError("a pass over the target cells gave no batch (fewer than 2 cells?)")
+        return self.pending.pop()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict(), "pending": list(self.pending)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.pending = [np.asarray(batch, dtype=np.int64) for batch in state["pending"]]
 
 
 def chunks(n_rows: int, chunk_size: int) -> Iterator[np.ndarray]:

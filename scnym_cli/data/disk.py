@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -124,9 +124,15 @@ class BlockShuffleSampler:
         self.codes, self.balance = codes, True
         self._inner.balance_by(codes)
 
-    def forever(self) -> Iterator[np.ndarray]:
-        while True:
-            yield from self.epoch()
+    def state_dict(self) -> dict[str, Any]:
+        return {"block_rng": self.block_rng.bit_generator.state, "inner": self._inner.state_dict(),
+                "codes": self.codes, "balance": self.balance}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.block_rng.bit_generator.state = state["block_rng"]
+        self._inner.load_state_dict(state["inner"])
+        self.codes = None if state["codes"] is None else np.asarray(state["codes"])
+        self.balance = bool(state["balance"])
 
     def epoch(self) -> Iterator[np.ndarray]:
         if len(self.unique_blocks) <= self.window_blocks:

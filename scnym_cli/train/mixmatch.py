@@ -184,6 +184,19 @@ class SemiSupervisedObjective(Objective):
             self.teacher._apply(fn, recurse)
         return super()._apply(fn, recurse)
 
+    def get_extra_state(self) -> dict:
+        """What a training checkpoint needs beyond the parameters and persistent buffers: the running target
+        marginal, FlexMatch's thresholds and the mean teacher (none of which is part of a saved model)."""
+        return {"target_marginal": self.target_marginal.detach().cpu(),
+                "class_thresholds": self.class_thresholds.detach().cpu(),
+                "teacher": None if self.teacher is None else self.teacher.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.target_marginal.copy_(state["target_marginal"])
+        self.class_thresholds.copy_(state["class_thresholds"])
+        if self.teacher is not None and state["teacher"] is not None:
+            self.teacher.load_state_dict(state["teacher"])
+
     @torch.no_grad()
     def after_step(self) -> None:
         """Mean teacher: exponential moving average of the student's weights (buffers copied)."""

@@ -25,9 +25,9 @@ class EpochProgress:
     ("fold02: epoch 30/100, loss 0.412, selection accuracy 0.931, best epoch 28, 41 s") every tenth of the
     epochs or every PROGRESS_LINE_SECONDS, whichever comes first, and one for the last epoch."""
 
-    def __init__(self, name: str, n_epochs: int, enabled: bool):
+    def __init__(self, name: str, n_epochs: int, enabled: bool, done: int = 0):
         console = Console(stderr=True)
-        self.name, self.n_epochs = name, n_epochs
+        self.name, self.n_epochs, self.done = name, n_epochs, done   # done: epochs of a resumed fit
         self.live = enabled and (console.is_terminal or console.is_jupyter)
         self.lines = enabled and not self.live
         self._bar = Progress(
@@ -38,7 +38,7 @@ class EpochProgress:
 
     def __enter__(self) -> "EpochProgress":
         self._bar.__enter__()
-        self._task = self._bar.add_task(self.name, total=self.n_epochs, status="")
+        self._task = self._bar.add_task(self.name, total=self.n_epochs, completed=self.done, status="")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -63,6 +63,12 @@ class EpochLog:
         self.rows: list[dict] = []
         self._writer: Optional[csv.DictWriter] = None
         self._handle: Optional[TextIO] = None
+
+    def restore(self, rows: list[dict]) -> None:
+        """The rows of a resumed fit's earlier epochs: the file is written again from them."""
+        self.rows = []
+        for row in rows:
+            self.write(dict(row))
 
     def write(self, row: dict) -> None:
         self.rows.append(row)

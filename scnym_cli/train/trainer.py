@@ -14,29 +14,32 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..errors import ScnymError
-from ..data.batches import EpochSampler, batch_tensor
+from ..errors import RunInterrupted, ScnymError
+from ..data.batches import BatchStream, EpochSampler, batch_tensor
 from ..data.disk import BlockShuffleSampler, DiskMatrix
 from ..data.matrix import Matrix
 from ..data.splits import Split
-from ..nn.classifier import TARGET, CellTypeClassifier
+from ..nn.classifier import CellTypeClassifier
 from .device import Precision, flush_denormals, seeded_rng
 from .inference import forward_rows
 from .losses import inverse_frequency_weights
 from .metrics import classification_metrics
 from . import distributed
 from .calibration import fit_temperature
+from .census import TargetCensus
+from .checkpoint import (CheckpointPolicy, StopRequest, kill_point, load_checkpoint, save_checkpoint,
+                         set_torch_rng_state, torch_rng_state)
 from .mixmatch import SemiSupervisedObjective, UnlabeledBatch
 from .objectives import LabeledBatch, Objective, SupervisedObjective
+from .optim import build_optimizer
 from .progress import EpochLog, EpochProgress
 from .settings import TrainingSettings
 
@@ -44,31 +47,6 @@ log = logging.getLogger(__name__)
 
 # set to 1 to check after every step that all ranks hold identical parameters (tests, debugging)
 VERIFY_VARIABLE = "SCNYM_VERIFY_RANKS"
-
-OPTIMIZERS: dict[str, Callable] = {
-    "adadelta": torch.optim.Adadelta,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "sgd": lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=0.9),
-}
-
-
-def one_cycle(step: int, total_steps: int, warmup: float = 0.3, start: float = 1 / 25, end: float = 1e-5) -> float:
-    """Learning-rate factor of the one-cycle policy (Smith & Topin 2019): a cosine warm-up from ``start`` to
-    1 over the first ``warmup`` share of the steps, then a cosine decay to ``end``; flat after the last step."""
-    t = min(step / total_steps, 1.0)
-    if t < warmup:
-        return start + (1 - start) * (1 - math.cos(math.pi * t / warmup)) / 2
-    return end + (1 - end) * (1 + math.cos(math.pi * (t - warmup) / (1 - warmup))) / 2
-
-
-def cosine(step: int, total_steps: int) -> float:
-    """Cosine annealing from 1 to 1e-4 over the run."""
-    return 1e-4 + (1 - 1e-4) * (1 + math.cos(math.pi * min(step / total_steps, 1.0))) / 2
-
-
-LR_SCHEDULES: dict[str, Callable[..., float]] = {"one_cycle": one_cycle, "cosine": cosine}
-
 
 @dataclass
 class TrainingData:
@@ -121,68 +99,37 @@ class FitResult:
     verified_steps: int = 0          # steps after which all ranks were checked to hold the same parameters
 
 
-class TargetCensus:
-    """The latest pseudolabel (class and confidence) of every target cell: what pseudolabel-balanced target
-    batches and FlexMatch's per-class thresholds are computed from, at the start of every epoch.
+@dataclass
+class LoopState:
+    """Where the epoch loop stands (what a checkpoint restores besides the modules and generators)."""
 
-    In one process the guesses MixMatch's teacher makes for each target batch are recorded as they come
-    (no extra pass over the target; a cell not guessed yet has class -1). With several processes each
-    sees only its share of every batch, so the census is a forward pass over every target cell at the
-    start of each epoch instead, identical on every rank (all ranks must draw the same batches).
-    """
+    epoch: int = 0                         # the last epoch completed
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    best_state: Optional[dict[str, torch.Tensor]] = None
+    stopped_early: bool = False
+    verified_steps: int = 0
+    seconds: float = 0.0                   # training time before this process (a resumed run)
 
-    def __init__(self, objective: SemiSupervisedObjective, target_rows: np.ndarray, *, record: bool):
-        self.objective = objective
-        self.rows = np.asarray(target_rows)
-        self.recording = record
-        self.classes = np.full(len(self.rows), -1, dtype=np.int64)
-        self.confidence = np.zeros(len(self.rows), dtype=np.float32)
-
-    def record(self, rows: Optional[np.ndarray]) -> None:
-        """Keep the guesses the objective's teacher made for these target rows in the step just taken."""
-        guess = self.objective.last_guess
-        if not self.recording or rows is None or guess is None:
-            return
-        positions = np.searchsorted(self.rows, rows)
-        confidence, classes = guess.detach().float().max(dim=1)
-        self.classes[positions] = classes.cpu().numpy()
-        self.confidence[positions] = confidence.cpu().numpy()
-
-    def refresh(self, trainer: "Trainer", model: CellTypeClassifier, data: "TrainingData", epoch: int) -> None:
-        """With several processes: predict every target cell now (from the second epoch on)."""
-        if self.recording or epoch == 1:
-            return
-        outputs = forward_rows(model, data.X, self.rows, trainer.device, covariates=data.covariates, domain=TARGET)
-        confidence, classes = torch.softmax(torch.from_numpy(outputs.logits), dim=1).max(dim=1)
-        self.classes, self.confidence = classes.numpy(), confidence.numpy()
-
-    def apply(self, target_sampler, n_rows: int) -> None:
-        self.objective.update_census(self.classes, self.confidence)
-        if self.objective.settings.balance_target_classes:
-            pseudolabels = np.full(n_rows, -1, dtype=np.int64)
-            pseudolabels[self.rows] = self.classes   # cells not guessed yet share the code -1
-            target_sampler.balance_by(pseudolabels)
+    @classmethod
+    def restore(cls, saved: dict[str, Any]) -> "LoopState":
+        return cls(**saved)
 
 
 class Trainer:
-    """Fit a model on :class:`TrainingData` as :class:`~.settings.TrainingSettings` say."""
+    """Fit a model on :class:`TrainingData` as :class:`~.settings.TrainingSettings` say.
+
+    With a ``checkpoint`` policy the fit writes checkpoints as it goes (train/checkpoint.py) and, when one is
+    there already, goes on from it; removing it once the model is safe is the caller's business.
+    """
 
     def __init__(self, settings: TrainingSettings, device: torch.device, *, log_path: Optional[Path] = None,
-                 name: str = "model", show_progress: bool = True):
+                 name: str = "model", show_progress: bool = True, checkpoint: Optional[CheckpointPolicy] = None):
         self.settings, self.device, self.log_path, self.name = settings, device, log_path, name
         self.show_progress = show_progress
+        self.checkpoint = checkpoint
 
     # ------------------------------------------------------------------ pieces
-    def _optimizer(self, objective: torch.nn.Module, steps_per_epoch: int):
-        """The optimizer and its learning-rate schedule, stepped after every batch (None: constant)."""
-        c = self.settings
-        optimizer = OPTIMIZERS[c.optimizer](objective.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        schedule = {"auto": "cosine" if c.optimizer == "sgd" else "constant"}.get(c.lr_schedule, c.lr_schedule)
-        if schedule == "constant":
-            return optimizer, None
-        shape = partial(LR_SCHEDULES[schedule], total_steps=max(c.n_epochs * steps_per_epoch, 1))
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, shape)
-
     def _objective(self, model: CellTypeClassifier, data: TrainingData) -> Objective:
         """MixMatch / domain adversary when there is something to adapt to, else supervised."""
         c = self.settings
@@ -273,7 +220,7 @@ class Trainer:
         adapting = semi_supervised and len(data.unlabeled) > 0
         sampler = self._sampler(data, data.split.fit, balance_classes=c.balances_labeled_classes(adapting),
                                 seed=c.seed, min_batches=c.min_steps_per_epoch)
-        optimizer, scheduler = self._optimizer(objective, max(len(sampler), 1))
+        optimizer, scheduler = build_optimizer(c, objective.parameters(), max(len(sampler), 1))
         precision = Precision(self.device)
         ranks = distributed.current()
         step: torch.nn.Module = objective
@@ -285,11 +232,10 @@ class Trainer:
                 raise ScnymError(f"--batch_size {c.batch_size} is too small for {ranks.world_size} processes: each "
                                  "needs at least 2 cells per batch")
         verify = ranks.active and os.environ.get(VERIFY_VARIABLE, "") == "1"
-        verified_steps = 0
         target_sampler = target_batches = None
         if semi_supervised and len(data.unlabeled):
             target_sampler = self._sampler(data, data.unlabeled, balance_classes=False, seed=c.seed + 1)
-            target_batches = target_sampler.forever()
+            target_batches = BatchStream(target_sampler)
         census = None
         if isinstance(objective, SemiSupervisedObjective) and target_sampler is not None \
                 and objective.settings.needs_target_census:
@@ -299,19 +245,48 @@ class Trainer:
         # semi-supervised run let B cells drift into T/NK cells on the 10k-gene V2 split (0.974 against 0.991
         # balanced accuracy; bench/results/ablation.md)
         selection = c.selection_metric
-        best_score, best_epoch, best_state = -math.inf, 0, None
+        loop = LoopState()
         epoch_log = EpochLog(self.log_path)
-        started = time.perf_counter()
-        stopped_early, epoch = False, 0
+        # checkpoints are per process: a data-parallel run (several ranks) is not checkpointed
+        checkpoint = self.checkpoint if self.checkpoint is not None and self.checkpoint.enabled \
+            and not ranks.active else None
+
+        def snapshot() -> dict[str, Any]:
+            return {"name": self.name, "loop": dataclasses.asdict(loop), "objective": objective.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": None if scheduler is None else scheduler.state_dict(),
+                    "scaler": precision.scaler.state_dict(), "rng": torch_rng_state(),
+                    "sampler": sampler.state_dict(),
+                    "target": None if target_batches is None else target_batches.state_dict(),
+                    "census": None if census is None else census.state_dict(), "log": epoch_log.rows,
+                    "epoch": loop.epoch}
+
+        if checkpoint is not None and (saved := load_checkpoint(checkpoint, self.name)) is not None:
+            objective.load_state_dict(saved["objective"])
+            optimizer.load_state_dict(saved["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(saved["scheduler"])
+            precision.scaler.load_state_dict(saved["scaler"])
+            set_torch_rng_state(saved["rng"])
+            sampler.load_state_dict(saved["sampler"])
+            if target_batches is not None:
+                target_batches.load_state_dict(saved["target"])
+            if census is not None:
+                census.load_state_dict(saved["census"])
+            loop = LoopState.restore(saved["loop"])
+            epoch_log.restore(saved["log"])
+            log.info("%s: resumed from the checkpoint of epoch %d", self.name, loop.epoch)
+        started = time.perf_counter() - loop.seconds
+        last_checkpoint = time.perf_counter()
         try:
-            with EpochProgress(self.name, c.n_epochs, self.show_progress) as progress:
-                for epoch in range(1, c.n_epochs + 1):
+            with EpochProgress(self.name, c.n_epochs, self.show_progress, done=loop.epoch) as progress:
+                for epoch in range(loop.epoch + 1, c.n_epochs + 1):
                     epoch_started = time.perf_counter()
                     objective.train()
                     totals: dict[str, float] = {}
                     n_seen, n_correct = 0, 0
-                    if census is not None:
-                        census.refresh(self, model, data, epoch)
+                    if census is not None and target_sampler is not None:
+                        census.refresh(model, data, self.device, epoch)
                         census.apply(target_sampler, data.X.shape[0])
                     steps_per_epoch = max(len(sampler), 1)
                     for step_index, global_rows in enumerate(sampler.epoch()):
@@ -336,8 +311,8 @@ class Trainer:
                         if verify:
                             if not distributed.parameters_identical(objective):
                                 raise RuntimeError(f"{self.name}: parameters differ between ranks after step "
-                                                   f"{verified_steps + 1}")
-                            verified_steps += 1
+                                                   f"{loop.verified_steps + 1}")
+                            loop.verified_steps += 1
                         n = len(rows)
                         n_seen += n
                         n_correct += int((logits.argmax(1) == batch.target.argmax(1)).sum())
@@ -348,27 +323,42 @@ class Trainer:
                     distributed.sync_buffers(model)  # identical models, identical evaluations on every rank
                     evaluation = self._evaluate(model, data)
                     score = self._score(evaluation, selection)
-                    is_best = distributed.agree(epoch >= min_epochs and (score > best_score or selection == "last"))
+                    is_best = distributed.agree(epoch >= min_epochs
+                                                and (score > loop.best_score or selection == "last"))
+                    loop.epoch = epoch
                     if is_best:
-                        best_score, best_epoch = score, epoch
-                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                        loop.best_score, loop.best_epoch = score, epoch
+                        loop.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                     row = {"epoch": epoch, "lr": learning_rate,
                            **{k: v / max(n_seen, 1) for k, v in totals.items()},
                            "train_accuracy": n_correct / max(n_seen, 1), **evaluation,
                            "is_best": is_best, "seconds": time.perf_counter() - epoch_started}
                     epoch_log.write(row)
-                    progress.update(epoch, row["train_loss"], evaluation["select_accuracy"], best_epoch)
+                    progress.update(epoch, row["train_loss"], evaluation["select_accuracy"], loop.best_epoch)
                     if not math.isfinite(row["train_loss"]):
                         raise ScnymError(f"{self.name}: the training loss became {row['train_loss']} at epoch "
                                          f"{epoch}; lower --lr or check the input values")
                     if distributed.agree(bool(c.patience and selection != "last" and epoch >= min_epochs
-                                              and best_epoch and epoch - best_epoch >= c.patience)):
-                        stopped_early = True
+                                              and loop.best_epoch and epoch - loop.best_epoch >= c.patience)):
+                        loop.stopped_early = True
                         break
+                    kill_point("epoch_end", self.name, epoch)
+                    stop = StopRequest.signal_name
+                    if checkpoint is not None and epoch < c.n_epochs and (
+                            stop or checkpoint.due(epoch, time.perf_counter() - last_checkpoint)):
+                        loop.seconds = time.perf_counter() - started
+                        save_checkpoint(checkpoint, snapshot(), self.name)
+                        last_checkpoint = time.perf_counter()
+                    if stop:
+                        raise RunInterrupted(
+                            f"{self.name}: stopped by {stop} after epoch {epoch}"
+                            + ("; its checkpoint is written: continue the run with --resume true"
+                               if checkpoint is not None else " (a data-parallel run has no checkpoints)"))
         finally:
             history = epoch_log.close()
-        if best_state is not None:
-            model.load_state_dict(best_state)
+        epoch, best_epoch, best_score = loop.epoch, loop.best_epoch, loop.best_score
+        if loop.best_state is not None:
+            model.load_state_dict(loop.best_state)
         else:  # no epoch could be scored (no selection split): keep the last one
             best_epoch = epoch
         temperature = self._calibrate(model, data) if c.calibrate else 1.0
@@ -376,11 +366,11 @@ class Trainer:
         kept = ("the last" if selection == "last" else
                 f"best by {selection} {abs(best_score):.4f}" if math.isfinite(best_score) else "no selection")
         log.info("%s: kept epoch %d of %d (%s)%s, temperature %.3f, %.1f s", self.name, best_epoch, epoch, kept,
-                 ", stopped early" if stopped_early else "", temperature, seconds)
+                 ", stopped early" if loop.stopped_early else "", temperature, seconds)
         if selection == "last":
             best_score = float("nan")
-        return FitResult(best_epoch, best_score, epoch, stopped_early, seconds, history, temperature,
-                         semi_supervised, ranks.world_size, verified_steps)
+        return FitResult(best_epoch, best_score, epoch, loop.stopped_early, seconds, history, temperature,
+                         semi_supervised, ranks.world_size, loop.verified_steps)
 
     def _calibrate(self, model: CellTypeClassifier, data: TrainingData) -> float:
         """Temperature that makes the best model's confidences calibrated on every labeled cell it was not

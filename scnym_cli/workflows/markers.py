@@ -131,7 +131,7 @@ def find_cell_type_markers(config: Config) -> dict:
     genes = list(loaded.genes)
     summary: dict = {"model": str(loaded.directory), "classes": classes, "methods": list(methods)}
     with staged_directory(config.path("out_path"), overwrite=config.overwrite, protected=PROTECTED_OUTPUTS,
-                          last=("markers_summary.json",), writes=writes_outputs()) as stage:
+                          last=("markers_summary.json",), writes=writes_outputs(), label="markers") as stage:
         cells = labels = covariates = None
         if config.input_counts is not None:
             cells, _ = load_cells(config, config.input_counts, metadata=config.training_metadata,

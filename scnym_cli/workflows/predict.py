@@ -135,7 +135,8 @@ def predict_cell_types(config: Config) -> dict:
     predictor = Predictor(config.path("model_path"), config, device)
     _check_training_gene_names(config, predictor)
     with staged_directory(config.path("out_path"), overwrite=config.overwrite, protected=PROTECTED_OUTPUTS,
-                          last=(PREDICTIONS_FILE,), writes=writes_outputs(), owned=PREDICTION_OUTPUTS) as stage:
+                          last=(PREDICTIONS_FILE,), writes=writes_outputs(), owned=PREDICTION_OUTPUTS,
+                          label="predict") as stage:
         source = open_query(config, config.path("input_counts"))
         try:
             summary = _predict_to(stage, config, predictor, source, started)

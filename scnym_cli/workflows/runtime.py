@@ -5,6 +5,7 @@ process group. The CLI owns its process; the Python API gives the thread count b
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -22,6 +23,16 @@ def setup_runtime(config: Config) -> torch.device:
     log.info("device: %s (%d CPU threads)%s", device, torch.get_num_threads(),
              f", rank {ranks.rank} of {ranks.world_size}" if ranks.active else "")
     return device
+
+
+def resuming(config: Config) -> bool:
+    """--resume, or a job SLURM started again (requeued after preemption, a node failure or a time-limit
+    warning): such a job continues what its first start left, as long as settings and data are the same."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    if not config.resume and restarts.isdigit() and int(restarts) > 0:
+        log.info("SLURM restarted this job (restart %s): continuing its unfinished run, if any", restarts)
+        return True
+    return config.resume
 
 
 def writes_outputs() -> bool:

@@ -27,7 +27,8 @@ from ..errors import ScnymError
 from ..staging import staged_directory
 from ..store import ROUTING_FILE
 from .inputs import TrainingInputs, load_training_inputs
-from .runtime import setup_runtime, writes_outputs
+from ..train.checkpoint import stop_on_signals
+from .runtime import resuming, setup_runtime, writes_outputs
 from .train import PROTECTED_OUTPUTS, RUN_MARKER, run_training, train_into
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ def train_tissue_specific(config: Config) -> dict:
     device = setup_runtime(config)
     protected = (*PROTECTED_OUTPUTS, ROUTING_FILE, TISSUES_DIR)
     with staged_directory(config.path("out_path"), overwrite=config.overwrite, protected=protected,
-                          last=(RUN_MARKER,), writes=writes_outputs()) as stage:
+                          last=(RUN_MARKER,), writes=writes_outputs(), label="tissues",
+                          resume=resuming(config)) as stage, stop_on_signals():
         inputs = load_training_inputs(config)
         groups = read_groups(inputs.cells.obs, config.upper_group, inputs.cells.source)
         rows_by_group = {g: np.flatnonzero(groups == g) for g in sorted(set(groups))}

@@ -5,6 +5,10 @@ Output layout (``out_path``)::
     celltype_label.csv, fold_eval_acc.csv, fold_eval_losses.csv, confusion_matrix.{csv,png},
     scnym_config.json, run_summary.json (written last: the run is complete)
     fold00/ ... foldNN/, all_data/   one model directory each (see :func:`train_one_model`)
+
+Resumable: each model directory is written beside its place and moved there whole (one that exists is
+finished), the model in training keeps a checkpoint (train/checkpoint.py), and the run's identity (settings
+and data) is recorded, so that ``--resume`` continues a killed run exactly (staging.py keeps it).
 """
 
 from __future__ import annotations
@@ -24,30 +28,27 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .._version import __version__
 from ..config import Config
 from ..data.splits import Split, all_data_split, cross_validation_splits
 from ..errors import ScnymError
 from ..nn import CellTypeClassifier
-from ..report import evaluate_labeled, plot_training_curve, predictions_table, write_labeled_report
-from ..staging import staged_directory
-from ..store import ALL_DATA_DIR, MANIFEST_FILE, WEIGHTS_FILE, data_fingerprint, file_sha256, save_model
+from ..report import plot_training_curve, predictions_table
+from ..staging import CHECKPOINT_DIR, INTERNAL_PREFIX, staged_directory
+from ..store import ALL_DATA_DIR, data_fingerprint, file_sha256, save_model
 from ..train import Trainer, TrainingData
-from ..train.conformal import (CONFORMAL_FILE, SHIFT_REFERENCE_CELLS, ConformalCalibration, ShiftReference,
-                               coverage_summary, cross_conformal_sets, true_class_in_set)
+from ..train.conformal import CONFORMAL_FILE, SHIFT_REFERENCE_CELLS, ConformalCalibration, ShiftReference
+from ..train.checkpoint import CheckpointPolicy, kill_point, remove_checkpoint, stop_on_signals
 from ..train.device import seeded_rng
 from ..train.inference import embed_rows, forward_rows
 from ..train.metrics import classification_metrics, expected_calibration_error
 from ..train.novelty import NOVELTY_FILE, SELECTION_CELLS, NoveltyReference, bank_rows
+from .collect import RUN_MARKER, model_complete, summarize_run
 from .inputs import TrainingInputs, load_training_inputs
-from .runtime import setup_runtime, writes_outputs
+from .runtime import resuming, setup_runtime, writes_outputs
 from .settings import training_settings
 
 log = logging.getLogger(__name__)
 
-RUN_MARKER = "run_summary.json"
-# the coverage of the prediction sets cross-validation reports (prediction chooses its own: --coverage)
-REPORTED_COVERAGE = 0.9
 PROTECTED_OUTPUTS = (RUN_MARKER, ALL_DATA_DIR, "fold_eval_acc.csv")
 # every entry a whole training run writes (fold jobs write only their own folder)
 RUN_OUTPUTS = ("fold[0-9][0-9]", ALL_DATA_DIR, "fold_eval_acc.csv", "fold_eval_losses.csv", "per_class_metrics.csv",
@@ -125,7 +126,11 @@ def train_one_model(directory: Path, config: Config, inputs: TrainingInputs, dat
     ``<name>_parameters.json``, ``train_idx.csv`` (fit), ``test_idx.csv`` (model selection),
     ``val_idx.csv`` (held out), ``predictions.csv``, ``labels.csv``, ``training_curve.png``.
     """
-    name = directory.name
+    name, final = directory.name, directory
+    # written beside its final place and moved there whole: a model directory that exists is finished
+    directory = final.parent / f"{INTERNAL_PREFIX}{name}.partial"
+    if directory.exists():
+        shutil.rmtree(directory)
     directory.mkdir(parents=True)
     cell_ids = inputs.cells.cell_ids
     split = data.split
@@ -140,7 +145,10 @@ def train_one_model(directory: Path, config: Config, inputs: TrainingInputs, dat
     if inputs.covariate_column:
         covariates = {"column": inputs.covariate_column, "categories": list(inputs.covariate_categories),
                       "scale": inputs.covariate_scale}
-    trainer = Trainer(training_settings(config), device, log_path=directory / f"{name}_log.csv", name=name)
+    checkpoint = CheckpointPolicy(final.parent / CHECKPOINT_DIR / f"{name}.pt", config.checkpoint_epochs,
+                                  60.0 * config.checkpoint_minutes)
+    trainer = Trainer(training_settings(config), device, log_path=directory / f"{name}_log.csv", name=name,
+                      checkpoint=checkpoint)
     fit = trainer.fit(model, data)
     novelty = build_novelty_reference(model, data, device, config.seed)
     if novelty is not None:
@@ -190,6 +198,9 @@ def train_one_model(directory: Path, config: Config, inputs: TrainingInputs, dat
                    "n_bank": int(novelty.bank.shape[0]), "n_selection": int(len(novelty.selection_scores))},
                "conformal": {"file": CONFORMAL_FILE, "sha256": file_sha256(directory / CONFORMAL_FILE),
                              "cells": kind, "n_cells": int(len(rows))}})
+    directory.rename(final)
+    remove_checkpoint(checkpoint)
+    kill_point("model_done", name)
     return ModelResult(name, fit.best_epoch, fit.epochs_run, fit.seconds, metrics if kind == "held_out" else {},
                        loss, predictions)
 
@@ -221,12 +232,16 @@ def run_training(config: Config, get_inputs: Callable[[], TrainingInputs],
     protected = PROTECTED_OUTPUTS if only is None else (*only, RUN_MARKER)
     with staged_directory(config.path("out_path"), overwrite=config.overwrite, protected=protected,
                           last=(RUN_MARKER,), writes=writes_outputs(),
-                          owned=RUN_OUTPUTS if only is None else ()) as stage:
+                          owned=RUN_OUTPUTS if only is None else (), label="train" if only is None else "+".join(only),
+                          resume=resuming(config)) as stage, stop_on_signals():
         return train_into(stage, config, get_inputs(), device, command, only)
 
 
 # Keys that may differ between the jobs of one run (fold-level jobs of a SLURM array)
-PER_JOB_KEYS = ("fold", "folds", "overwrite", "out_path", "device", "num_threads")
+PER_JOB_KEYS = ("fold", "folds", "overwrite", "out_path", "device", "num_threads", "resume", "checkpoint_epochs",
+                "checkpoint_minutes")
+# the identity (job fingerprint) of the run being written into a directory, checked when it is continued
+RUN_IDENTITY_FILE = INTERNAL_PREFIX + "run.json"
 
 
 def job_fingerprint(config: Config, data_sha256: str) -> str:
@@ -274,6 +289,7 @@ def train_into(directory: Path, config: Config, inputs: TrainingInputs, device: 
     cells, classes = inputs.cells, inputs.encoding.classes
     fingerprint = data_fingerprint(cells.X, cells.genes, cells.cell_ids, inputs.labels)
     fingerprint["job"] = job_fingerprint(config, fingerprint["sha256"])
+    _claim(directory, fingerprint["job"])
     (directory / "scnym_config.json").write_text(json.dumps(config.to_dict(), indent=1))
     pd.DataFrame({"index": range(len(classes)), "label": classes}).to_csv(directory / "celltype_label.csv",
                                                                           index=False)
@@ -286,6 +302,9 @@ def train_into(directory: Path, config: Config, inputs: TrainingInputs, device: 
     for name, split in splits:
         if only is not None and name not in only:
             continue
+        if model_complete(directory / name) is None:
+            log.info("%s: finished before the run was interrupted; kept", name)
+            continue
         data = TrainingData(cells.X, inputs.codes, split, len(classes), covariates=inputs.covariates,
                             unlabeled=inputs.unlabeled_rows, domains=inputs.domains)
         result = train_one_model(directory / name, config, inputs, data, device, fingerprint)
@@ -294,104 +313,25 @@ def train_into(directory: Path, config: Config, inputs: TrainingInputs, device: 
             log.info("%s held-out: accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f, ECE %.4f "
                      "(uncalibrated %.4f)", name, m["accuracy"], m["balanced_accuracy"], m["macro_f1"],
                      m["ece"], m["ece_uncalibrated"])
+    kill_point("run_done")
     if only is not None:
-        return {"command": command, "trained": only, "seconds": round(time.perf_counter() - started, 2)}
-    return summarize_run(directory, command, time.perf_counter() - started)
-
-
-def model_complete(directory: Path) -> Optional[str]:
-    """None if ``directory`` holds a finished model, else what is missing."""
-    if not directory.is_dir():
-        return "missing"
-    for name in (MANIFEST_FILE, WEIGHTS_FILE, "predictions.csv", f"{directory.name}_log.csv"):
-        if not (directory / name).is_file():
-            return f"incomplete (no {name})"
-    return None
-
-
-def summarize_run(directory: Path, command: str, seconds: float) -> dict:
-    """fold_eval_acc.csv, fold_eval_losses.csv, confusion matrix and run_summary.json, from the model
-    directories on disk (the same whether the folds ran in one job or in many)."""
-    config = json.loads((directory / "scnym_config.json").read_text())
-    manifests = {name: json.loads((directory / name / MANIFEST_FILE).read_text())
-                 for name in [f"fold{k:02d}" for k in range(config["n_folds"])] + [ALL_DATA_DIR]}
-    final = manifests[ALL_DATA_DIR]
-    classes, training = final["classes"], final["training"]
-    summary: dict = {
-        "command": command, "package_version": __version__, "n_cells": final["data_fingerprint"]["n_cells"],
-        "n_labeled": training["n_fit"] + training["n_select"], "n_target": training["n_target"],
-        "n_genes": len(final["genes"]), "classes": classes, "device": training.get("device"),
-        "n_folds": config["n_folds"],
-    }
-    if final.get("covariates"):
-        summary["covariates"] = {k: final["covariates"][k] for k in ("column", "categories")}
-    folds = [name for name in manifests if name != ALL_DATA_DIR]
-    if folds:
-        rows, losses, pooled = [], [], []
-        for name in folds:
-            t = manifests[name]["training"]
-            rows.append({"fold": name, "n_cells": t["n_held_out"], **t["held_out_metrics"],
-                         "best_epoch": t["best_epoch"], "epochs_run": t["epochs_run"]})
-            losses.append({"fold": name, "loss": t["held_out_loss"]})
-            pooled.append(pd.read_csv(directory / name / "predictions.csv"))
-        fold_table = pd.DataFrame(rows)
-        fold_table.to_csv(directory / "fold_eval_acc.csv", index=False)
-        pd.DataFrame(losses).to_csv(directory / "fold_eval_losses.csv", index=False)
-        pooled = pd.concat(pooled, keys=folds, names=["fold", None]).reset_index(level=0)
-        truth = pooled["true_label"].astype(str)
-        codes = pd.Index(classes).get_indexer(truth)
-        probabilities = pooled[[f"prob_{c}" for c in classes]].to_numpy()
-        # prediction sets of each fold's cells, calibrated on the other folds' cells: the coverage a query like
-        # the reference gets (cross-conformal), over all cells and per class
-        sets = {per_class: cross_conformal_sets(probabilities, codes, pooled["fold"].to_numpy(), REPORTED_COVERAGE,
-                                                per_class) for per_class in (False, True)}
-        evaluation = evaluate_labeled(truth, pooled["predicted_label"].astype(str), pooled["confidence"].to_numpy(),
-                                      classes, true_class_in_set(sets[False], codes), sets[False].sum(axis=1))
-        write_labeled_report(directory, evaluation, f"held-out predictions, {len(folds)} folds")
-        metric_names = ["accuracy", "balanced_accuracy", "macro_f1", "ece"]
-        summary["cross_validation"] = {
-            name: {"mean": float(fold_table[name].mean()), "std": float(fold_table[name].std(ddof=0))}
-            for name in metric_names}
-        summary["conformal"] = {"coverage": REPORTED_COVERAGE, **{
-            "per_class" if per_class else "over_all_cells": coverage_summary(sets[per_class], codes, len(classes))
-            for per_class in (False, True)}}
-        log.info("cross-validation (%d folds): accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f, ECE %.4f",
-                 len(folds), *(summary["cross_validation"][n]["mean"] for n in metric_names))
-        marginal, per_class = summary["conformal"]["over_all_cells"], summary["conformal"]["per_class"]
-        log.info("cross-validation prediction sets at coverage %g: %.1f%% hold the true class (%.2f classes on "
-                 "average; lowest class %.1f%%), per-class sets %.1f%% (%.2f classes; lowest class %.1f%%)",
-                 REPORTED_COVERAGE, 100 * marginal["coverage"], marginal["mean_set_size"],
-                 100 * marginal["lowest_class_coverage"], 100 * per_class["coverage"], per_class["mean_set_size"],
-                 100 * per_class["lowest_class_coverage"])
-    summary["seconds"] = round(seconds, 2)
-    (directory / RUN_MARKER).write_text(json.dumps(summary, indent=1))
+        summary = {"command": command, "trained": only, "seconds": round(time.perf_counter() - started, 2)}
+    else:
+        summary = summarize_run(directory, command, time.perf_counter() - started)
+    # the run's bookkeeping goes: it is complete
+    shutil.rmtree(directory / CHECKPOINT_DIR, ignore_errors=True)
+    (directory / RUN_IDENTITY_FILE).unlink(missing_ok=True)
     return summary
 
 
-def collect_folds(config: Config) -> dict:
-    """Assemble a run whose models were trained by separate fold-level jobs; say what is missing."""
-    directory = config.path("out_path")
-    if not (directory / "scnym_config.json").is_file():
-        raise ScnymError(f"{directory} holds no scnym_config.json: no fold-level job has finished there")
-    stored = json.loads((directory / "scnym_config.json").read_text())
-    names = [f"fold{k:02d}" for k in range(stored["n_folds"])] + [ALL_DATA_DIR]
-    problems = {name: problem for name in names if (problem := model_complete(directory / name))}
-    if problems:
-        listed = "; ".join(f"{name} {problem}" for name, problem in problems.items())
-        raise ScnymError(f"{directory}: {len(names) - len(problems)} of {len(names)} models are complete; {listed} "
-                         "(rerun those jobs with --fold N, all_data is N = n_folds)")
-    jobs = {json.loads((directory / n / MANIFEST_FILE).read_text())["data_fingerprint"].get("job") for n in names}
-    if len(jobs) != 1:
-        raise ScnymError(f"the models in {directory} come from jobs with different data or settings; rerun them "
-                         "with one config")
-    with staged_directory(directory, overwrite=True, protected=(), last=(RUN_MARKER,),
-                          writes=writes_outputs()) as stage:
-        for name in ("scnym_config.json", "celltype_label.csv"):
-            shutil.copy(directory / name, stage / name)
-        for name in names:  # summarize from a view of the finished models (symlinks: nothing copied)
-            (stage / name).symlink_to((directory / name).resolve(), target_is_directory=True)
-        summary = summarize_run(stage, stored.get("command", "train_tissue_independent"), 0.0)
-        for name in names:
-            (stage / name).unlink()
-    log.info("collected %d models in %s", len(names), directory)
-    return summary
+def _claim(directory: Path, job: str) -> None:
+    """Mark ``directory`` as being written by the run ``job``; refuse to mix two runs' models in it (a resumed
+    run must have the settings and data it was started with)."""
+    identity = directory / RUN_IDENTITY_FILE
+    if identity.is_file():
+        earlier = json.loads(identity.read_text()).get("job")
+        if earlier != job:
+            raise ScnymError(f"the unfinished run in {directory} was started with other settings or other data; "
+                             "continue it with those, or pass --overwrite true to delete it and start over")
+        return
+    identity.write_text(json.dumps({"job": job}))

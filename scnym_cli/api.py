@@ -25,7 +25,7 @@ from .errors import ScnymError
 from .store import load_model
 from .train.device import thread_count_restored
 from .workflows.inputs import load_cells, load_training_inputs
-from .workflows.predictor import Predictor, annotate, open_query, predict_in_memory
+from .workflows.predictor import Predictor, annotate, open_query, predict_in_memory, uns_safe
 from .workflows.runtime import setup_runtime
 from .workflows.train import run_training
 
@@ -150,21 +150,9 @@ def _api_call(function):
     return wrapper
 
 
-def _h5ad_safe(value: Any) -> Any:
-    """uns values h5ad can store: None dropped from dicts (and spelled 'None' in lists), paths as text."""
-    if isinstance(value, Mapping):
-        return {str(k): _h5ad_safe(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [("None" if v is None else _h5ad_safe(v)) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _write_results(target, result, key_added: str, extra_uns: dict) -> None:
     annotate(target, key=key_added, predictions=result)
-    target.uns[key_added] = _h5ad_safe({**extra_uns, "classes": list(result.classes),
-                                        "gene_overlap": result.overlap.to_dict()})
+    target.uns[key_added] = uns_safe({**target.uns[key_added], **extra_uns})
 
 
 @_api_call
@@ -230,8 +218,9 @@ def scnym_api(
     - ``obsm[key_added + "_probabilities"]``: probability of every class (cells x classes)
     - ``obsm["X_scnym"]``: the model's cell embedding
     - ``uns[key_added + "_classes"]``: class order of the probability columns
-    - ``uns[key_added]``: ``params`` (the effective config), ``model_path``, ``classes``,
-      ``gene_overlap``, and after training ``train_results`` (the run summary); when predicting with
+    - ``uns[key_added]``: provenance -- ``scnym_version``, ``params`` (the effective config), ``model_path``,
+      ``models`` (each model's path, manifest and weight checksums, training-data checksum), ``classes``,
+      ``gene_overlap`` -- and after training ``train_results`` (the run summary); when predicting with
       ``groupby``, ``evaluation``: ``metrics`` (accuracy, balanced accuracy, macro-F1, ECE), ``per_class``
       (precision, recall, F1, support of every class; with prediction sets their coverage and mean size),
       ``confusion`` (counts; true x predicted) and ``reliability`` (accuracy and mean confidence per

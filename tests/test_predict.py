@@ -282,3 +282,24 @@ def test_a_logits_csv_of_the_users_own_is_not_replaced_without_overwrite(runner,
                     "--out_path", tmp_path / "p")
     assert_one_line_error(result, "already holds files this command writes", "logits.csv")
     assert (tmp_path / "p" / "logits.csv").read_text() == "mine\n"
+
+
+def test_annotated_outputs_record_what_made_them(runner, trained_run, tmp_path, query):
+    """Provenance in uns[key], the same from the command line's annotated.h5ad and from the API."""
+    from scnym_cli import __version__
+    from scnym_cli.api import scnym_api
+
+    predict(runner, trained_run, write_h5ad(query, tmp_path / "q.h5ad"), tmp_path / "p", "--prediction_chunk_size", "50")
+    from_cli = ad.read_h5ad(tmp_path / "p" / "annotated.h5ad").uns["scNym"]
+    from_api = scnym_api(query.copy(), task="predict", trained_model=trained_run, copy=True).uns["scNym"]
+    for recorded in (from_cli, from_api):
+        assert recorded["scnym_version"] == __version__ and recorded["model_path"] == str(trained_run)
+        members = recorded["models"]
+        assert set(members) == {"fold00", "fold01", "all_data"}            # the ensemble of the run
+        manifest = json.loads((trained_run / "all_data" / "model.json").read_text())
+        assert members["all_data"]["meaning_sha256"] == manifest["meaning_sha256"]
+        assert members["all_data"]["weights_sha256"] == manifest["weights_sha256"]
+        assert members["all_data"]["training_data_sha256"] == manifest["data_fingerprint"]["sha256"]
+        assert recorded["gene_overlap"]["n_model_genes"] == len(manifest["genes"])
+        assert list(recorded["classes"]) == manifest["classes"]
+    assert from_cli["params"]["prediction_chunk_size"] == 50 and from_api["params"]["prediction_chunk_size"] != 50

@@ -35,7 +35,8 @@ from ..errors import ScnymError
 from ..report import evaluate_labeled, predictions_table, write_labeled_report
 from ..staging import staged_directory
 from ..train.conformal import true_class_in_set
-from .predictor import ChunkResult, Predictor, iterate_predictions, obs_fields, open_query, query_genes
+from .predictor import (ChunkResult, Predictor, iterate_predictions, obs_fields, open_query, query_genes,
+                        uns_safe)
 from .runtime import setup_runtime, writes_outputs
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class AnnotatedH5ad:
         self.arrays["X_scnym"][rows] = result.embedding
 
     def finish(self, obs: pd.DataFrame, labels: np.ndarray, confidence: np.ndarray, classes: list[str],
-               extra: dict[str, np.ndarray]) -> None:
+               extra: dict[str, np.ndarray], provenance: dict) -> None:
         import anndata.io
 
         obs = obs.copy()
@@ -114,6 +115,9 @@ class AnnotatedH5ad:
         if name in uns:
             del uns[name]
         anndata.io.write_elem(uns, name, np.asarray(classes, dtype=object))
+        if self.key in uns:
+            del uns[self.key]
+        anndata.io.write_elem(uns, self.key, uns_safe(provenance))   # what made these predictions
         self.file.close()
 
 
@@ -206,7 +210,7 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
         if writer:
             writer.close()
     if annotated:
-        annotated.finish(source.obs, labels, confidence, classes, extra)
+        annotated.finish(source.obs, labels, confidence, classes, extra, predictor.provenance(overlap))
 
     counts = pd.Series(labels).value_counts()
     summary: dict = {

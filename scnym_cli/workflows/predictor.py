@@ -9,7 +9,7 @@ What the command writes to files is workflows/predict.py.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._version import __version__
 from ..config import Config
 from ..data import UNKNOWN, read_expression
 from ..data.genes import GeneOverlap, reindex_columns, require_overlap, translate_for_model
@@ -110,6 +111,23 @@ class Predictor:
                     log.warning("%s: %d classes have too few calibration cells to be ruled out at coverage %g and "
                                 "are in every set: %s", m.path, len(too_few), config.coverage,
                                 ", ".join(m.classes[c] for c in too_few[:5]))
+
+    def provenance(self, overlap: GeneOverlap) -> dict[str, Any]:
+        """What made a set of predictions, as annotated AnnData files record it in ``uns[key]``: the scnym
+        version, the settings, the model(s) -- each with the checksums of its manifest's meaning and of its
+        weights, and of the data it was trained on -- and the gene overlap."""
+        models: dict[str, dict] = {}
+        for group, ensemble in self.models.items():
+            for member in ensemble.members:
+                manifest = member.manifest
+                # ':' joins a tissue to its model (a '/' would nest groups in an h5ad file)
+                name = member.directory.name if group is None else f"{group}:{member.directory.name}"
+                models[name] = {"path": str(member.directory), "trained_with": manifest.get("package_version"),
+                                "meaning_sha256": manifest.get("meaning_sha256"),
+                                "weights_sha256": manifest.get("weights_sha256"),
+                                "training_data_sha256": (manifest.get("data_fingerprint") or {}).get("sha256")}
+        return {"scnym_version": __version__, "model_path": self.description, "models": models,
+                "params": self.config.to_dict(), "gene_overlap": overlap.to_dict(), "classes": list(self.classes)}
 
     def describe(self) -> dict:
         """What predicted (for the summary): the models, their temperatures, the prediction sets' calibration."""
@@ -322,6 +340,7 @@ class Predictions:
     overlap: GeneOverlap
     extra: dict[str, np.ndarray]          # novelty, disagreement, prediction_set, set_size: those predicted
     sets: Optional[np.ndarray] = None     # cells x classes (with --coverage)
+    provenance: dict[str, Any] = field(default_factory=dict)   # Predictor.provenance: written to uns[key]
 
     def table(self) -> pd.DataFrame:
         """cell_id, predicted_label, confidence, [novelty, disagreement, prediction_set, set_size,] prob_<class>..."""
@@ -375,7 +394,8 @@ def predict_in_memory(predictor: Predictor, source: CellChunks, config: Config) 
     extra = {name: np.concatenate([c[name] for c in columns]) for name in (columns[0] if columns else {})}
     return Predictions(source.obs.index, stack("labels"), stack("confidence"), stack("probabilities"),
                        stack("logits"), stack("embedding"), classes, overlap, extra,
-                       stack("sets") if predictor.set_thresholds is not None else None)
+                       stack("sets") if predictor.set_thresholds is not None else None,
+                       predictor.provenance(overlap))
 
 
 def obs_fields(key: str, labels: np.ndarray, confidence: np.ndarray, extra: dict[str, np.ndarray]) -> dict:
@@ -393,3 +413,16 @@ def annotate(adata, *, key: str, predictions: Predictions) -> None:
     if predictions.embedding is not None:
         adata.obsm["X_scnym"] = predictions.embedding.astype(np.float32)
     adata.uns[f"{key}_classes"] = list(predictions.classes)
+    adata.uns[key] = uns_safe(predictions.provenance)
+
+
+def uns_safe(value: Any) -> Any:
+    """Values an h5ad / zarr ``uns`` can store: None dropped from dicts (and spelled 'None' in lists), paths
+    as text."""
+    if isinstance(value, dict):
+        return {str(k): uns_safe(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [("None" if v is None else uns_safe(v)) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

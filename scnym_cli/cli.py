@@ -195,6 +195,35 @@ def print_config(
         _fail(str(e), e.exit_code)
 
 
+@app.command("print_model")
+def print_model(
+    path: Path = typer.Argument(..., help="A model directory (all_data/, fold00/...) or a training run."),
+    raw: bool = typer.Option(False, "--raw", help="The card's Markdown as it is (YAML header included)."),
+) -> None:
+    """Show a model's card: what it is, what it was trained on, how good it is per class, its limits."""
+    from .card import card_text
+
+    setup_logging(quiet=True)
+    try:
+        text = card_text(path)
+    except ScnymError as e:
+        _fail(str(e), e.exit_code)
+    if raw:
+        typer.echo(text, nl=False)
+        return
+    from rich.console import Console
+    from rich.markdown import Markdown
+    from rich.syntax import Syntax
+
+    header, body = "", text
+    if text.startswith("---\n") and "\n---\n" in text[4:]:   # the YAML header, shown as YAML
+        header, body = text[4:].split("\n---\n", 1)
+    console = Console()
+    if header:
+        console.print(Syntax(header, "yaml", theme="ansi_dark", background_color="default"))
+    console.print(Markdown(body))
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"scnym {__version__}")

@@ -16,6 +16,7 @@ from typing import Optional
 import pandas as pd
 
 from .._version import __version__
+from ..card import write_run_cards
 from ..config import Config
 from ..errors import ScnymError
 from ..report import evaluate_labeled, write_labeled_report
@@ -96,6 +97,7 @@ def summarize_run(directory: Path, command: str, seconds: float) -> dict:
                  100 * marginal["lowest_class_coverage"], 100 * per_class["coverage"], per_class["mean_set_size"],
                  100 * per_class["lowest_class_coverage"])
     summary["seconds"] = round(seconds, 2)
+    write_run_cards(directory, summary)
     (directory / RUN_MARKER).write_text(json.dumps(summary, indent=1))
     return summary
 

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from ..card import write_model_card
 from ..config import Config
 from ..data.splits import Split, all_data_split, cross_validation_splits
 from ..errors import ScnymError
@@ -53,7 +54,7 @@ PROTECTED_OUTPUTS = (RUN_MARKER, ALL_DATA_DIR, "fold_eval_acc.csv")
 # every entry a whole training run writes (fold jobs write only their own folder)
 RUN_OUTPUTS = ("fold[0-9][0-9]", ALL_DATA_DIR, "fold_eval_acc.csv", "fold_eval_losses.csv", "per_class_metrics.csv",
                "confusion_matrix.*", "reliability.csv", "reliability_diagram.png", RUN_MARKER, "celltype_label.csv",
-               "scnym_config.json")
+               "scnym_config.json", "README.md")
 
 
 @dataclass
@@ -198,6 +199,7 @@ def train_one_model(directory: Path, config: Config, inputs: TrainingInputs, dat
                    "n_bank": int(novelty.bank.shape[0]), "n_selection": int(len(novelty.selection_scores))},
                "conformal": {"file": CONFORMAL_FILE, "sha256": file_sha256(directory / CONFORMAL_FILE),
                              "cells": kind, "n_cells": int(len(rows))}})
+    write_model_card(directory)
     directory.rename(final)
     remove_checkpoint(checkpoint)
     kill_point("model_done", name)

@@ -61,7 +61,8 @@ class ConfigKeys:
 
     # ---------------------------------------------------------------- Inputs
     input_counts: Optional[Path] = option(
-        None, "Expression matrix, cells x genes: .h5ad, .loom, .csv (header optional) or a 10x mtx directory.",
+        None, "Expression matrix, cells x genes: .h5ad, .zarr (AnnData store), .loom, .csv (header optional) or a "
+        "10x mtx directory; for --backed and streamed prediction also a folder of .h5ad / .zarr shards.",
         "Inputs", must_exist=True)
     input_gene_names: Optional[Path] = option(
         None, "Text file, one gene name per line, for matrices without gene names (CSV without header).",
@@ -290,7 +291,8 @@ class ConfigKeys:
     write_embedding: bool = option(
         False, "Also write the cell embedding (embedding.csv).", "Prediction", PREDICT_COMMANDS)
     write_h5ad: bool = option(
-        True, "For h5ad input, also write an annotated copy (annotated.h5ad).", "Prediction", PREDICT_COMMANDS)
+        True, "For h5ad / zarr input, also write an annotated copy (annotated.h5ad / annotated.zarr).", "Prediction",
+        PREDICT_COMMANDS)
     prediction_chunk_size: int = option(
         8192, "Cells per prediction chunk (bounds memory).", "Prediction", PREDICT_COMMANDS, min=1)
 

@@ -94,6 +94,13 @@ def read_gene_list(path: Path, what: str) -> list[str]:
     return names
 
 
+def is_zarr_store(path: Path) -> bool:
+    """An AnnData zarr store: a ``.zarr`` directory (zarr v2 or v3 layout)."""
+    path = Path(path)
+    return path.is_dir() and (path.name.lower().endswith(".zarr") or (path / "zarr.json").is_file()
+                              or (path / ".zgroup").is_file())
+
+
 def read_expression(
     path: Path,
     *,
@@ -121,10 +128,12 @@ def read_expression(
     if not path.exists():
         raise ScnymError(f"input {path} does not exist; check the path")
     name = path.name.lower()
-    if path.is_dir():
+    if is_zarr_store(path):
+        X, genes, obs = _read_anndata_store(path, gene_column, layer)
+    elif path.is_dir():
         X, genes, obs = _read_10x_mtx(path, gene_column)
     elif name.endswith(".h5ad"):
-        X, genes, obs = _read_h5ad(path, gene_column, layer)
+        X, genes, obs = _read_anndata_store(path, gene_column, layer)
     elif name.endswith(".loom"):
         X, genes, obs = _read_loom(path, gene_column, layer)
     elif name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz")):
@@ -133,7 +142,8 @@ def read_expression(
         X, genes, obs = _read_csv(path)
     else:
         raise ScnymError(
-            f"unsupported input format {path.name!r}; give a .h5ad, .loom, .csv/.tsv file or a 10x mtx directory")
+            f"unsupported input format {path.name!r}; give a .h5ad, .loom, .csv/.tsv file, a .zarr AnnData store "
+            "or a 10x mtx directory")
 
     option = gene_names_option
     if gene_names_file is not None:
@@ -179,13 +189,16 @@ def _with_clean_names(X: sp.csr_matrix, genes: pd.Index, obs: pd.DataFrame, sour
 
 
 # ---------------------------------------------------------------------- h5ad
-def _read_h5ad(path: Path, gene_column: Optional[str], layer: Optional[str]):
+def _read_anndata_store(path: Path, gene_column: Optional[str], layer: Optional[str]):
+    """An .h5ad file or a .zarr AnnData store, read whole."""
     import anndata
 
+    zarr_store = is_zarr_store(path)
     try:
-        adata = anndata.read_h5ad(path)
-    except Exception as e:  # h5py/anndata raise many types for damaged files
-        raise ScnymError(f"could not read {path} as h5ad ({type(e).__name__}: {e}); is the file complete?") from None
+        adata = anndata.read_zarr(path) if zarr_store else anndata.read_h5ad(path)
+    except Exception as e:  # h5py/zarr/anndata raise many types for damaged files
+        raise ScnymError(f"could not read {path} as {'a zarr store' if zarr_store else 'h5ad'} "
+                         f"({type(e).__name__}: {e}); is it complete?") from None
     cells = cells_from_anndata(adata, gene_column=gene_column, layer=layer, source=str(path))
     return cells.X, cells.genes, cells.obs
 

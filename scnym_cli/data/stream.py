@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol
+from typing import Any, Iterator, Literal, Optional, Protocol
 
 import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import ScnymError
-from .readers import CellMatrix, as_csr32, require_unique_cell_ids
+from .readers import CellMatrix, as_csr32, is_zarr_store, require_unique_cell_ids
 
 
 class CellChunks(Protocol):
@@ -63,21 +63,40 @@ class InMemoryChunks:
             yield rows, self.cells.X[rows]
 
 
+def is_anndata_store(path: Path) -> bool:
+    """An AnnData on disk whose rows can be read on demand: an .h5ad file or a zarr store."""
+    path = Path(path)
+    return is_zarr_store(path) or (path.name.lower().endswith(".h5ad") and not path.is_dir())
+
+
+def open_anndata_store(path: Path, mode: Literal["r", "r+"] = "r") -> Any:
+    """The root group of an h5ad file (h5py) or a zarr store: anndata's element readers take either."""
+    if is_zarr_store(path):
+        import zarr
+
+        # an edit goes to the arrays themselves: consolidated metadata (a read-side index) is rewritten after it
+        return zarr.open_group(str(path), mode=mode, use_consolidated=False if mode == "r+" else None)
+    import h5py
+
+    return h5py.File(path, mode)
+
+
 class H5adChunks:
-    """Stream the rows of an h5ad file's matrix; keep the file open while iterating."""
+    """Stream the rows of an AnnData store's matrix (an .h5ad file or a .zarr store); keep it open while
+    iterating."""
 
     def __init__(self, path: Path, *, layer: Optional[str] = None, gene_column: Optional[str] = None):
         import anndata.io
-        import h5py
 
         self.path, self.source = Path(path), str(path)
+        kind = "zarr store" if is_zarr_store(self.path) else "h5ad"
         try:
-            self._file = h5py.File(self.path, "r")
+            self._file = open_anndata_store(self.path, "r")
             self.obs = anndata.io.read_elem(self._file["obs"])
             var_group = self._file["raw"]["var"] if layer == "raw" else self._file["var"]
             var = anndata.io.read_elem(var_group)
         except Exception as e:
-            raise ScnymError(f"could not read {path} as h5ad ({type(e).__name__}: {e}); is the file complete?") from None
+            raise ScnymError(f"could not read {path} as {kind} ({type(e).__name__}: {e}); is it complete?") from None
         self._element = self._matrix_element(layer)
         if gene_column is None:
             self.genes = pd.Index(var.index.astype(str))
@@ -131,7 +150,9 @@ class H5adChunks:
             yield slice(start, stop), self.read(start, stop)
 
     def close(self) -> None:
-        self._file.close()
+        close = getattr(self._file, "close", None)   # h5py files; a zarr group holds no handle
+        if close is not None:
+            close()
 
     def __enter__(self) -> "H5adChunks":
         return self
@@ -141,16 +162,17 @@ class H5adChunks:
 
 
 def h5ad_files(path: Path) -> list[Path]:
-    """The h5ad file itself, or the h5ad shards of a directory in name order."""
+    """The AnnData store itself (.h5ad file or .zarr store), or the stores of a directory of shards in name
+    order."""
     path = Path(path)
+    if is_anndata_store(path):
+        return [path]
     if path.is_dir():
-        shards = sorted(p for p in path.iterdir() if p.name.lower().endswith(".h5ad"))
+        shards = sorted(p for p in path.iterdir() if is_anndata_store(p))
         if not shards:
-            raise ScnymError(f"{path} holds no .h5ad shards")
+            raise ScnymError(f"{path} holds no .h5ad or .zarr shards")
         return shards
-    if not path.name.lower().endswith(".h5ad"):
-        raise ScnymError(f"streaming from disk needs an .h5ad file or a folder of .h5ad shards, not {path.name}")
-    return [path]
+    raise ScnymError(f"reading from disk needs an .h5ad file, a .zarr store or a folder of them, not {path.name}")
 
 
 class ShardedH5adChunks:

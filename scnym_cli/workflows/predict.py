@@ -30,7 +30,8 @@ import pandas as pd
 from ..config import Config
 from ..data import UNKNOWN, read_gene_list
 from ..data.labels import require_column
-from ..data.stream import CellChunks, H5adChunks, ShardedH5adChunks
+from ..data.readers import is_zarr_store
+from ..data.stream import CellChunks, H5adChunks, ShardedH5adChunks, open_anndata_store
 from ..errors import ScnymError
 from ..report import evaluate_labeled, predictions_table, write_labeled_report
 from ..staging import staged_directory
@@ -42,7 +43,7 @@ from .runtime import setup_runtime, writes_outputs
 log = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "predictions.csv"
-PROTECTED_OUTPUTS = (PREDICTIONS_FILE, "prediction_summary.json", "annotated.h5ad")
+PROTECTED_OUTPUTS = (PREDICTIONS_FILE, "prediction_summary.json", "annotated.h5ad", "annotated.zarr")
 # every entry a prediction writes
 PREDICTION_OUTPUTS = (*PROTECTED_OUTPUTS, "logits.csv", "embedding.csv", "gene_overlap.json", "per_class_metrics.csv",
                       "confusion_matrix.*", "reliability.csv", "reliability_diagram.png")
@@ -74,26 +75,34 @@ class CsvBlocks:
             self.writer.close()
 
 
-class AnnotatedH5ad:
-    """The input h5ad copied beside the outputs, with predictions added in place, block by block.
+class AnnotatedCopy:
+    """The input AnnData store (.h5ad file or .zarr store) copied beside the outputs as ``annotated.h5ad`` /
+    ``annotated.zarr``, with predictions added in place, block by block.
 
-    Only obs, obsm and uns change; the (possibly huge) matrix is copied as a file, never loaded.
+    Only obs, obsm and uns change; the (possibly huge) matrix is copied as files, never loaded.
     """
 
-    def __init__(self, source: Path, target: Path, n_cells: int, key: str, classes: list[str], embedding_width: int):
-        import h5py
-
-        shutil.copyfile(source, target)
-        self.file = h5py.File(target, "r+")
+    def __init__(self, source: Path, stage: Path, n_cells: int, key: str, classes: list[str], embedding_width: int):
+        self.zarr = is_zarr_store(source)
+        self.path = stage / ("annotated.zarr" if self.zarr else "annotated.h5ad")
+        if self.zarr:
+            shutil.copytree(source, self.path)
+            self.consolidated = _has_consolidated_metadata(self.path)
+        else:
+            shutil.copyfile(source, self.path)
+        self.file = open_anndata_store(self.path, "r+")
         self.key = key
         obsm = self.file.require_group("obsm")
-        obsm.attrs.setdefault("encoding-type", "dict")
-        obsm.attrs.setdefault("encoding-version", "0.1.0")
+        for attribute, value in (("encoding-type", "dict"), ("encoding-version", "0.1.0")):
+            if attribute not in obsm.attrs:
+                obsm.attrs[attribute] = value
         self.arrays = {}
         for name, width in ((f"{key}_probabilities", len(classes)), ("X_scnym", embedding_width)):
             if name in obsm:
                 del obsm[name]
-            dataset = obsm.create_dataset(name, shape=(n_cells, width), dtype="float32")
+            shape = (n_cells, width)
+            dataset = (obsm.create_array(name, shape=shape, dtype="float32", chunks=(min(max(n_cells, 1), 8192), width))
+                       if self.zarr else obsm.create_dataset(name, shape=shape, dtype="float32"))
             dataset.attrs["encoding-type"], dataset.attrs["encoding-version"] = "array", "0.2.0"
             self.arrays[name] = dataset
 
@@ -118,7 +127,25 @@ class AnnotatedH5ad:
         if self.key in uns:
             del uns[self.key]
         anndata.io.write_elem(uns, self.key, uns_safe(provenance))   # what made these predictions
-        self.file.close()
+        if self.zarr:
+            if self.consolidated:   # rewritten, or readers that trust it would not see the predictions
+                import warnings
+
+                import zarr
+
+                with warnings.catch_warnings():   # zarr warns that v3 has no consolidated metadata in its spec
+                    warnings.simplefilter("ignore", UserWarning)
+                    zarr.consolidate_metadata(str(self.path))
+        else:
+            self.file.close()
+
+
+def _has_consolidated_metadata(store: Path) -> bool:
+    """Whether a zarr store keeps consolidated metadata (v2: .zmetadata; v3: in the root zarr.json)."""
+    if (store / ".zmetadata").is_file():
+        return True
+    root = store / "zarr.json"
+    return root.is_file() and json.loads(root.read_text()).get("consolidated_metadata") is not None
 
 
 def _check_training_gene_names(config: Config, predictor: Predictor) -> None:
@@ -163,7 +190,7 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
         log.info("%s is a folder of shards: predictions go to predictions.csv (no annotated.h5ad)", source.source)
     if isinstance(source, H5adChunks) and config.write_h5ad:
         width = next(iter(predictor.models.values())).n_hidden
-        annotated = AnnotatedH5ad(source.path, stage / "annotated.h5ad", source.n_cells, key, classes, width)
+        annotated = AnnotatedCopy(source.path, stage, source.n_cells, key, classes, width)
     with_embedding = config.write_embedding or annotated is not None
     predictions = CsvBlocks(stage / (PREDICTIONS_FILE + ".part"))
     logits_csv = CsvBlocks(stage / "logits.csv") if config.write_logits else None

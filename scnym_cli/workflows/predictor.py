@@ -23,7 +23,7 @@ from ..data import UNKNOWN, read_expression
 from ..data.genes import GeneOverlap, reindex_columns, require_overlap, translate_for_model
 from ..data.labels import join_metadata, read_groups
 from ..data.normalize import decide_kind, normalize
-from ..data.stream import CellChunks, H5adChunks, InMemoryChunks, ShardedH5adChunks
+from ..data.stream import CellChunks, H5adChunks, InMemoryChunks, ShardedH5adChunks, is_anndata_store
 from ..errors import ScnymError
 from ..report import LabeledEvaluation, evaluate_labeled, predictions_table, write_labeled_report
 from ..store import covariates_for, routing_of
@@ -280,9 +280,9 @@ def open_query(config: Config, path: Path, adata=None) -> CellChunks:
 
         cells = cells_from_anndata(adata, gene_column=config.gene_column, layer=config.input_layer, source=str(path))
         source: CellChunks = InMemoryChunks(cells)
-    elif str(path).lower().endswith(".h5ad"):
+    elif is_anndata_store(path):   # .h5ad file or .zarr store: streamed
         source = H5adChunks(path, layer=config.input_layer, gene_column=config.gene_column)
-    elif Path(path).is_dir() and any(p.name.lower().endswith(".h5ad") for p in Path(path).iterdir()):
+    elif Path(path).is_dir() and any(is_anndata_store(p) for p in Path(path).iterdir()):
         source = ShardedH5adChunks(path, layer=config.input_layer, gene_column=config.gene_column)
     else:
         source = InMemoryChunks(read_expression(path, gene_names_file=config.input_gene_names,

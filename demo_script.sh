@@ -36,6 +36,8 @@ print(f"prediction sets at coverage 0.95: {held_out['coverage']:.1%} hold the tr
 print(f"model:        {out}/model  (all_data/ is the final model; fold00..02 the cross-validation; "
       "all four predict together)")
 print(f"predictions:  {out}/predictions/predictions.csv and annotated.h5ad")
+print(f"reports:      {out}/model/report.html and {out}/predictions/report.html (open in a browser; "
+      "scnym print_model for the model card)")
 print(f"plots:        {out}/model/confusion_matrix.png, {out}/model/all_data/training_curve.png")
 print(f"per class:    {out}/predictions/per_class_metrics.csv, confusion_matrix.png, reliability_diagram.png")
 PY

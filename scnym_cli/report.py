@@ -1,4 +1,4 @@
-"""Plots and tables people look at: training curves and confusion matrices."""
+"""Plots and tables people look at: training curves, confusion matrices, reliability, embedding maps."""
 
 from __future__ import annotations
 
@@ -31,17 +31,28 @@ def predictions_table(cell_ids, predicted, confidence, probabilities: np.ndarray
     return pd.concat([table, probability_columns], axis=1)
 
 
+# what each logged column of an epoch means on the plot (semi-supervised runs log every term of the loss)
+LOSS_TERMS = {"train_loss": "training loss (total)", "supervised_loss": "supervised (labeled cells)",
+              "unsupervised_loss": "MixMatch consistency (target cells)", "domain_loss": "domain adversary",
+              "select_loss": "selection-split loss"}
+RATE_TERMS = {"train_accuracy": "training accuracy", "select_accuracy": "selection accuracy",
+              "select_balanced_accuracy": "selection balanced accuracy", "domain_accuracy": "domain classifier accuracy",
+              "confident_fraction": "confident target fraction", "unsup_weight": "consistency weight",
+              "dan_weight": "adversary weight"}
+
+
 def plot_training_curve(history: pd.DataFrame, path: Path, title: str, best_epoch: int | None = None) -> None:
-    """Loss and accuracy per epoch, on the fitting cells and on the model-selection split."""
-    fig = _figure((10, 3.8))
+    """Every loss term per epoch (the total, and for semi-supervised runs its supervised, consistency and
+    adversary parts, and the selection split's loss), then accuracies and the ramped weights."""
+    fig = _figure((11, 3.8))
     ax_loss, ax_acc = fig.subplots(1, 2)
     epochs = history["epoch"]
-    ax_loss.plot(epochs, history["train_loss"], label="training (fit) loss")
-    ax_loss.plot(epochs, history["select_loss"], label="selection-split loss")
-    ax_acc.plot(epochs, history["train_accuracy"], label="training accuracy")
-    ax_acc.plot(epochs, history["select_accuracy"], label="selection accuracy")
-    ax_acc.plot(epochs, history["select_balanced_accuracy"], label="selection balanced accuracy")
-    for ax, ylabel in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+    for axis, terms in ((ax_loss, LOSS_TERMS), (ax_acc, RATE_TERMS)):
+        for column, label in terms.items():
+            if column in history.columns:
+                axis.plot(epochs, history[column], label=label,
+                          linestyle="--" if column in ("unsup_weight", "dan_weight") else "-")
+    for ax, ylabel in ((ax_loss, "loss"), (ax_acc, "accuracy / share / weight")):
         if best_epoch:
             ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch ({best_epoch})")
         ax.set_xlabel("epoch")
@@ -50,6 +61,57 @@ def plot_training_curve(history: pd.DataFrame, path: Path, title: str, best_epoc
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+# cells drawn on an embedding map (a seeded sample): enough to see every type, small enough for a light page
+MAP_CELLS = 5000
+EMBEDDING_MAP_FILE = "embedding_map.csv"
+
+
+def principal_components(embedding: np.ndarray, n: int = 2) -> np.ndarray:
+    """The first ``n`` principal components of an embedding (deterministic: a full SVD)."""
+    from sklearn.decomposition import PCA
+
+    if len(embedding) < n:
+        return np.zeros((len(embedding), n), dtype=np.float32)
+    return PCA(n_components=n, svd_solver="full").fit_transform(embedding).astype(np.float32)
+
+
+def plot_embedding_map(cells: pd.DataFrame, path: Path, title: str) -> None:
+    """A 2-D map of the model's embedding (columns x, y), one panel per coloring column present: label,
+    predicted, confidence, domain (categories coloured; confidence on a scale)."""
+    panels = [c for c in ("label", "predicted", "confidence", "domain", "novelty") if c in cells.columns]
+    fig = _figure((5.2 * min(len(panels), 2), 4.4 * ((len(panels) + 1) // 2)))
+    axes = fig.subplots((len(panels) + 1) // 2, min(len(panels), 2), squeeze=False).ravel()
+    for axis, column in zip(axes, panels):
+        values = cells[column]
+        if pd.api.types.is_numeric_dtype(values):
+            points = axis.scatter(cells["x"], cells["y"], c=values, s=3, cmap="viridis", linewidths=0)
+            fig.colorbar(points, ax=axis, shrink=0.8)
+        else:
+            categories = sorted(values.astype(str).unique())
+            colours = _palette(len(categories))
+            for index, category in enumerate(categories):
+                at = values.astype(str) == category
+                axis.scatter(cells.loc[at, "x"], cells.loc[at, "y"], s=3, color=colours[index], label=category,
+                             linewidths=0)
+            axis.legend(fontsize=6, markerscale=3, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        axis.set_title(column, fontsize=9)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    for axis in axes[len(panels):]:
+        axis.set_visible(False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _palette(n: int) -> list:
+    from matplotlib import colormaps
+
+    name, size = ("tab20", 20) if n > 10 else ("tab10", 10)
+    colormap = colormaps[name]
+    return [colormap(i % size) for i in range(n)]
 
 
 def confusion_table(truth: Labels, predicted: Labels, classes: Sequence[str]) -> pd.DataFrame:

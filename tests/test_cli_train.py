@@ -169,7 +169,7 @@ def test_no_cross_validation(runner, tmp_path):
                     "--out_path", tmp_path / "run", *FAST_FLAGS, "--n_folds", "0")
     assert result.exit_code == 0, result.output
     assert {p.name for p in (tmp_path / "run").iterdir()} == {
-        "all_data", "celltype_label.csv", "scnym_config.json", "run_summary.json"}
+        "all_data", "celltype_label.csv", "scnym_config.json", "run_summary.json", "README.md", "report.html"}
 
 
 def test_python_dash_m(tmp_path):

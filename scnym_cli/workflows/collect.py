@@ -17,6 +17,7 @@ import pandas as pd
 
 from .._version import __version__
 from ..card import write_run_cards
+from ..html_report import write_run_report
 from ..config import Config
 from ..errors import ScnymError
 from ..report import evaluate_labeled, write_labeled_report
@@ -98,6 +99,7 @@ def summarize_run(directory: Path, command: str, seconds: float) -> dict:
                  100 * per_class["lowest_class_coverage"])
     summary["seconds"] = round(seconds, 2)
     write_run_cards(directory, summary)
+    write_run_report(directory, summary)
     (directory / RUN_MARKER).write_text(json.dumps(summary, indent=1))
     return summary
 

@@ -22,18 +22,20 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
 
 from ..config import Config
+from ..html_report import REPORT_FILE, write_prediction_report
 from ..data import UNKNOWN, read_gene_list
 from ..data.labels import require_column
 from ..data.readers import is_zarr_store
 from ..data.stream import CellChunks, H5adChunks, ShardedH5adChunks, open_anndata_store
 from ..errors import ScnymError
-from ..report import evaluate_labeled, predictions_table, write_labeled_report
+from ..report import (EMBEDDING_MAP_FILE, MAP_CELLS, evaluate_labeled, predictions_table, principal_components,
+                      write_labeled_report)
 from ..staging import staged_directory
 from ..train.conformal import true_class_in_set
 from .predictor import (ChunkResult, Predictor, iterate_predictions, obs_fields, open_query, query_genes,
@@ -43,9 +45,10 @@ from .runtime import setup_runtime, writes_outputs
 log = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "predictions.csv"
-PROTECTED_OUTPUTS = (PREDICTIONS_FILE, "prediction_summary.json", "annotated.h5ad", "annotated.zarr")
+PROTECTED_OUTPUTS = (PREDICTIONS_FILE, "prediction_summary.json", "annotated.h5ad", "annotated.zarr", REPORT_FILE)
 # every entry a prediction writes
 PREDICTION_OUTPUTS = (*PROTECTED_OUTPUTS, "logits.csv", "embedding.csv", "gene_overlap.json", "per_class_metrics.csv",
+                      EMBEDDING_MAP_FILE,
                       "confusion_matrix.*", "reliability.csv", "reliability_diagram.png")
 
 
@@ -140,6 +143,41 @@ class AnnotatedCopy:
             self.file.close()
 
 
+class MapSample:
+    """A seeded sample of the query's cells (at most MAP_CELLS), gathered block by block as they are predicted:
+    the embedding map of the report (embedding_map.csv: x, y on the first two principal components, predicted
+    type, confidence, novelty, and the query's label when it has one)."""
+
+    def __init__(self, n_cells: int, seed: int):
+        rng = np.random.default_rng(seed)
+        self.rows = np.sort(rng.choice(n_cells, size=min(MAP_CELLS, n_cells), replace=False))
+        self.parts: list[pd.DataFrame] = []
+        self.embeddings: list[np.ndarray] = []
+        self.positions: list[np.ndarray] = []
+
+    def take(self, rows: slice, result: ChunkResult, ids: pd.Index, novelty: Optional[np.ndarray]) -> None:
+        local = self.rows[(self.rows >= rows.start) & (self.rows < rows.stop)] - rows.start
+        if len(local) == 0 or result.embedding is None:
+            return
+        self.embeddings.append(result.embedding[local])
+        self.positions.append(local + rows.start)
+        part = {"cell_id": ids[local], "predicted": result.labels[local], "confidence": result.confidence[local]}
+        if result.novelty is not None:
+            part["novelty"] = result.novelty[local]
+        self.parts.append(pd.DataFrame(part))
+
+    def table(self, truth: Optional[pd.Series]) -> pd.DataFrame:
+        if not self.parts:
+            return pd.DataFrame(columns=["cell_id", "x", "y", "predicted", "confidence"])
+        cells = pd.concat(self.parts, ignore_index=True)
+        coordinates = principal_components(np.concatenate(self.embeddings))
+        cells.insert(1, "x", coordinates[:, 0])
+        cells.insert(2, "y", coordinates[:, 1])
+        if truth is not None:
+            cells.insert(3, "label", truth.to_numpy()[np.concatenate(self.positions)])
+        return cells
+
+
 def _has_consolidated_metadata(store: Path) -> bool:
     """Whether a zarr store keeps consolidated metadata (v2: .zmetadata; v3: in the root zarr.json)."""
     if (store / ".zmetadata").is_file():
@@ -191,7 +229,8 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
     if isinstance(source, H5adChunks) and config.write_h5ad:
         width = next(iter(predictor.models.values())).n_hidden
         annotated = AnnotatedCopy(source.path, stage, source.n_cells, key, classes, width)
-    with_embedding = config.write_embedding or annotated is not None
+    with_embedding = True   # the report's embedding map takes a sample of every block
+    sample = MapSample(source.n_cells, config.seed)
     predictions = CsvBlocks(stage / (PREDICTIONS_FILE + ".part"))
     logits_csv = CsvBlocks(stage / "logits.csv") if config.write_logits else None
     embedding_csv = CsvBlocks(stage / "embedding.csv") if config.write_embedding else None
@@ -232,6 +271,7 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
                                           axis=1))
         if annotated:
             annotated.write(rows, result)
+        sample.take(rows, result, ids, extra.get("novelty"))
         labels[rows], confidence[rows] = result.labels, result.confidence
     for writer in (predictions, logits_csv, embedding_csv):
         if writer:
@@ -273,6 +313,8 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
             log.warning("classes found in under half of their query cells: %s", ", ".join(
                 f"{r['class']} {r['recall']:.0%} of {r['support']}" for r in missed))
     summary["seconds"] = round(time.perf_counter() - started, 2)  # model loading to last output block
+    sample.table(truth).to_csv(stage / EMBEDDING_MAP_FILE, index=False)
+    write_prediction_report(stage, summary, config.lower_group if truth is not None else None)
     (stage / "prediction_summary.json").write_text(json.dumps(summary, indent=1))
     (stage / (PREDICTIONS_FILE + ".part")).rename(stage / PREDICTIONS_FILE)
     log.info("predicted %d cells: %s", source.n_cells, ", ".join(f"{k} {v}" for k, v in counts.items()))

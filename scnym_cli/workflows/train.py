@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 import numpy as np
 import pandas as pd
@@ -33,7 +33,7 @@ from ..config import Config
 from ..data.splits import Split, all_data_split, cross_validation_splits
 from ..errors import ScnymError
 from ..nn import CellTypeClassifier
-from ..report import plot_training_curve, predictions_table
+from ..report import EMBEDDING_MAP_FILE, MAP_CELLS, plot_training_curve, predictions_table, principal_components
 from ..staging import CHECKPOINT_DIR, INTERNAL_PREFIX, staged_directory
 from ..store import ALL_DATA_DIR, data_fingerprint, file_sha256, save_model
 from ..train import Trainer, TrainingData
@@ -54,7 +54,7 @@ PROTECTED_OUTPUTS = (RUN_MARKER, ALL_DATA_DIR, "fold_eval_acc.csv")
 # every entry a whole training run writes (fold jobs write only their own folder)
 RUN_OUTPUTS = ("fold[0-9][0-9]", ALL_DATA_DIR, "fold_eval_acc.csv", "fold_eval_losses.csv", "per_class_metrics.csv",
                "confusion_matrix.*", "reliability.csv", "reliability_diagram.png", RUN_MARKER, "celltype_label.csv",
-               "scnym_config.json", "README.md")
+               "scnym_config.json", "README.md", "report.html")
 
 
 @dataclass
@@ -105,6 +105,23 @@ def shift_reference(model: CellTypeClassifier, data: TrainingData, device: torch
     rng = np.random.default_rng(config.seed)
     rows = np.sort(rng.choice(calibrating, size=min(SHIFT_REFERENCE_CELLS, len(calibrating)), replace=False))
     return ShiftReference(rows, embed_rows(model, data.X, rows, device, covariates=data.covariates))
+
+
+def embedding_map(model: CellTypeClassifier, data: TrainingData, inputs: TrainingInputs, temperature: float,
+                  device: torch.device, seed: int) -> pd.DataFrame:
+    """The final model's embedding of a seeded sample of every cell (reference and target), on its first two
+    principal components, with label, prediction, confidence and domain: the run report's map."""
+    rng = np.random.default_rng(seed)
+    n = data.X.shape[0]
+    rows = np.sort(rng.choice(n, size=min(MAP_CELLS, n), replace=False))
+    outputs = forward_rows(model, data.X, rows, device, covariates=data.covariates, with_embedding=True)
+    probabilities = outputs.probabilities(temperature)
+    domains = np.asarray(inputs.domain_names, dtype=object)[inputs.domains[rows]]
+    return pd.DataFrame({"cell_id": inputs.cells.cell_ids[rows],
+                         **dict(zip(("x", "y"), principal_components(cast(np.ndarray, outputs.embedding)).T)),
+                         "label": inputs.labels[rows],
+                         "predicted": np.asarray(inputs.encoding.classes, dtype=object)[probabilities.argmax(1)],
+                         "confidence": probabilities.max(1), "domain": domains})
 
 
 def _write_ids(path: Path, cell_ids: pd.Index, rows: np.ndarray) -> None:
@@ -168,6 +185,8 @@ def train_one_model(directory: Path, config: Config, inputs: TrainingInputs, dat
     calibration = ConformalCalibration.from_probabilities(probabilities, truth_codes, rows)
     if name == ALL_DATA_DIR:
         calibration.shift = shift_reference(model, data, device, config)
+        embedding_map(model, data, inputs, fit.temperature, device, config.seed).to_csv(
+            directory / EMBEDDING_MAP_FILE, index=False)
     calibration.save(directory)
     predictions[["cell_id", "true_label"]].rename(columns={"true_label": "label"}).to_csv(
         directory / "labels.csv", index=False)
@@ -309,7 +328,11 @@ def train_into(directory: Path, config: Config, inputs: TrainingInputs, device: 
             continue
         data = TrainingData(cells.X, inputs.codes, split, len(classes), covariates=inputs.covariates,
                             unlabeled=inputs.unlabeled_rows, domains=inputs.domains)
+        model_started = time.perf_counter()
         result = train_one_model(directory / name, config, inputs, data, device, fingerprint)
+        position = [n for n, _ in splits].index(name) + 1
+        log.info("%s (%d of %d models) trained in %.1f s", name, position, len(splits),
+                 time.perf_counter() - model_started)
         if name != ALL_DATA_DIR:
             m = result.metrics
             log.info("%s held-out: accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f, ECE %.4f "

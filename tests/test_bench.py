@@ -190,3 +190,39 @@ def test_scale_out_benchmark_quick(tmp_path):
     assert set(table["experiment"]) == {"memory", "data parallel"} and len(table) == 4
     assert (table["cells_per_second"] > 0).all()
     assert "torchrun" in (tmp_path / "r" / "scale_out.md").read_text()
+
+
+def test_atlas_benchmark_quick(tmp_path):
+    shared_data("kang2018_ctrl_8donors.h5ad")
+    load_bench("atlas").main(["--sizes", "2000", "4000", "--out", str(tmp_path / "r"), "--work", str(tmp_path / "w")])
+    rows = pd.DataFrame(json.loads((tmp_path / "r" / "atlas.json").read_text())["rows"])
+    assert len(rows) == 5 and set(rows["task"]) == {"training", "prediction"}
+    assert (rows["cells_per_second"] > 0).all() and (rows["peak_memory_mb"] > 0).all()
+    assert "Against the targets" in (tmp_path / "r" / "atlas.md").read_text()
+
+
+def test_report_benchmark_quick(tmp_path):
+    import shutil
+
+    shared_data("kang2018_ctrl_8donors.h5ad")
+    if not (shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")):
+        pytest.skip("no headless Chromium (apt-get install chromium)")
+    payload = load_bench("report").main(["--cells", "2000", "--folds", "2", "--out", str(tmp_path / "r"),
+                                         "--work", str(tmp_path / "w")])
+    assert set(payload["pages"]) == {"training run", "prediction"}
+    assert all(page["bytes"] > 0 and page["load_seconds"] > 0 for page in payload["pages"].values())
+
+
+def test_loader_benchmark_quick(tmp_path):
+    """scnym's disk loader against annbatch (which needs Python >= 3.12: its own virtualenv, see bench/loader.py)."""
+    shared_data("kang2018_ctrl_8donors.h5ad")
+    annbatch_python = Path("/tmp/annbatch-venv/bin/python")
+    if not annbatch_python.exists():
+        pytest.skip("no annbatch virtualenv at /tmp/annbatch-venv (bench/loader.py's docstring says how to make it)")
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(REPO / "bench" / "loader.py"), "--quick", "--out", str(tmp_path / "r"),
+                    "--work", str(tmp_path / "w")], check=True, cwd=REPO, timeout=900)
+    payload = json.loads((tmp_path / "r" / "loader.json").read_text())
+    assert "Recommendation" in (tmp_path / "r" / "loader.md").read_text() and payload

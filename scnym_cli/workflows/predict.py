@@ -38,8 +38,8 @@ from ..report import (EMBEDDING_MAP_FILE, MAP_CELLS, evaluate_labeled, predictio
                       write_labeled_report)
 from ..staging import staged_directory
 from ..train.conformal import true_class_in_set
-from .predictor import (ChunkResult, Predictor, iterate_predictions, obs_fields, open_query, query_genes,
-                        uns_safe)
+from .annotation import obs_fields, uns_safe
+from .predictor import ChunkResult, Predictor, iterate_predictions, open_query, query_genes
 from .runtime import setup_runtime, writes_outputs
 
 log = logging.getLogger(__name__)

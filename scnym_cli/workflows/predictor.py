@@ -28,6 +28,7 @@ from ..errors import ScnymError
 from ..report import LabeledEvaluation, evaluate_labeled, predictions_table, write_labeled_report
 from ..store import covariates_for, routing_of
 from ..train.conformal import ConformalCalibration, DomainWeights, prediction_sets, set_labels, true_class_in_set
+from .annotation import annotate
 from .ensemble import Ensemble
 
 log = logging.getLogger(__name__)
@@ -396,33 +397,3 @@ def predict_in_memory(predictor: Predictor, source: CellChunks, config: Config) 
                        stack("logits"), stack("embedding"), classes, overlap, extra,
                        stack("sets") if predictor.set_thresholds is not None else None,
                        predictor.provenance(overlap))
-
-
-def obs_fields(key: str, labels: np.ndarray, confidence: np.ndarray, extra: dict[str, np.ndarray]) -> dict:
-    """The obs columns of predictions: ``key`` (categorical), ``key_confidence`` and ``key_<name>`` of each
-    extra column (novelty, disagreement, prediction_set, set_size)."""
-    return {key: pd.Categorical(labels), f"{key}_confidence": confidence,
-            **{f"{key}_{name}": values for name, values in extra.items()}}
-
-
-def annotate(adata, *, key: str, predictions: Predictions) -> None:
-    """Write predictions into an AnnData (in place), scanpy style."""
-    for name, values in obs_fields(key, predictions.labels, predictions.confidence, predictions.extra).items():
-        adata.obs[name] = values
-    adata.obsm[f"{key}_probabilities"] = predictions.probabilities.astype(np.float32)
-    if predictions.embedding is not None:
-        adata.obsm["X_scnym"] = predictions.embedding.astype(np.float32)
-    adata.uns[f"{key}_classes"] = list(predictions.classes)
-    adata.uns[key] = uns_safe(predictions.provenance)
-
-
-def uns_safe(value: Any) -> Any:
-    """Values an h5ad / zarr ``uns`` can store: None dropped from dicts (and spelled 'None' in lists), paths
-    as text."""
-    if isinstance(value, dict):
-        return {str(k): uns_safe(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [("None" if v is None else uns_safe(v)) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Optional
 
 import pandas as pd
 
-from .report import EMBEDDING_MAP_FILE, plot_embedding_map, plot_training_curve
+from .report import EMBEDDING_MAP_FILE, plot_embedding_map
 
 log = logging.getLogger(__name__)
 
@@ -116,16 +116,10 @@ def write_run_report(directory: Path, summary: dict[str, Any]) -> Path:
                  "saw.</p>" + _table(pd.DataFrame([{"metric": k, "mean": v["mean"], "std": v["std"]}
                                                    for k, v in cv.items()]), digits=4))
         body += _per_class_section(directory, "held-out cells of all folds")
-    models = sorted(p for p in directory.iterdir() if p.is_dir() and (p / f"{p.name}_log.csv").is_file())
-    curves = []
-    with tempfile.TemporaryDirectory(prefix="scnym-report-") as scratch:
-        for model in models:
-            history = pd.read_csv(model / f"{model.name}_log.csv")
-            manifest_path = model / "model.json"
-            best = json.loads(manifest_path.read_text())["training"]["best_epoch"] if manifest_path.is_file() else None
-            figure = Path(scratch) / f"{model.name}.png"
-            plot_training_curve(history, figure, f"{model.name}: training curve", best)
-            curves.append(f"<h3>{html.escape(model.name)}</h3>" + _image(figure, f"{model.name} training curve"))
+    # each model drew its own training curve when it was trained (every loss term): inlined, not drawn again
+    models = sorted(p for p in directory.iterdir() if p.is_dir() and (p / "training_curve.png").is_file())
+    curves = [f"<h3>{html.escape(model.name)}</h3>" + _image(model / "training_curve.png", f"{model.name} training curve")
+              for model in models]
     body += '<h2 id="training">Training curves</h2>' + "".join(curves)
     body += _map_section(directory / "all_data" / EMBEDDING_MAP_FILE, "all_data model")
     sections = [("summary", "Summary"), ("cv", "Cross-validation"), ("per-class", "Per class"),

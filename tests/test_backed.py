@@ -77,12 +77,27 @@ def test_block_windows_cover_every_row_each_epoch():
     class Blocks:  # a stand-in DiskMatrix: 10 blocks of 25 rows
         block_rows = 25
 
+        def __init__(self):
+            self.announced = set()   # blocks named to read_ahead
+
         def block_of(self, rows):
             return np.asarray(rows) // 25
 
+        def read_ahead(self, blocks):
+            self.announced.update(int(b) for b in blocks)
+
     rows = np.arange(0, 250, 2)
-    sampler = BlockShuffleSampler(rows, 10, Blocks(), window_blocks=3, seed=0, drop_last=False)
-    epochs = [np.concatenate(list(sampler.epoch())) for _ in range(2)]
+    matrix = Blocks()
+    sampler = BlockShuffleSampler(rows, 10, matrix, window_blocks=3, seed=0, drop_last=False)
+    epochs = []
+    for _ in range(2):
+        batches = []
+        for batch in sampler.epoch():
+            # every block a batch reads was named for reading ahead before the batch came
+            assert set((batch // 25).tolist()) <= matrix.announced
+            batches.append(batch)
+        epochs.append(np.concatenate(batches))
+        matrix.announced.clear()
     for drawn in epochs:
         assert sorted(drawn) == sorted(rows)
     assert not np.array_equal(epochs[0], epochs[1])
@@ -149,3 +164,77 @@ def test_backed_training_of_a_file_larger_than_the_memory_cap(tmp_path):
     assert summary["n_cells"] == 700_000
     manifest = json.loads((tmp_path / "disk" / "all_data" / "model.json").read_text())
     assert manifest["training"]["model_selection_metrics"]["accuracy"] > 0.9   # the planted markers were learnt
+
+
+class _Reader:
+    """A stand-in h5ad reader: rows of a CSR matrix, one block failing when asked."""
+
+    def __init__(self, X, fail_at=None):
+        self.X, self.fail_at, self.source = X, fail_at, "stand-in"
+        self.n_cells = X.shape[0]
+
+    def read(self, start, stop):
+        if self.fail_at is not None and start <= self.fail_at < stop:
+            raise ValueError(f"row {self.fail_at} cannot be read")
+        return self.X[start:stop].astype(np.float32)
+
+    def close(self):
+        pass
+
+
+def test_blocks_read_ahead_in_the_background_are_the_blocks_read_when_asked():
+    from scnym_cli.data.disk import DiskPart
+
+    X = sp.random(300, 40, density=0.3, format="csr", random_state=0, data_rvs=lambda n: np.arange(1, n + 1) % 7 + 1)
+    genes = pd.Index([f"g{i}" for i in range(40)])
+
+    def matrix(read_ahead_blocks, fail_at=None):
+        part = DiskPart(_Reader(X, fail_at), genes, "counts", 0)
+        return DiskMatrix([part], genes, block_rows=50, cache_blocks=2, read_ahead_blocks=read_ahead_blocks)
+
+    plain, ahead = matrix(0), matrix(3)
+    ahead.read_ahead([4, 1, 2, 5])          # at most 3 on their way at once
+    assert sorted(ahead._pending) == [1, 2, 4]
+    for index in [4, 1, 2, 5, 0, 3]:
+        assert (ahead.block(index) != plain.block(index)).nnz == 0
+        ahead.read_ahead([b for b in (index + 1,) if b < 6])
+    assert plain.blocks_read == ahead.blocks_read == 6
+    # an error while reading ahead is raised when the block is asked for, not lost in the thread
+    failing = matrix(2, fail_at=120)
+    failing.read_ahead([2])
+    with pytest.raises(ValueError, match="row 120"):
+        failing.block(2)
+    failing.close()
+    ahead.close()
+    assert ahead._reader is None
+
+
+def test_in_background_keeps_order_raises_in_place_and_stops_with_its_consumer():
+    import threading
+
+    from scnym_cli.data.stream import in_background
+
+    assert list(in_background(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        yield 2
+        raise RuntimeError("block 3 is damaged")
+
+    seen = []
+    with pytest.raises(RuntimeError, match="block 3"):
+        for item in in_background(failing()):
+            seen.append(item)
+    assert seen == [1, 2]
+    made = []
+
+    def endless():
+        while True:
+            made.append(len(made))
+            yield made[-1]
+
+    for item in in_background(endless()):
+        if item == 3:
+            break
+    assert len(made) <= 3 + 3     # the producer stopped a block or two ahead of the consumer
+    assert not any(t.name == "scnym-read-ahead" for t in threading.enumerate())

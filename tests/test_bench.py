@@ -131,6 +131,18 @@ def test_trust_benchmark_quick(tmp_path):
     assert "Kang ctrl -> stim" in report and "## Targets" in report
 
 
+def test_precision_benchmark_quick(tmp_path):
+    shared_data("kang2018_ctrl_stim_small.h5ad")
+    precision = load_bench("precision")
+    frame = precision.main(["--quick", "--splits", "kang_ctrl_to_stim", "--seeds", "0", "--in-process", "--work",
+                            str(tmp_path / "w"), "--out", str(tmp_path / "r")])
+    row = frame.iloc[0]
+    assert 0 <= row["labels_changed"] <= 0.05 and 0 < row["max_probability_change"] < 0.1
+    for name in precision.PRECISIONS:
+        assert 0 <= row[f"{name}_balanced_accuracy"] <= 1
+    assert "Labels changed" in (tmp_path / "r" / "precision.md").read_text()
+
+
 def test_strong_shift_splits_are_built_from_two_studies(tmp_path):
     shared_data("zheng2017_sorted_pbmc.h5ad")
     shared_data("zilionis2019_mouse_lung_immune.h5ad")
@@ -196,7 +208,8 @@ def test_atlas_benchmark_quick(tmp_path):
     shared_data("kang2018_ctrl_8donors.h5ad")
     load_bench("atlas").main(["--sizes", "2000", "4000", "--out", str(tmp_path / "r"), "--work", str(tmp_path / "w")])
     rows = pd.DataFrame(json.loads((tmp_path / "r" / "atlas.json").read_text())["rows"])
-    assert len(rows) == 5 and set(rows["task"]) == {"training", "prediction"}
+    assert len(rows) == 7 and set(rows["task"]) == {"training", "prediction"}   # prediction in 2 precisions
+    assert set(rows["inference_precision"].dropna()) <= {"float32", "bfloat16"}
     assert (rows["cells_per_second"] > 0).all() and (rows["peak_memory_mb"] > 0).all()
     assert "Against the targets" in (tmp_path / "r" / "atlas.md").read_text()
 

@@ -3,6 +3,7 @@
 import gzip
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
@@ -259,3 +260,18 @@ def test_one_normalization_policy_in_memory_from_disk_and_streamed(tmp_path, mon
                     "--out_path", tmp_path / "predicted", "--prediction_chunk_size", "30")
     assert_one_line_error(result, "hold integer counts but later cells do not")
     assert not (tmp_path / "predicted").exists()
+
+
+def test_per_cell_strings_share_one_string_per_value_and_missing_values_are_found():
+    from scnym_cli.data.labels import LabelEncoding, missing_values, per_cell_strings
+
+    values = pd.Series(pd.Categorical([" B", "A", " B", "A"]))
+    strings = per_cell_strings(values)
+    assert list(strings) == ["B", "A", "B", "A"] and strings.dtype == object
+    assert strings[0] is strings[2]                      # one str object per distinct value
+    assert list(per_cell_strings(pd.Series([" x", 1, 1.5]), strip=False)) == [" x", "1", "1.5"]
+    assert list(missing_values(pd.Series(["a", None, " ", np.nan, "b"]))) == [False, True, True, True, False]
+    assert list(missing_values(pd.Series([np.nan, np.nan]))) == [True, True]
+    assert len(missing_values(pd.Series([], dtype=object))) == 0
+    codes = LabelEncoding(("A", "B")).encode(np.array(["B", "Unlabeled", "A", "C"], dtype=object))
+    assert list(codes) == [1, -1, 0, -1] and codes.dtype == np.int64

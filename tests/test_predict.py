@@ -303,3 +303,31 @@ def test_annotated_outputs_record_what_made_them(runner, trained_run, tmp_path, 
         assert recorded["gene_overlap"]["n_model_genes"] == len(manifest["genes"])
         assert list(recorded["classes"]) == manifest["classes"]
     assert from_cli["params"]["prediction_chunk_size"] == 50 and from_api["params"]["prediction_chunk_size"] != 50
+
+
+def test_inference_precision(runner, trained_run, tmp_path, query, monkeypatch):
+    import torch
+
+    from scnym_cli.train import device as device_module
+
+    data = write_h5ad(query, tmp_path / "q.h5ad")
+    tables, summaries = {}, {}
+    for precision in ("float32", "bfloat16"):
+        tables[precision] = predict(runner, trained_run, data, tmp_path / precision, "--inference_precision",
+                                    precision)
+        summaries[precision] = json.loads((tmp_path / precision / "prediction_summary.json").read_text())
+        assert summaries[precision]["inference_precision"] == precision
+    # bfloat16 products move probabilities in the third decimal, and leave labels as they were
+    f32, b16 = tables["float32"], tables["bfloat16"]
+    assert (f32["predicted_label"] == b16["predicted_label"]).mean() >= 0.97
+    np.testing.assert_allclose(f32.filter(like="prob_"), b16.filter(like="prob_"), atol=0.05)
+    np.testing.assert_allclose(f32["novelty"], b16["novelty"], atol=0.01)
+    assert not np.array_equal(f32.filter(like="prob_").to_numpy(), b16.filter(like="prob_").to_numpy())
+    # auto: bfloat16 where the CPU has bfloat16 instructions, float32 where it would be emulated
+    cpu = torch.device("cpu")
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(device_module, "native_bfloat16_cpu", lambda native=native: native)
+        assert device_module.inference_dtype(cpu, "auto") == expected
+    assert device_module.inference_dtype(cpu, "float32") == torch.float32
+    assert_one_line_error(invoke(runner, "predict_cell_types", "--model_path", trained_run, "--input_counts", data,
+                                 "--out_path", tmp_path / "x", "--inference_precision", "half"), "half")

@@ -295,6 +295,11 @@ class ConfigKeys:
         PREDICT_COMMANDS)
     prediction_chunk_size: int = option(
         8192, "Cells per prediction chunk (bounds memory).", "Prediction", PREDICT_COMMANDS, min=1)
+    inference_precision: str = option(
+        "auto", "Number format of prediction's matrix products: float32; bfloat16 (2-3x faster where the CPU has "
+        "bfloat16 instructions, e.g. AVX-512 BF16 or AMX; probabilities move in the third decimal, see "
+        "bench/results/precision.md); auto: bfloat16 on a GPU and on such CPUs, else float32.", "Prediction",
+        PREDICT_COMMANDS, choices=("auto", "float32", "bfloat16"))
 
     # ---------------------------------------------------------------- Markers
     marker_methods: str = option(

@@ -6,13 +6,19 @@ normalized to ln(CPM+1) over its file's genes and re-indexed to the training gen
 and the last few blocks are kept in a small cache. ``X[rows]`` returns CSR like an in-memory
 matrix, so batching, evaluation and prediction work unchanged; :class:`BlockShuffleSampler`
 draws batches so that each one touches only the blocks of its window.
+
+Reading overlaps training: the sampler names the next window's blocks (and evaluation the next chunk's)
+to :meth:`DiskMatrix.read_ahead`, and a background thread reads and normalizes them while the model
+trains on the current ones. A block is the same whichever thread reads it, so results do not change.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -38,11 +44,18 @@ class DiskPart:
 
 class DiskMatrix:
     """Rows of several h5ad files, normalized and aligned to ``genes`` on read, behind a block cache: a
-    :class:`~.matrix.RowMatrix`."""
+    :class:`~.matrix.RowMatrix`.
 
-    def __init__(self, parts: list[DiskPart], genes: pd.Index, *, block_rows: int = 8192, cache_blocks: int = 16):
+    ``read_ahead_blocks``: the most blocks read in the background ahead of use (0: every block is read when
+    asked for). Blocks read ahead and not yet asked for are held apart from the cache, so memory is at most
+    ``cache_blocks + read_ahead_blocks`` blocks.
+    """
+
+    def __init__(self, parts: list[DiskPart], genes: pd.Index, *, block_rows: int = 8192, cache_blocks: int = 16,
+                 read_ahead_blocks: int = 0):
         self.parts, self.genes = parts, pd.Index(genes)
         self.block_rows, self.cache_blocks = block_rows, max(cache_blocks, 2)
+        self.read_ahead_blocks = read_ahead_blocks
         self.shape = (parts[-1].offset + parts[-1].reader.n_cells, len(self.genes))
         self.dtype = np.float32
         # blocks never straddle files: (part, first row, last row + 1) in global rows
@@ -53,27 +66,60 @@ class DiskMatrix:
                 self.block_bounds.append((index, part.offset + start, part.offset + stop))
         self.block_starts = np.array([b[1] for b in self.block_bounds], dtype=np.int64)
         self._cache: OrderedDict[int, sp.csr_matrix] = OrderedDict()
+        self._pending: dict[int, Future] = {}     # blocks being read (or read) in the background
+        self._lock = threading.Lock()             # the cache and the pending blocks, shared with the reader
+        self._reader: Optional[ThreadPoolExecutor] = None
         self.blocks_read = 0
 
     def block_of(self, rows: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.block_starts, np.asarray(rows, dtype=np.int64), side="right") - 1
 
-    def block(self, index: int) -> sp.csr_matrix:
-        """Block ``index`` as model input (ln(CPM+1), training genes)."""
-        if index in self._cache:
-            self._cache.move_to_end(index)
-            return self._cache[index]
+    def _read(self, index: int) -> sp.csr_matrix:
         part_index, start, stop = self.block_bounds[index]
         part = self.parts[part_index]
         raw = part.reader.read(start - part.offset, stop - part.offset)
         X, _ = normalize(raw, part.mode, kind=part.kind, source=part.reader.source, copy=False, announce=False)
         if not part.source_genes.equals(self.genes):
             X = reindex_columns(X, part.source_genes, self.genes)
-        self._cache[index] = X
-        self.blocks_read += 1
-        while len(self._cache) > self.cache_blocks:
-            self._cache.popitem(last=False)
         return X
+
+    def block(self, index: int) -> sp.csr_matrix:
+        """Block ``index`` as model input (ln(CPM+1), training genes)."""
+        with self._lock:
+            if index in self._cache:
+                self._cache.move_to_end(index)
+                return self._cache[index]
+            pending = self._pending.pop(index, None)
+        # a block on its way is waited for; its reading error (a mixed file, say) is raised here
+        X = pending.result() if pending is not None else self._read(index)
+        with self._lock:
+            self._cache[index] = X
+            self.blocks_read += 1
+            while len(self._cache) > self.cache_blocks:
+                self._cache.popitem(last=False)
+        return X
+
+    def read_ahead(self, blocks: Iterable[int]) -> None:
+        """Start reading ``blocks`` (in this order) in a background thread, those neither cached nor on their way,
+        up to ``read_ahead_blocks`` at a time."""
+        if self.read_ahead_blocks <= 0:
+            return
+        with self._lock:
+            for index in blocks:
+                index = int(index)
+                if index in self._cache or index in self._pending:
+                    continue
+                if len(self._pending) >= self.read_ahead_blocks:
+                    break
+                if self._reader is None:
+                    self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scnym-read-ahead")
+                self._pending[index] = self._reader.submit(self._read, index)
+
+    def read_ahead_rows(self, rows) -> None:
+        """:meth:`read_ahead` for the blocks holding ``rows`` (indices or a slice), in row order."""
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(self.shape[0]))
+        self.read_ahead(np.unique(self.block_of(rows)))
 
     def __getitem__(self, rows) -> sp.csr_matrix:
         return gather_rows(rows, self.shape[0], self.block_starts, self.block)
@@ -82,12 +128,19 @@ class DiskMatrix:
         return self.iter_blocks()
 
     def iter_blocks(self, parts: Optional[range] = None) -> Iterator[sp.csr_matrix]:
-        """Every block in row order (only those of the files numbered ``parts``, when given)."""
-        for index, (part_index, _, _) in enumerate(self.block_bounds):
-            if parts is None or part_index in parts:
-                yield self.block(index)
+        """Every block in row order (only those of the files numbered ``parts``, when given), the next one read
+        ahead."""
+        wanted = [index for index, (part_index, _, _) in enumerate(self.block_bounds)
+                  if parts is None or part_index in parts]
+        for position, index in enumerate(wanted):
+            self.read_ahead(wanted[position + 1:position + 2])
+            yield self.block(index)
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.shutdown(wait=True, cancel_futures=True)
+            self._reader = None
+        self._pending.clear()
         for part in self.parts:
             part.reader.close()
 
@@ -142,6 +195,11 @@ class BlockShuffleSampler:
         carry = np.array([], dtype=np.int64)
         n_batches = 0
         for start in range(0, len(order), self.window_blocks):
+            # this window's blocks are on their way already (named during the previous window), except in an
+            # epoch's first window; the next window's are named once this window's first batch has taken its
+            # blocks into the cache, and read while the model trains on this window
+            self.matrix.read_ahead(order[start:start + self.window_blocks])
+            upcoming = order[start + self.window_blocks:start + 2 * self.window_blocks]
             window = np.isin(self.block_ids, order[start:start + self.window_blocks])
             rows = self.rows[window]
             if self.balance and self.codes is not None:
@@ -155,6 +213,10 @@ class BlockShuffleSampler:
                 if n_batches < len(self):
                     yield pool[b * self.batch_size:(b + 1) * self.batch_size]
                     n_batches += 1
+                if b == 0:
+                    self.matrix.read_ahead(upcoming)
+            if full == 0:
+                self.matrix.read_ahead(upcoming)
             carry = pool[full * self.batch_size:]
         if not self.drop_last and len(carry) and n_batches < len(self):
             yield carry

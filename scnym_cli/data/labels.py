@@ -67,9 +67,23 @@ def require_column(obs: pd.DataFrame, column: str, option: str, source: str) -> 
     return obs[column]
 
 
+def per_cell_strings(values: pd.Series, strip: bool = True) -> np.ndarray:
+    """A metadata column as strings (stripped, unless ``strip`` is off): an object array in which equal values share one ``str``.
+
+    Each distinct value is converted once: 8 bytes a cell, where a string per cell (``astype(str)``) took
+    ~60 bytes a cell and numpy's fixed-width text 4 bytes a character -- hundreds of MB on atlases.
+    """
+    codes, uniques = pd.factorize(values, use_na_sentinel=False)
+    names = np.empty(len(uniques), dtype=object)
+    names[:] = [str(u).strip() if strip else str(u) for u in uniques]
+    return names[codes]
+
+
 def missing_values(values: pd.Series) -> np.ndarray:
-    """True where a metadata value is missing: NA, or empty / only spaces."""
-    return (values.isna() | (values.astype(str).str.strip() == "")).to_numpy()
+    """True where a metadata value is missing: NA, or empty / only spaces (each distinct value looked at once)."""
+    codes, uniques = pd.factorize(values)   # NA: code -1, the last entry of ``blank``
+    blank = np.array([str(u).strip() == "" for u in uniques] + [True], dtype=bool)
+    return blank[codes]
 
 
 def require_values(values: pd.Series, column: str, option: str, source: str, fix: str,
@@ -92,7 +106,7 @@ def labels_from_obs(obs: pd.DataFrame, column: str, option: str, source: str) ->
     series = require_column(obs, column, option, source)
     require_values(series, column, option, source,
                    f"label them {UNLABELED!r} to use them as unlabeled target data, or remove them")
-    return series.astype(str).str.strip().to_numpy()
+    return per_cell_strings(series)
 
 
 @dataclass(frozen=True)
@@ -114,9 +128,11 @@ class LabelEncoding:
         return cls(classes)
 
     def encode(self, labels: Labels) -> np.ndarray:
-        """Integer codes; cells labelled 'Unlabeled' (or unknown classes) get -1."""
-        codes = pd.Index(self.classes).get_indexer(pd.Index(np.asarray(labels, dtype=str)))
-        return codes.astype(np.int64)
+        """Integer codes; cells labelled 'Unlabeled' (or unknown classes) get -1. Each distinct label is looked
+        up once (no per-cell string copies)."""
+        cells, uniques = pd.factorize(np.asarray(labels, dtype=object), use_na_sentinel=False)
+        per_unique = pd.Index(self.classes).get_indexer(pd.Index([str(u) for u in uniques], dtype=object))
+        return np.asarray(per_unique, dtype=np.int64)[cells]
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         return np.asarray(self.classes, dtype=object)[codes]
@@ -127,7 +143,7 @@ def read_groups(obs: pd.DataFrame, column: str, source: str) -> np.ndarray:
     values = require_column(obs, column, "--upper_group", source)
     require_values(values, column, "--upper_group", source,
                    "give every cell a group (target cells from --unlabeled_counts too)")
-    return values.astype(str).to_numpy()
+    return per_cell_strings(values, strip=False)
 
 
 def one_hot(groups: np.ndarray, categories: tuple[str, ...], value: float = 1.0) -> np.ndarray:

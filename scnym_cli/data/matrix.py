@@ -28,8 +28,21 @@ class RowMatrix(Protocol):
         """Every row, block after block, in row order."""
 
 
+@runtime_checkable
+class ReadsAhead(Protocol):
+    """A matrix on disk that can start reading rows in the background before they are asked for."""
+
+    def read_ahead_rows(self, rows) -> None: ...
+
+
 #: what the readers produce and the trainer consumes
 Matrix = Union[sp.csr_matrix, RowMatrix]
+
+
+def read_ahead(X: Matrix, rows) -> None:
+    """Tell a matrix on disk which rows come next (the next chunk of an evaluation); nothing for one in memory."""
+    if isinstance(X, ReadsAhead):
+        X.read_ahead_rows(rows)
 
 
 def gather_rows(rows, n_rows: int, block_starts: np.ndarray, block: Callable[[int], sp.csr_matrix]

@@ -172,8 +172,10 @@ def _numbered(names: pd.Index) -> bool:
 def require_unique_cell_ids(ids: pd.Index, source: str) -> None:
     """Every output row is keyed by its cell id (predictions.csv, the fold tables, annotated.h5ad): ids given
     twice would make two cells one."""
-    if ids.has_duplicates:
-        repeated = ids[ids.duplicated()].unique()
+    # a throw-away hash table: Index.has_duplicates would keep one on the index (170 MB for 5 million ids)
+    duplicated = pd.Series(np.asarray(ids, dtype=object), copy=False).duplicated().to_numpy()
+    if duplicated.any():
+        repeated = pd.unique(np.asarray(ids, dtype=object)[duplicated])
         raise ScnymError(f"{source} has {len(repeated)} cell ids given more than once (e.g. "
                          f"{', '.join(map(str, repeated[:3]))}); make them unique (in Python: "
                          "adata.obs_names_make_unique()) so that each output row names one cell")

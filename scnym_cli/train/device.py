@@ -36,6 +36,41 @@ def resolve_device(spec: str = "auto") -> torch.device:
     raise ScnymError(f"--device {spec!r} is not one of auto, cpu, cuda, cuda:N, mps")
 
 
+def native_bfloat16_cpu() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX-512 BF16 or AMX), from /proc/cpuinfo's
+    flags; False where that is not known (not Linux). Elsewhere bfloat16 is emulated, and slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def inference_dtype(device: torch.device, choice: str = "auto") -> torch.dtype:
+    """The number format of prediction's matrix products (--inference_precision): ``float32``, ``bfloat16``, or
+    ``auto``: bfloat16 on CUDA (float16 where a GPU lacks bfloat16, as training uses) and on CPUs with bfloat16
+    instructions, float32 elsewhere."""
+    if choice == "float32":
+        return torch.float32
+    if choice == "bfloat16":
+        return torch.bfloat16
+    if choice != "auto":
+        raise ValueError(f"inference precision {choice!r} is not auto, float32 or bfloat16")
+    if device.type == "cuda":
+        return Precision(device).dtype
+    if device.type == "cpu" and native_bfloat16_cpu():
+        return torch.bfloat16
+    return torch.float32
+
+
+def inference_autocast(device: torch.device, dtype: torch.dtype):
+    """A block whose matrix products run in ``dtype`` (nothing changes for float32)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def flushing_denormals() -> bool:
     """Whether the CPU flushes subnormal floats to zero now. torch has a setter but no getter: a
     subnormal float32 multiplied by one comes out zero exactly when flushing is on."""

@@ -60,13 +60,18 @@ class NoveltyReference:
         reference.selection_scores = np.sort(reference.score(selection_embedding))
         return reference
 
-    def score(self, embedding: np.ndarray) -> np.ndarray:
-        """Mean cosine distance of each embedding to its k nearest bank cells (0 = on top of reference cells)."""
+    def score(self, embedding: np.ndarray, dtype: torch.dtype = torch.float32) -> np.ndarray:
+        """Mean cosine distance of each embedding to its k nearest bank cells (0 = on top of reference cells).
+
+        ``dtype``: the similarities' matrix product in bfloat16 (prediction's --inference_precision) is 3x
+        faster on CPUs with bfloat16 instructions and moves a score by at most ~1e-3.
+        """
         k = min(self.k, self.bank.shape[0])
+        bank = self.bank if dtype == torch.float32 else self.bank.to(dtype)
         scores = []
         for start in range(0, len(embedding), SCORE_ROWS):
             query = _unit(torch.as_tensor(embedding[start:start + SCORE_ROWS], dtype=torch.float32))
-            similarity = query @ self.bank.T
+            similarity = (query.to(dtype) @ bank.T).float()
             scores.append((1 - similarity.topk(k, dim=1).values).mean(dim=1).numpy())
         return np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 
 from ..errors import ScnymError
 from ..nn.classifier import REFERENCE, TARGET
@@ -101,8 +102,8 @@ class Ensemble:
     the logits and the novelty, and weighs calibration cells for weighted prediction sets.
     """
 
-    def __init__(self, path: Path, choice: str, device):
-        self.path = Path(path)
+    def __init__(self, path: Path, choice: str, device, dtype: torch.dtype = torch.float32):
+        self.path, self.dtype = Path(path), dtype   # dtype: of the matrix products (--inference_precision)
         directories, folds = member_directories(path, choice)
         final = [self.path / ALL_DATA_DIR] if is_run_directory(self.path) else []
         loaded = {d: load_model(d, device) for d in dict.fromkeys([*directories, *final])}
@@ -167,7 +168,7 @@ class Ensemble:
 
     def embed(self, X, device, *, chunk_size: int, covariates: Optional[np.ndarray]) -> np.ndarray:
         """The primary model's embedding of a block."""
-        return _forward(self.primary, X, device, chunk_size, covariates, True).embedding
+        return _forward(self.primary, X, device, chunk_size, covariates, True, self.dtype).embedding
 
     def predict(self, X, device, *, chunk_size: int, covariates: Optional[np.ndarray],
                 with_embedding: bool) -> EnsembleOutputs:
@@ -177,7 +178,7 @@ class Ensemble:
         logits = embedding = None
 
         def forward(model: LoadedModel, embed: bool):
-            return _forward(model, X, device, chunk_size, covariates, embed)
+            return _forward(model, X, device, chunk_size, covariates, embed, self.dtype)
 
         for member in self.members:
             primary = member is self.primary
@@ -199,7 +200,9 @@ class Ensemble:
         return EnsembleOutputs(probabilities.astype(np.float32), logits, embedding, disagreement)
 
 
-def _forward(model: LoadedModel, X, device, chunk_size: int, covariates: Optional[np.ndarray], embed: bool):
+def _forward(model: LoadedModel, X, device, chunk_size: int, covariates: Optional[np.ndarray], embed: bool,
+             dtype: torch.dtype):
     # a model with domain-specific batch norm predicts with the target's statistics: it was adapted to it
     return forward_rows(model.model, X, None, device, chunk_size=chunk_size, covariates=covariates,
-                        with_embedding=embed, domain=TARGET if model.model.n_norm_domains > 1 else REFERENCE)
+                        with_embedding=embed, domain=TARGET if model.model.n_norm_domains > 1 else REFERENCE,
+                        dtype=dtype)

@@ -15,7 +15,7 @@ from ..data import (UNLABELED, CellMatrix, GeneOverlap, LabelEncoding, align_gen
                     drop_duplicate_genes, normalize, read_expression, read_gene_list, read_labels, subset_genes)
 from ..data.genes import require_overlap, translate_for_model
 from ..data.normalize import DETECTION_ROWS
-from ..data.labels import missing_values, require_column, require_values
+from ..data.labels import missing_values, per_cell_strings, require_column, require_values
 from ..errors import ScnymError
 
 log = logging.getLogger(__name__)
@@ -107,16 +107,20 @@ def assign_domains(config: Config, cells: CellMatrix, labels: np.ndarray, n_refe
     Cells of an --unlabeled_counts file without that column form one domain, 'target'.
     """
     if config.input_domain_group is None:
-        names = np.where(labels == UNLABELED, "target", "reference")
+        names = np.array(["reference", "target"], dtype=object)[(labels == UNLABELED).astype(np.intp)]
     else:
         column = config.input_domain_group
         values = require_column(cells.obs, column, "--input_domain_group", str(config.input_counts))
         require_values(values, column, "--input_domain_group", str(config.input_counts), "give every cell a domain",
                        where=np.arange(cells.n_cells) < n_reference_rows)
-        names = np.where(missing_values(values), "target", values.astype(str).to_numpy())
-    domain_names, codes = np.unique(names, return_inverse=True)
+        names = per_cell_strings(values, strip=False)
+        names[missing_values(values)] = "target"
+    # sorted domain names and each cell's code among them, looking at each distinct name once
+    cells, uniques = pd.factorize(names)
+    domain_names = sorted(map(str, uniques))
+    codes = np.asarray(pd.Index(domain_names).get_indexer(pd.Index(list(map(str, uniques)), dtype=object)))[cells]
     log.info("domains: %s", ", ".join(f"{n} {c}" for n, c in zip(domain_names, np.bincount(codes))))
-    return codes.astype(np.int64), tuple(map(str, domain_names))
+    return codes.astype(np.int64), tuple(domain_names)
 
 
 BLOCK_ROWS = 8192
@@ -193,10 +197,13 @@ def load_training_inputs_backed(config: Config) -> TrainingInputs:
         return [matrix.iter_blocks(side) for side in sides if len(side)]
 
     genes, gene_report = choose_genes(config, genes, target_genes, datasets)
-    matrix = DiskMatrix(parts, genes, block_rows=BLOCK_ROWS, cache_blocks=cache_blocks)
+    # the next window of shuffled blocks is read while the model trains on this one
+    window_blocks = max(1, config.read_buffer_cells // BLOCK_ROWS)
+    matrix = DiskMatrix(parts, genes, block_rows=BLOCK_ROWS, cache_blocks=cache_blocks,
+                        read_ahead_blocks=window_blocks + 2)
     cells = CellMatrix(matrix, genes, obs, str(config.input_counts))
     reference_labels = labels_from_obs(reference_obs, config.lower_group, "--lower_group", str(config.input_counts))
-    labels = np.concatenate([reference_labels, np.full(offset - n_reference, UNLABELED, dtype=object)]).astype(str)
+    labels = np.concatenate([reference_labels, np.full(offset - n_reference, UNLABELED, dtype=object)])
     encoding = LabelEncoding.fit(labels, config.lower_group)
     codes = encoding.encode(labels)
     log.info("training from disk: %d reference and %d target cells in %d blocks of %d cells; %d labeled cells in "
@@ -276,7 +283,7 @@ def load_training_inputs(config: Config, adata=None) -> TrainingInputs:
     if target is not None:
         target, _ = align_genes(target, genes, min_overlap=0.0, what="unlabeled target data", report=False)
         cells = _stack(cells, target)
-        labels = np.concatenate([labels, np.full(target.n_cells, UNLABELED, dtype=object)]).astype(str)
+        labels = np.concatenate([labels, np.full(target.n_cells, UNLABELED, dtype=object)])
     codes = encoding.encode(labels)
     counts = np.bincount(codes[codes >= 0], minlength=len(encoding.classes))
     log.info("%d labeled cells in %d classes: %s; %d unlabeled target cells", int((codes >= 0).sum()),

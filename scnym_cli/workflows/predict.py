@@ -21,6 +21,7 @@ import json
 import logging
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,7 +31,7 @@ import pandas as pd
 from ..config import Config
 from ..html_report import REPORT_FILE, write_prediction_report
 from ..data import UNKNOWN, read_gene_list
-from ..data.labels import require_column
+from ..data.labels import per_cell_strings, require_column
 from ..data.readers import is_zarr_store
 from ..data.stream import CellChunks, H5adChunks, ShardedH5adChunks, open_anndata_store
 from ..errors import ScnymError
@@ -54,14 +55,27 @@ PREDICTION_OUTPUTS = (*PROTECTED_OUTPUTS, "logits.csv", "embedding.csv", "gene_o
 
 class CsvBlocks:
     """A CSV written block by block (header once) with pyarrow's writer: formatting a million rows of
-    probabilities took pandas 6 s of a 31 s prediction, pyarrow a seventh of that."""
+    probabilities took pandas 6 s of a 31 s prediction, pyarrow a seventh of that. Each block is converted and
+    written on a background thread while the next one is predicted (pyarrow releases the GIL); one block at a
+    time waits there, and an error of the writer is raised at the next write or at close."""
 
     def __init__(self, path: Path):
         self.path = path
         self.writer: Any = None   # a pyarrow CSVWriter, opened with the first block's schema
         self.schema: Any = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scnym-csv")
+        self._last: Optional[Future] = None
 
     def write(self, frame: pd.DataFrame) -> None:
+        self._wait()
+        self._last = self._thread.submit(self._write, frame)
+
+    def _wait(self) -> None:
+        if self._last is not None:
+            last, self._last = self._last, None
+            last.result()
+
+    def _write(self, frame: pd.DataFrame) -> None:
         import pyarrow as pa
         import pyarrow.csv as pa_csv
 
@@ -73,9 +87,17 @@ class CsvBlocks:
         # a later block may infer other types (e.g. a label column of Unknown only): keep the first block's
         self.writer.write_table(table if table.schema.equals(self.schema) else table.cast(self.schema))
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def close(self, *, failed: bool = False) -> None:
+        """Finish writing; ``failed``: the prediction stopped with an error (this one's is not raised over it)."""
+        try:
+            self._wait()
+        except Exception:
+            if not failed:
+                raise
+        finally:
+            self._thread.shutdown(wait=True)
+            if self.writer is not None:
+                self.writer.close()
 
 
 class AnnotatedCopy:
@@ -240,7 +262,8 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
         ("novelty", predictor.scores_novelty), ("disagreement", predictor.has_disagreement)) if wanted}
     truth = None
     if config.lower_group in source.obs.columns:
-        truth = require_column(source.obs, config.lower_group, "--lower_group", source.source).astype(str)
+        column = require_column(source.obs, config.lower_group, "--lower_group", source.source)
+        truth = pd.Series(per_cell_strings(column, strip=False))   # a str per distinct label, not per cell
     elif config.lower_group != Config.__dataclass_fields__["lower_group"].default:
         # a column asked for by name and not there: likely a typo, and the scores the user wants are missing
         close = difflib.get_close_matches(config.lower_group, list(map(str, source.obs.columns)), n=1)
@@ -252,30 +275,34 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
         in_set = np.zeros(source.n_cells, dtype=bool)  # the true class in the set (labeled queries)
         true_codes = None if truth is None else pd.Index(classes).get_indexer(truth)
     kind = config.input_normalization
-    for rows, result, kind in iterate_predictions(predictor, source, config, with_embedding=with_embedding):
-        ids = source.obs.index[rows]
-        table = predictions_table(ids, result.labels, result.confidence, result.probabilities, classes,
-                                  extra=result.extra_columns(classes))
-        for name in extra:
-            extra[name][rows] = table[name].to_numpy()
-        if result.sets is not None and true_codes is not None:
-            in_set[rows] = true_class_in_set(result.sets, true_codes[rows])
-        predictions.write(table)
-        if logits_csv:
-            logits_csv.write(pd.concat([table[["cell_id"]], pd.DataFrame(result.logits,
-                                                                         columns=[f"logit_{c}" for c in classes])],
-                                       axis=1))
-        if embedding_csv and result.embedding is not None:
-            columns = [f"scnym_{i}" for i in range(result.embedding.shape[1])]
-            embedding_csv.write(pd.concat([table[["cell_id"]], pd.DataFrame(result.embedding, columns=columns)],
-                                          axis=1))
-        if annotated:
-            annotated.write(rows, result)
-        sample.take(rows, result, ids, extra.get("novelty"))
-        labels[rows], confidence[rows] = result.labels, result.confidence
-    for writer in (predictions, logits_csv, embedding_csv):
-        if writer:
-            writer.close()
+    writers = [writer for writer in (predictions, logits_csv, embedding_csv) if writer]
+    try:
+        for rows, result, kind in iterate_predictions(predictor, source, config, with_embedding=with_embedding):
+            ids = source.obs.index[rows]
+            table = predictions_table(ids, result.labels, result.confidence, result.probabilities, classes,
+                                      extra=result.extra_columns(classes))
+            for name in extra:
+                extra[name][rows] = table[name].to_numpy()
+            if result.sets is not None and true_codes is not None:
+                in_set[rows] = true_class_in_set(result.sets, true_codes[rows])
+            predictions.write(table)
+            if logits_csv:
+                logits = pd.DataFrame(result.logits, columns=[f"logit_{c}" for c in classes])
+                logits_csv.write(pd.concat([table[["cell_id"]], logits], axis=1))
+            if embedding_csv and result.embedding is not None:
+                columns = [f"scnym_{i}" for i in range(result.embedding.shape[1])]
+                embedding = pd.DataFrame(result.embedding, columns=columns)
+                embedding_csv.write(pd.concat([table[["cell_id"]], embedding], axis=1))
+            if annotated:
+                annotated.write(rows, result)
+            sample.take(rows, result, ids, extra.get("novelty"))
+            labels[rows], confidence[rows] = result.labels, result.confidence
+    except BaseException:
+        for writer in writers:
+            writer.close(failed=True)
+        raise
+    for writer in writers:
+        writer.close()
     if annotated:
         annotated.finish(source.obs, labels, confidence, classes, extra, predictor.provenance(overlap))
 

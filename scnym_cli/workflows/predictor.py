@@ -23,11 +23,13 @@ from ..data import UNKNOWN, read_expression
 from ..data.genes import GeneOverlap, reindex_columns, require_overlap, translate_for_model
 from ..data.labels import join_metadata, read_groups
 from ..data.normalize import decide_kind, normalize
-from ..data.stream import CellChunks, H5adChunks, InMemoryChunks, ShardedH5adChunks, is_anndata_store
+from ..data.stream import CellChunks, H5adChunks, InMemoryChunks, ShardedH5adChunks, in_background, is_anndata_store
 from ..errors import ScnymError
 from ..report import LabeledEvaluation, evaluate_labeled, predictions_table, write_labeled_report
 from ..store import covariates_for, routing_of
 from ..train.conformal import ConformalCalibration, DomainWeights, prediction_sets, set_labels, true_class_in_set
+from ..train.device import inference_dtype
+from ..train.inference import FORWARD_ROWS
 from .annotation import annotate
 from .ensemble import Ensemble
 
@@ -68,15 +70,16 @@ class Predictor:
 
     def __init__(self, model_path: Path, config: Config, device):
         self.config, self.device = config, device
+        self.dtype = inference_dtype(device, config.inference_precision)
         self.routing = routing_of(model_path)
         if self.routing:
             self.column = self.routing["column"]
-            self.models = {g: Ensemble(Path(model_path) / d, config.ensemble, device)
+            self.models = {g: Ensemble(Path(model_path) / d, config.ensemble, device, self.dtype)
                            for g, d in self.routing["models"].items()}
             self.classes = sorted(set().union(*(m.classes for m in self.models.values())))
         else:
             self.column = None
-            self.models = {None: Ensemble(model_path, config.ensemble, device)}
+            self.models = {None: Ensemble(model_path, config.ensemble, device, self.dtype)}
             self.classes = list(self.models[None].classes)
         single = None if self.routing else self.models[None]
         self.description = str(single.directory if single and len(single.members) == 1 else model_path)
@@ -132,7 +135,8 @@ class Predictor:
 
     def describe(self) -> dict:
         """What predicted (for the summary): the models, their temperatures, the prediction sets' calibration."""
-        described: dict = {"ensemble": self.config.ensemble}
+        described: dict = {"ensemble": self.config.ensemble,
+                           "inference_precision": str(self.dtype).removeprefix("torch.")}
         for group, model in self.models.items():
             entry: dict[str, Any] = {"models": model.names, "temperature": {m.directory.name: m.temperature for m in model.members}}
             if self.set_thresholds is not None:
@@ -240,11 +244,11 @@ class Predictor:
             if covariates is not None:
                 covariates = covariates[rows][local]
             domain = self.domain_weights.get(group) if self.shift is not None else None
-            outputs = model.predict(aligned, self.device, chunk_size=self.config.prediction_chunk_size,
-                                    covariates=covariates,
+            outputs = model.predict(aligned, self.device, covariates=covariates,
+                                    chunk_size=min(self.config.prediction_chunk_size, FORWARD_ROWS),
                                     with_embedding=with_embedding or novelty is not None or domain is not None)
             if novelty is not None and model.novelty is not None and outputs.embedding is not None:
-                novelty[local] = model.novelty.score(outputs.embedding)
+                novelty[local] = model.novelty.score(outputs.embedding, self.dtype)
                 if self.unknown_above is not None:
                     unknown[local] = novelty[local] > self.unknown_above[group]
             if disagreement is not None:
@@ -314,10 +318,15 @@ def iterate_predictions(predictor: Predictor, source: CellChunks, config: Config
                         ) -> Iterator[tuple[slice, ChunkResult, str]]:
     """(rows, result, normalization kind) block by block: normalize over the query's genes, then predict."""
     kind = query_kind(source, config)
+
+    def normalized() -> Iterator[tuple[slice, sp.csr_matrix]]:
+        for index, (rows, block) in enumerate(source.chunks(config.prediction_chunk_size)):
+            X, _ = normalize(block, config.input_normalization, kind=kind, source=source.source, copy=False,
+                             announce=index == 0)
+            yield rows, X
+
     empty = 0
-    for index, (rows, block) in enumerate(source.chunks(config.prediction_chunk_size)):
-        X, _ = normalize(block, config.input_normalization, kind=kind, source=source.source, copy=False,
-                         announce=index == 0)
+    for rows, X in in_background(normalized()):   # the next block is read while this one is predicted
         empty += int((np.diff(X.indptr) == 0).sum())
         yield rows, predictor.predict(rows, X, with_embedding), kind
     if empty:

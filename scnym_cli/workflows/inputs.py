@@ -116,9 +116,9 @@ def assign_domains(config: Config, cells: CellMatrix, labels: np.ndarray, n_refe
         names = per_cell_strings(values, strip=False)
         names[missing_values(values)] = "target"
     # sorted domain names and each cell's code among them, looking at each distinct name once
-    cells, uniques = pd.factorize(names)
+    per_cell, uniques = pd.factorize(names)
     domain_names = sorted(map(str, uniques))
-    codes = np.asarray(pd.Index(domain_names).get_indexer(pd.Index(list(map(str, uniques)), dtype=object)))[cells]
+    codes = np.asarray(pd.Index(domain_names).get_indexer(pd.Index(list(map(str, uniques)), dtype=object)))[per_cell]
     log.info("domains: %s", ", ".join(f"{n} {c}" for n, c in zip(domain_names, np.bincount(codes))))
     return codes.astype(np.int64), tuple(domain_names)
 

@@ -71,8 +71,10 @@ class NoveltyReference:
         scores = []
         for start in range(0, len(embedding), SCORE_ROWS):
             query = _unit(torch.as_tensor(embedding[start:start + SCORE_ROWS], dtype=torch.float32))
-            similarity = (query.to(dtype) @ bank.T).float()
-            scores.append((1 - similarity.topk(k, dim=1).values).mean(dim=1).numpy())
+            similarity = query.to(dtype) @ bank.T
+            # the k largest picked in the product's own format (exactly those of it in float32, and cheaper)
+            nearest = similarity.topk(k, dim=1).values.float()
+            scores.append((1 - nearest).mean(dim=1).numpy())
         return np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
 
     def threshold(self, rate: float) -> float:

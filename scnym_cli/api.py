@@ -26,7 +26,8 @@ from .store import load_model
 from .train.device import thread_count_restored
 from .workflows.inputs import load_cells, load_training_inputs
 from .workflows.annotation import annotate, uns_safe
-from .workflows.predictor import Predictor, open_query, predict_in_memory
+from .workflows.inputs import open_query
+from .workflows.predictor import Predictor, predict_in_memory
 from .workflows.runtime import setup_runtime
 from .workflows.train import run_training
 

@@ -17,7 +17,8 @@ from typing import Any, Union
 
 from .api import _api_call, make_config, resolve_trained_model
 from .config import Config
-from .workflows.predictor import Predictions, Predictor, open_query, predict_in_memory
+from .workflows.inputs import open_query
+from .workflows.predictor import Predictions, Predictor, predict_in_memory
 from .workflows.runtime import setup_runtime
 
 __all__ = ["Model", "Predictions"]

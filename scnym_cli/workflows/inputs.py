@@ -1,4 +1,4 @@
-"""From config to model-ready data: read, attach metadata, normalize, clean genes, encode labels."""
+"""From config to model-ready data: read, attach metadata, normalize, clean genes, encode labels; and the query to predict."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from ..config import Config
 from ..data import (UNLABELED, CellMatrix, GeneOverlap, LabelEncoding, align_genes, attach_metadata,
                     drop_duplicate_genes, normalize, read_expression, read_gene_list, read_labels, subset_genes)
 from ..data.genes import require_overlap, translate_for_model
-from ..data.normalize import DETECTION_ROWS
-from ..data.labels import missing_values, per_cell_strings, require_column, require_values
+from ..data.labels import join_metadata, missing_values, per_cell_strings, require_column, require_values
+from ..data.normalize import DETECTION_ROWS, decide_kind
+from ..data.stream import CellChunks, H5adChunks, InMemoryChunks, ShardedH5adChunks, is_anndata_store
 from ..errors import ScnymError
 
 log = logging.getLogger(__name__)
@@ -292,3 +293,40 @@ def load_training_inputs(config: Config, adata=None) -> TrainingInputs:
     domains, domain_names = assign_domains(config, cells, labels, n_reference)
     return TrainingInputs(cells, labels, encoding, codes, kind, domains, domain_names, overlap,
                           gene_report=gene_report)
+
+
+# ---------------------------------------------------------------------- a query to predict
+def open_query(config: Config, path: Path, adata=None) -> CellChunks:
+    """The query as raw blocks: streamed from an h5ad file, else read into memory (or the given AnnData)."""
+    if adata is not None:
+        from ..data import cells_from_anndata
+
+        cells = cells_from_anndata(adata, gene_column=config.gene_column, layer=config.input_layer, source=str(path))
+        source: CellChunks = InMemoryChunks(cells)
+    elif is_anndata_store(path):   # .h5ad file or .zarr store: streamed
+        source = H5adChunks(path, layer=config.input_layer, gene_column=config.gene_column)
+    elif Path(path).is_dir() and any(is_anndata_store(p) for p in Path(path).iterdir()):
+        source = ShardedH5adChunks(path, layer=config.input_layer, gene_column=config.gene_column)
+    else:
+        source = InMemoryChunks(read_expression(path, gene_names_file=config.input_gene_names,
+                                                gene_column=config.gene_column, layer=config.input_layer))
+    if config.training_metadata is not None:
+        obs = join_metadata(source.obs, config.training_metadata, source.source)
+        if isinstance(source, InMemoryChunks):
+            source = InMemoryChunks(source.cells.with_(obs=obs))
+        elif isinstance(source, (H5adChunks, ShardedH5adChunks)):
+            source.obs = obs
+    return source
+
+
+def query_genes(config: Config, source: CellChunks, model_genes: Sequence[str]) -> pd.Index:
+    """The query's gene names, translated through --gene_map or --gene_species when given."""
+    return translate_for_model(pd.Index(source.genes), model_genes, gene_map=config.gene_map,
+                               gene_species=config.gene_species, what=source.source)
+
+
+def query_kind(source: CellChunks, config: Config, announce: bool = True) -> str:
+    """The query's normalization, decided on its first cells like any dataset's (data/normalize.py), read a
+    chunk at a time (memory follows the chunk)."""
+    first_chunks = (block for _, block in source.chunks(config.prediction_chunk_size))
+    return decide_kind(first_chunks, config.input_normalization, source=source.source, announce=announce)

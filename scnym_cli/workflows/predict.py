@@ -40,7 +40,8 @@ from ..report import (EMBEDDING_MAP_FILE, MAP_CELLS, evaluate_labeled, predictio
 from ..staging import staged_directory
 from ..train.conformal import true_class_in_set
 from .annotation import obs_fields, uns_safe
-from .predictor import ChunkResult, Predictor, iterate_predictions, open_query, query_genes
+from .inputs import open_query, query_genes
+from .predictor import ChunkResult, Predictor, iterate_predictions
 from .runtime import setup_runtime, writes_outputs
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -19,11 +19,11 @@ import scipy.sparse as sp
 
 from .._version import __version__
 from ..config import Config
-from ..data import UNKNOWN, read_expression
-from ..data.genes import GeneOverlap, reindex_columns, require_overlap, translate_for_model
-from ..data.labels import join_metadata, read_groups
-from ..data.normalize import decide_kind, normalize
-from ..data.stream import CellChunks, H5adChunks, InMemoryChunks, ShardedH5adChunks, in_background, is_anndata_store
+from ..data import UNKNOWN
+from ..data.genes import GeneOverlap, reindex_columns, require_overlap
+from ..data.labels import read_groups
+from ..data.normalize import normalize
+from ..data.stream import CellChunks, in_background
 from ..errors import ScnymError
 from ..report import LabeledEvaluation, evaluate_labeled, predictions_table, write_labeled_report
 from ..store import covariates_for, routing_of
@@ -32,6 +32,7 @@ from ..train.device import inference_dtype
 from ..train.inference import FORWARD_ROWS
 from .annotation import annotate
 from .ensemble import Ensemble
+from .inputs import query_genes, query_kind
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,8 @@ class Predictor:
 
     def provenance(self, overlap: GeneOverlap) -> dict[str, Any]:
         """What made a set of predictions, as annotated AnnData files record it in ``uns[key]``: the scnym
-        version, the settings, the model(s) -- each with the checksums of its manifest's meaning and of its
-        weights, and of the data it was trained on -- and the gene overlap."""
+        version, the settings (and the number format they resolved to), the model(s) -- each with the checksums
+        of its manifest's meaning and of its weights, and of the data it was trained on -- and the gene overlap."""
         models: dict[str, dict] = {}
         for group, ensemble in self.models.items():
             for member in ensemble.members:
@@ -131,7 +132,8 @@ class Predictor:
                                 "weights_sha256": manifest.get("weights_sha256"),
                                 "training_data_sha256": (manifest.get("data_fingerprint") or {}).get("sha256")}
         return {"scnym_version": __version__, "model_path": self.description, "models": models,
-                "params": self.config.to_dict(), "gene_overlap": overlap.to_dict(), "classes": list(self.classes)}
+                "params": self.config.to_dict(), "gene_overlap": overlap.to_dict(), "classes": list(self.classes),
+                "inference_precision": str(self.dtype).removeprefix("torch.")}
 
     def describe(self) -> dict:
         """What predicted (for the summary): the models, their temperatures, the prediction sets' calibration."""
@@ -276,42 +278,6 @@ class Predictor:
         labels = np.where(unknown, UNKNOWN, labels)
         return ChunkResult(probabilities, logits, labels, confidence, embedding if with_embedding else None, novelty,
                            disagreement, sets)
-
-
-def open_query(config: Config, path: Path, adata=None) -> CellChunks:
-    """The query as raw blocks: streamed from an h5ad file, else read into memory (or the given AnnData)."""
-    if adata is not None:
-        from ..data import cells_from_anndata
-
-        cells = cells_from_anndata(adata, gene_column=config.gene_column, layer=config.input_layer, source=str(path))
-        source: CellChunks = InMemoryChunks(cells)
-    elif is_anndata_store(path):   # .h5ad file or .zarr store: streamed
-        source = H5adChunks(path, layer=config.input_layer, gene_column=config.gene_column)
-    elif Path(path).is_dir() and any(is_anndata_store(p) for p in Path(path).iterdir()):
-        source = ShardedH5adChunks(path, layer=config.input_layer, gene_column=config.gene_column)
-    else:
-        source = InMemoryChunks(read_expression(path, gene_names_file=config.input_gene_names,
-                                                gene_column=config.gene_column, layer=config.input_layer))
-    if config.training_metadata is not None:
-        obs = join_metadata(source.obs, config.training_metadata, source.source)
-        if isinstance(source, InMemoryChunks):
-            source = InMemoryChunks(source.cells.with_(obs=obs))
-        elif isinstance(source, (H5adChunks, ShardedH5adChunks)):
-            source.obs = obs
-    return source
-
-
-def query_genes(config: Config, source: CellChunks, model_genes: Sequence[str]) -> pd.Index:
-    """The query's gene names, translated through --gene_map or --gene_species when given."""
-    return translate_for_model(pd.Index(source.genes), model_genes, gene_map=config.gene_map,
-                               gene_species=config.gene_species, what=source.source)
-
-
-def query_kind(source: CellChunks, config: Config, announce: bool = True) -> str:
-    """The query's normalization, decided on its first cells like any dataset's (data/normalize.py), read a
-    chunk at a time (memory follows the chunk)."""
-    first_chunks = (block for _, block in source.chunks(config.prediction_chunk_size))
-    return decide_kind(first_chunks, config.input_normalization, source=source.source, announce=announce)
 
 
 def iterate_predictions(predictor: Predictor, source: CellChunks, config: Config, *, with_embedding: bool

@@ -12,7 +12,6 @@ and ECE on the query's known types with each. Writes ``bench/results/precision.m
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
@@ -22,8 +21,8 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SPLITS, WORK, machine, materialize, provenance, write_json, write_markdown  # noqa: E402
-from trust import predict, read_predictions, train  # noqa: E402
+from common import SPLITS, machine, materialize, provenance, write_json, write_markdown  # noqa: E402
+from trust import predict, read_predictions, run_arguments, train  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16")
 
@@ -100,15 +99,7 @@ def report(frame: pd.DataFrame, command: str, info: dict) -> list[str]:
 
 
 def main(argv=None) -> pd.DataFrame:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--num_threads", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="tiny subsample and 2 epochs (for the test suite)")
-    parser.add_argument("--in-process", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--work", type=Path, default=WORK)
-    args = parser.parse_args(argv)
+    args = run_arguments(__doc__).parse_args(argv)
     rows = []
     for seed in args.seeds:
         for split in args.splits:

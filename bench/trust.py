@@ -261,16 +261,23 @@ def report(frame: pd.DataFrame, command: str, info: dict) -> list[str]:
     return lines
 
 
-def main(argv=None) -> pd.DataFrame:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of a benchmark over the trust runs (this one and bench/precision.py): which splits and seeds,
+    threads, quick mode, in process, where results and runs go."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--num_threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="tiny subsample and 2 epochs (for the test suite)")
     parser.add_argument("--in-process", action="store_true")
-    parser.add_argument("--train_only", action="store_true", help="train the runs, report nothing")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=WORK)
+    return parser
+
+
+def main(argv=None) -> pd.DataFrame:
+    parser = run_arguments(__doc__)
+    parser.add_argument("--train_only", action="store_true", help="train the runs, report nothing")
     args = parser.parse_args(argv)
     rows = []
     for seed in args.seeds:   # seed by seed: a first seed over every split is ready early

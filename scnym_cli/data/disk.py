@@ -198,9 +198,10 @@ class BlockShuffleSampler:
             # this window's blocks are on their way already (named during the previous window), except in an
             # epoch's first window; the next window's are named once this window's first batch has taken its
             # blocks into the cache, and read while the model trains on this window
-            self.matrix.read_ahead(order[start:start + self.window_blocks])
+            current = order[start:start + self.window_blocks]
             upcoming = order[start + self.window_blocks:start + 2 * self.window_blocks]
-            window = np.isin(self.block_ids, order[start:start + self.window_blocks])
+            self.matrix.read_ahead(current)
+            window = np.isin(self.block_ids, current)
             rows = self.rows[window]
             if self.balance and self.codes is not None:
                 drawn = self._inner.rng.choice(rows, size=len(rows), replace=True,

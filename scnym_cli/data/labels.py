@@ -68,7 +68,8 @@ def require_column(obs: pd.DataFrame, column: str, option: str, source: str) -> 
 
 
 def per_cell_strings(values: pd.Series, strip: bool = True) -> np.ndarray:
-    """A metadata column as strings (stripped, unless ``strip`` is off): an object array in which equal values share one ``str``.
+    """A metadata column as strings (stripped, unless ``strip`` is off): an object array in which equal values
+    share one ``str``.
 
     Each distinct value is converted once: 8 bytes a cell, where a string per cell (``astype(str)``) took
     ~60 bytes a cell and numpy's fixed-width text 4 bytes a character -- hundreds of MB on atlases.

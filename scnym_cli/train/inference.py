@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional, cast
 
 import numpy as np
@@ -51,7 +50,10 @@ def forward_rows(model: CellTypeClassifier, X: Matrix, rows: Optional[np.ndarray
     n_rows = X.shape[0] if isinstance(selection, slice) else len(selection)
     was_training = model.training
     model.eval()
-    precision = Precision(device)
+    # training's own mixed precision (CUDA only), or prediction's --inference_precision
+    autocast = Precision(device).autocast if dtype is None else partial(inference_autocast, device, dtype)
+    # below float32 the small classifier head still runs in float32: logits to 7 digits
+    head_in_float32 = dtype is not None and dtype != torch.float32
     logits, embeddings = [], []
     try:
         def rows_of(start: int) -> slice | np.ndarray:
@@ -64,13 +66,11 @@ def forward_rows(model: CellTypeClassifier, X: Matrix, rows: Optional[np.ndarray
                 read_ahead(X, rows_of(start + chunk_size))
             x = batch_tensor(X, chunk_rows, device)
             c = None if covariates is None else torch.from_numpy(covariates[chunk_rows]).to(device)
-            domain_argument = {"domain": domain} if domain else {}
-            if dtype is None or dtype == torch.float32:
-                with precision.autocast() if dtype is None else contextlib.nullcontext():
-                    out, embedding = model(x, c, return_embedding=True, **domain_argument)
-            else:   # the encoder's products in dtype; the small classifier head in float32 (logits to 7 digits)
-                with inference_autocast(device, dtype):
-                    embedding = model.embed(x, c, **domain_argument)
+            with autocast():
+                embedding = model.embed(x, c, **({"domain": domain} if domain else {}))
+                if not head_in_float32:
+                    out = model.classifier(embedding)
+            if head_in_float32:
                 out = model.classifier(embedding.float())
             logits.append(out.float().cpu().numpy())
             if with_embedding:

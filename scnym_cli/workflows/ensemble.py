@@ -166,11 +166,11 @@ class Ensemble:
     def names(self) -> list[str]:
         return [m.directory.name for m in self.members]
 
-    def embed(self, X, device, *, chunk_size: int, covariates: Optional[np.ndarray]) -> np.ndarray:
+    def embed(self, X, device, *, covariates: Optional[np.ndarray]) -> np.ndarray:
         """The primary model's embedding of a block."""
-        return _forward(self.primary, X, device, chunk_size, covariates, True, self.dtype).embedding
+        return _forward(self.primary, X, device, covariates, True, self.dtype).embedding
 
-    def predict(self, X, device, *, chunk_size: int, covariates: Optional[np.ndarray],
+    def predict(self, X, device, *, covariates: Optional[np.ndarray],
                 with_embedding: bool) -> EnsembleOutputs:
         """Every member on the same block (ln(CPM+1) over the model's genes)."""
         total: Optional[np.ndarray] = None
@@ -178,7 +178,7 @@ class Ensemble:
         logits = embedding = None
 
         def forward(model: LoadedModel, embed: bool):
-            return _forward(model, X, device, chunk_size, covariates, embed, self.dtype)
+            return _forward(model, X, device, covariates, embed, self.dtype)
 
         for member in self.members:
             primary = member is self.primary
@@ -200,9 +200,9 @@ class Ensemble:
         return EnsembleOutputs(probabilities.astype(np.float32), logits, embedding, disagreement)
 
 
-def _forward(model: LoadedModel, X, device, chunk_size: int, covariates: Optional[np.ndarray], embed: bool,
-             dtype: torch.dtype):
-    # a model with domain-specific batch norm predicts with the target's statistics: it was adapted to it
-    return forward_rows(model.model, X, None, device, chunk_size=chunk_size, covariates=covariates,
+def _forward(model: LoadedModel, X, device, covariates: Optional[np.ndarray], embed: bool, dtype: torch.dtype):
+    # a model with domain-specific batch norm predicts with the target's statistics: it was adapted to it;
+    # the block passes through the model in forward_rows' own chunks (FORWARD_ROWS), whatever its size
+    return forward_rows(model.model, X, None, device, covariates=covariates,
                         with_embedding=embed, domain=TARGET if model.model.n_norm_domains > 1 else REFERENCE,
                         dtype=dtype)

@@ -1,4 +1,5 @@
-"""From config to model-ready data: read, attach metadata, normalize, clean genes, encode labels; and the query to predict."""
+"""From config to model-ready data: read, attach metadata, normalize, clean genes, encode labels; and the query
+to predict."""
 
 from __future__ import annotations
 

@@ -29,7 +29,6 @@ from ..report import LabeledEvaluation, evaluate_labeled, predictions_table, wri
 from ..store import covariates_for, routing_of
 from ..train.conformal import ConformalCalibration, DomainWeights, prediction_sets, set_labels, true_class_in_set
 from ..train.device import inference_dtype
-from ..train.inference import FORWARD_ROWS
 from .annotation import annotate
 from .ensemble import Ensemble
 from .inputs import query_genes, query_kind
@@ -133,12 +132,16 @@ class Predictor:
                                 "training_data_sha256": (manifest.get("data_fingerprint") or {}).get("sha256")}
         return {"scnym_version": __version__, "model_path": self.description, "models": models,
                 "params": self.config.to_dict(), "gene_overlap": overlap.to_dict(), "classes": list(self.classes),
-                "inference_precision": str(self.dtype).removeprefix("torch.")}
+                "inference_precision": self.precision_name}
+
+    @property
+    def precision_name(self) -> str:
+        """The number format prediction's products run in (float32, bfloat16, float16)."""
+        return str(self.dtype).removeprefix("torch.")
 
     def describe(self) -> dict:
         """What predicted (for the summary): the models, their temperatures, the prediction sets' calibration."""
-        described: dict = {"ensemble": self.config.ensemble,
-                           "inference_precision": str(self.dtype).removeprefix("torch.")}
+        described: dict = {"ensemble": self.config.ensemble, "inference_precision": self.precision_name}
         for group, model in self.models.items():
             entry: dict[str, Any] = {"models": model.names, "temperature": {m.directory.name: m.temperature for m in model.members}}
             if self.set_thresholds is not None:
@@ -212,8 +215,7 @@ class Predictor:
                 covariates = self.covariates[group]
                 if covariates is not None:
                     covariates = covariates[rows][local][mine]
-                embedded[group].append(model.embed(aligned, self.device, chunk_size=config.prediction_chunk_size,
-                                                   covariates=covariates))
+                embedded[group].append(model.embed(aligned, self.device, covariates=covariates))
         self.domain_weights = {}
         for group, parts in embedded.items():
             query = np.concatenate(parts) if parts else np.zeros((0, 1))
@@ -247,7 +249,6 @@ class Predictor:
                 covariates = covariates[rows][local]
             domain = self.domain_weights.get(group) if self.shift is not None else None
             outputs = model.predict(aligned, self.device, covariates=covariates,
-                                    chunk_size=min(self.config.prediction_chunk_size, FORWARD_ROWS),
                                     with_embedding=with_embedding or novelty is not None or domain is not None)
             if novelty is not None and model.novelty is not None and outputs.embedding is not None:
                 novelty[local] = model.novelty.score(outputs.embedding, self.dtype)

@@ -328,7 +328,7 @@ def markdown(rows: pd.DataFrame, info: dict, command: str) -> str:
              "**Timings were taken on a shared machine**: every peer ran under `nice -n 19` while another benchmark "
              "(and other work) used the same 2 cores, with a load average of "
              f"{number(rows['load_1min_before'].min(), 1)}–{number(rows['load_1min_before'].max(), 1)} when runs "
-             "started (`load_1min_before` in the CSV); several peers also ran at once. Seconds are therefore upper "
+             "started (`load_1min_before` in the CSV); some peers also ran at once. Seconds are therefore upper "
              "bounds, only roughly comparable between peers and not comparable with timings from an idle machine; "
              "accuracy is what these runs are for. " + threads_sentence(rows), "",
              "Balanced accuracy (mean per-class recall, the metric that counts), accuracy and macro-F1 on the query; "
@@ -340,9 +340,12 @@ def markdown(rows: pd.DataFrame, info: dict, command: str) -> str:
     for split_name in dict.fromkeys(rows["split"]):
         lines += ["", f"## {SPLITS[split_name].description}", "", query_sentence(rows[rows["split"] == split_name]),
                   "",
-                  "| peer | balanced acc. | accuracy | macro-F1 | ECE | seconds | peak MB | quoted | Δ bal. acc. | "
-                  "notes |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for _, r in rows[rows["split"] == split_name].iterrows():
+                  "| peer | seed | balanced acc. | accuracy | macro-F1 | ECE | seconds | peak MB | quoted | "
+                  "Δ bal. acc. | notes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        mine = rows[rows["split"] == split_name]
+        peer_order = {name: i for i, name in enumerate(dict.fromkeys(rows["peer"]))}
+        for _, r in mine.sort_values(["peer", "seed"], key=lambda c: c.map(peer_order) if c.name == "peer" else c,
+                                     kind="stable").iterrows():
             peer = PEERS[r["peer"]]
             quoted = (f"{r['quoted_balanced_accuracy']:.3f} / {r['quoted_accuracy']:.3f}"
                       if pd.notna(r.get("quoted_balanced_accuracy")) else "–")
@@ -357,7 +360,8 @@ def markdown(rows: pd.DataFrame, info: dict, command: str) -> str:
                 notes.append('copies with uns["x_kind"]="counts"')
             if delta is not None and abs(delta) > 0.02:
                 notes.append("deviates > 0.02 from quoted")
-            lines.append(f"| {peer.title} | {number(r.get('balanced_accuracy'))} | {number(r.get('accuracy'))} | "
+            lines.append(f"| {peer.title} | {r['seed']} | {number(r.get('balanced_accuracy'))} | "
+                         f"{number(r.get('accuracy'))} | "
                          f"{number(r.get('macro_f1'))} | {number(r.get('ece'))} | {number(r.get('seconds'), 0)} | "
                          f"{number(r.get('peak_mb'), 0)} | {quoted} | "
                          f"{'–' if delta is None else f'{delta:+.3f}'} | {'; '.join(notes)} |")
@@ -395,9 +399,12 @@ def threads_sentence(rows: pd.DataFrame) -> str:
 
 
 def summary_table(rows: pd.DataFrame) -> list[str]:
-    """Balanced accuracy / accuracy per split and peer (seed mean), laid out like ../shared/data/README.md."""
+    """Balanced accuracy / accuracy per split and peer (seed mean), laid out like ../shared/data/README.md;
+    where a peer ran at several seeds, the balanced accuracy's standard deviation and the seed count follow."""
     names = list(dict.fromkeys(rows["peer"]))
     lines = ["", "## Summary: balanced accuracy / accuracy (quoted figure in brackets)", "",
+             "Means over the seeds that ran; where there are several, the balanced accuracy's sample standard "
+             "deviation follows it (`± sd`) and the seed count ends the cell.", "",
              "| split | " + " | ".join(PEERS[n].title for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for split_name in dict.fromkeys(rows["split"]):
         cells = []
@@ -407,8 +414,9 @@ def summary_table(rows: pd.DataFrame) -> list[str]:
             if not len(mine):
                 cells.append("")
                 continue
-            text = (f"{done['balanced_accuracy'].mean():.3f} / {done['accuracy'].mean():.3f}" if len(done)
-                    else "failed")
+            spread = f" ± {done['balanced_accuracy'].std():.3f}" if len(done) > 1 else ""
+            text = (f"{done['balanced_accuracy'].mean():.3f}{spread} / {done['accuracy'].mean():.3f}" if len(done)
+                    else "failed") + (f" ({len(done)} seeds)" if len(done) > 1 else "")
             quoted = PEER_TABLE.get(split_name, {}).get(PEERS[name].quoted) if pd.notna(
                 mine["quoted_balanced_accuracy"].iloc[0]) else None
             cells.append(text + (f" ({quoted[0]:.3f} / {quoted[1]:.3f})" if quoted else ""))

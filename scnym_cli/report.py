@@ -117,14 +117,20 @@ def _palette(n: int) -> list:
 def confusion_table(truth: Labels, predicted: Labels, classes: Sequence[str]) -> pd.DataFrame:
     """Counts, rows = true class (classes + any other true labels), columns = predicted class (classes + any
     other predicted labels, e.g. Unknown)."""
-    classes = [str(c) for c in classes]
-    true_classes = classes + sorted(set(map(str, truth)) - set(classes))
-    predicted_classes = classes + sorted(set(map(str, predicted)) - set(classes))
-    table = pd.crosstab(pd.Categorical(np.asarray(truth, dtype=str), categories=true_classes),
-                        pd.Categorical(np.asarray(predicted, dtype=str), categories=predicted_classes),
-                        dropna=False)
-    table.index.name, table.columns.name = "true", "predicted"
-    return table
+    from .train.metrics import LabelCounts
+
+    return confusion_frame(LabelCounts.of(truth, predicted, classes), len(classes))
+
+
+def confusion_frame(table: "LabelCounts", n_classes: int) -> pd.DataFrame:
+    """:func:`confusion_table` of counts whose first ``n_classes`` names are the model's classes."""
+    names = np.arange(len(table.names))
+    rows = (names < n_classes) | (table.support > 0)
+    columns = (names < n_classes) | (table.called > 0)
+    frame = pd.DataFrame(table.counts[np.ix_(rows, columns)],
+                         index=pd.Index(np.asarray(table.names, dtype=object)[rows], name="true"),
+                         columns=pd.Index(np.asarray(table.names, dtype=object)[columns], name="predicted"))
+    return frame
 
 
 def plot_confusion_matrix(table: pd.DataFrame, path: Path, title: str) -> None:
@@ -201,14 +207,17 @@ def evaluate_labeled(truth: Labels, predicted: Labels, confidence: np.ndarray,
 
     With conformal prediction sets (``in_set``: whether a cell's set holds its true class; ``set_size``):
     their coverage and mean size, overall (cells of known classes) and per class."""
-    from .train.metrics import calibration_error, classification_metrics, per_class_metrics, reliability_table
+    from .train.metrics import (LabelCounts, calibration_error, coded_labels, per_class_table, reliability_table,
+                                summary_metrics)
 
-    truth, predicted = np.asarray(truth, dtype=str), np.asarray(predicted, dtype=str)
+    # integer codes over one vocabulary (the classes first): no per-cell text is made, whatever the cell count
+    truth_codes, predicted_codes, names = coded_labels(truth, predicted, classes)
+    table = LabelCounts.of_codes(truth_codes, predicted_codes, names)
     confidence = np.asarray(confidence, dtype=float)
-    known = np.isin(truth, [str(c) for c in classes])
-    correct = predicted[known] == truth[known]
-    metrics = {**classification_metrics(truth, predicted), "ece": calibration_error(confidence[known], correct)}
-    per_class = per_class_metrics(truth, predicted, classes)
+    known = truth_codes < len(classes)
+    correct = predicted_codes[known] == truth_codes[known]
+    metrics = {**summary_metrics(table), "ece": calibration_error(confidence[known], correct)}
+    per_class = per_class_table(table, len(classes))
     if in_set is not None and set_size is not None:
         in_set, set_size = np.asarray(in_set, dtype=bool), np.asarray(set_size)
 
@@ -217,11 +226,14 @@ def evaluate_labeled(truth: Labels, predicted: Labels, confidence: np.ndarray,
 
         metrics.update(coverage=mean(in_set, known), mean_set_size=mean(set_size, known),
                        empty_sets=mean(set_size == 0, known))
-        rows = [truth == c for c in per_class["class"]]
-        per_class["coverage"] = [mean(in_set, r) if inside else float("nan")
-                                 for r, inside in zip(rows, per_class["in_reference"])]
-        per_class["mean_set_size"] = [mean(set_size, r) for r in rows]
-    return LabeledEvaluation(metrics, per_class, confusion_table(truth, predicted, classes),
+        n_rows = len(per_class)
+        support = np.bincount(truth_codes, minlength=n_rows)[:n_rows]
+        covered = np.bincount(truth_codes, weights=in_set, minlength=n_rows)[:n_rows]
+        sizes = np.bincount(truth_codes, weights=set_size, minlength=n_rows)[:n_rows]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_class["coverage"] = np.where(per_class["in_reference"] & (support > 0), covered / support, np.nan)
+            per_class["mean_set_size"] = np.where(support > 0, sizes / support, np.nan)
+    return LabeledEvaluation(metrics, per_class, confusion_frame(table, len(classes)),
                              reliability_table(confidence[known], correct))
 
 

@@ -83,10 +83,19 @@ def dense_rows(X: Matrix, rows: np.ndarray | slice) -> np.ndarray:
 
 def content_digest(X: Matrix) -> str:
     """sha256 of the matrix's content, the same however its rows are split into blocks."""
+    return digest_and_nnz(X)[0]
+
+
+def digest_and_nnz(X: Matrix) -> tuple[str, int]:
+    """:func:`content_digest` and the number of stored values, in one pass over the rows (a matrix read
+    from disk is read once, not twice)."""
     lengths, indices, values = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+    nnz = 0
     for block in row_blocks(X):
         # .data: the arrays' bytes in place (contiguous), no copy
         lengths.update(np.diff(block.indptr).astype(np.int64).data)
         indices.update(np.ascontiguousarray(block.indices, dtype=np.int32).data)
         values.update(np.ascontiguousarray(block.data, dtype=np.float32).data)
-    return hashlib.sha256("".join(h.hexdigest() for h in (lengths, indices, values)).encode()).hexdigest()
+        nnz += int(block.nnz)
+    digest = hashlib.sha256("".join(h.hexdigest() for h in (lengths, indices, values)).encode()).hexdigest()
+    return digest, nnz

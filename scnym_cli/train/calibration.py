@@ -22,6 +22,10 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
 LOG_TEMPERATURE_PRIOR_SD = 1.0
 
 
+# cells per step of the temperature's likelihood (see fit_temperature)
+TEMPERATURE_CHUNK_ROWS = 65_536
+
+
 def fit_temperature(logits: np.ndarray, codes: np.ndarray, max_iter: int = 200) -> float:
     """The T > 0 minimizing the negative log-likelihood of ``codes`` under softmax(logits / T) plus
     (log T)^2 / (2 sd^2), the log-density of the prior on log T.
@@ -36,11 +40,19 @@ def fit_temperature(logits: np.ndarray, codes: np.ndarray, max_iter: int = 200) 
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure():
+        # the likelihood a chunk of cells at a time, each chunk's gradient added to log_t's: with 500,000
+        # selection cells the whole batch's float64 temporaries (32 MB each, a dozen per evaluation) were a
+        # 1.8 GB spike of the training process's peak memory
         optimizer.zero_grad()
-        loss = (F.cross_entropy(z / log_t.exp(), y, reduction="sum")
-                + log_t.square() / (2 * LOG_TEMPERATURE_PRIOR_SD ** 2))
+        loss = log_t.square() / (2 * LOG_TEMPERATURE_PRIOR_SD ** 2)
         loss.backward()
-        return loss
+        total = loss.detach()
+        for start in range(0, len(y), TEMPERATURE_CHUNK_ROWS):
+            chunk = F.cross_entropy(z[start:start + TEMPERATURE_CHUNK_ROWS] / log_t.exp(),
+                                    y[start:start + TEMPERATURE_CHUNK_ROWS], reduction="sum")
+            chunk.backward()
+            total = total + chunk.detach()
+        return total
 
     optimizer.step(closure)
     temperature = float(log_t.detach().exp())

@@ -216,9 +216,15 @@ def prediction_sets(probabilities: np.ndarray, thresholds: np.ndarray, *, with_t
 
 
 def set_labels(sets: np.ndarray, classes: Sequence[str]) -> np.ndarray:
-    """Each cell's set as text: its classes joined by '|' (in class order; '' for an empty set)."""
+    """Each cell's set as text: its classes joined by '|' (in class order; '' for an empty set). One string per
+    distinct set, shared by its cells (a block holds few distinct sets: no text made per cell)."""
     names = np.asarray(classes, dtype=object)
-    return np.array([SET_SEPARATOR.join(names[row]) for row in sets], dtype=object)
+    sets = np.asarray(sets, dtype=bool).reshape(len(sets), len(names))
+    distinct, cell_set = np.unique(np.packbits(sets, axis=1), axis=0, return_inverse=True)
+    members = np.unpackbits(distinct, axis=1, count=len(names)).astype(bool)
+    texts = np.empty(len(distinct), dtype=object)
+    texts[:] = [SET_SEPARATOR.join(names[row]) for row in members]
+    return texts[np.asarray(cell_set).reshape(-1)]
 
 
 def true_class_in_set(sets: np.ndarray, codes: np.ndarray) -> np.ndarray:

@@ -324,7 +324,7 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
             log.info("%d query cells have labels the model does not know (%s); they count as errors",
                      int((~known).sum()), ", ".join(sorted(set(truth[~known]))[:5]))
         with_sets = {"in_set": in_set, "set_size": extra["set_size"]} if "set_size" in extra else {}
-        evaluation = evaluate_labeled(truth.to_numpy(), labels.astype(str), confidence, classes, **with_sets)
+        evaluation = evaluate_labeled(truth.to_numpy(), labels, confidence, classes, **with_sets)
         write_labeled_report(stage, evaluation, f"query vs {config.lower_group!r}")
         metrics = evaluation.metrics
         summary["metrics_vs_" + config.lower_group] = metrics

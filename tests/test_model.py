@@ -103,6 +103,34 @@ def test_domain_specific_batch_norm_normalizes_each_domain_by_its_own_statistics
     assert not torch.allclose(norm(x[20:], TARGET), norm(x[20:], REFERENCE))
 
 
+def test_weighted_batch_norm_weighs_rows_in_the_batch_statistics():
+    from scnym_cli.nn.classifier import REFERENCE, TARGET, DomainBatchNorm, DomainRows, weighted_batch_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(30, 5) * 2 + 1
+    plain, weighted = torch.nn.BatchNorm1d(5).train(), torch.nn.BatchNorm1d(5).train()
+    with torch.no_grad():
+        weighted.weight.copy_(plain.weight.add_(0.5))
+    # equal weights: BatchNorm1d's output and running statistics
+    torch.testing.assert_close(weighted_batch_norm(weighted, x, torch.full((30,), 2.0)), plain(x))
+    torch.testing.assert_close(weighted.running_mean, plain.running_mean)
+    torch.testing.assert_close(weighted.running_var, plain.running_var)
+    # rows of weight 0 leave the statistics: the others are centred and scaled as if alone
+    x[20:] += 50
+    out = weighted_batch_norm(torch.nn.BatchNorm1d(5, affine=False).train(), x,
+                              torch.cat([torch.ones(20), torch.zeros(10)]))
+    torch.testing.assert_close(out[:20].mean(0), torch.zeros(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[:20].std(0, unbiased=False), torch.ones(5), atol=1e-3, rtol=0)
+    assert out[20:].mean() > 5
+    # through DomainBatchNorm: weights act within each row's domain; in eval they are not used
+    norm = DomainBatchNorm(5, 2, track_running_stats=True).train()
+    domains = torch.tensor([REFERENCE] * 25 + [TARGET] * 5)
+    out = norm(x, DomainRows(domains, torch.cat([torch.ones(20), torch.zeros(5), torch.ones(5)])))
+    torch.testing.assert_close(out[:20].mean(0), torch.zeros(5), atol=1e-5, rtol=0)
+    norm.eval()
+    torch.testing.assert_close(norm(x, DomainRows(domains, torch.rand(30))), norm(x, domains))
+
+
 def test_a_classifier_with_domain_specific_batch_norm_routes_rows_and_reloads(tmp_path):
     from scnym_cli.nn.classifier import TARGET
     from scnym_cli.store import load_model, save_model

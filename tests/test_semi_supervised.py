@@ -31,7 +31,11 @@ def test_mixup_keeps_the_dominant_identity():
 
 
 def test_sharpening_with_small_temperature_is_one_hot():
-    p = torch.softmax(torch.randn(10, 4), dim=1)
+    # a seeded draw (unseeded, it depended on the tests run before; two near-equal top probabilities are not
+    # one-hot at T = 1e-4), with the top probability clearly ahead
+    logits = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+    logits[torch.arange(10), logits.argmax(1)] += 1.0
+    p = torch.softmax(logits, dim=1)
     torch.testing.assert_close(sharpen(p, 1e-4), torch.nn.functional.one_hot(p.argmax(1), 4).float())
     torch.testing.assert_close(sharpen(p, 1.0), p)
     sharper = sharpen(p, 0.5)
@@ -259,6 +263,42 @@ def test_with_domain_specific_batch_norm_reference_and_target_rows_are_normalize
     assert guess == TARGET                                   # the teacher guesses with the target's statistics
     for rows in (mixed, adversary):                          # labeled rows first, then target rows
         assert rows.tolist() == [REFERENCE] * 8 + [TARGET] * 8
+
+
+def test_reference_statistics_are_weighted_to_the_targets_pseudolabelled_composition():
+    """domain_norm_by_class: once a census exists, the reference rows of the mixed batch carry weights that
+    give each class its share of the target's pseudolabels (here: class 0 only); before it, or without the
+    option, plain per-domain statistics."""
+    from scnym_cli.nn import CellTypeClassifier
+    from scnym_cli.nn.classifier import REFERENCE, TARGET, DomainRows
+
+    for by_class in (True, False):
+        torch.manual_seed(0)
+        model = CellTypeClassifier(n_genes=20, n_classes=3, n_hidden=8, n_norm_domains=2)
+        settings = MixMatchSettings(mixup_alpha=None, domain_batch_norm=True, domain_norm_by_class=by_class)
+        assert settings.needs_target_census == by_class
+        objective = SemiSupervisedObjective(model, settings, n_domains=2)
+        seen = []
+        original = model.embed
+        model.embed = lambda x, covariates=None, domain=None: seen.append(domain) or original(x, covariates, domain)
+        x = torch.rand(16, 20) * 5
+        batch = LabeledBatch(x[:9], torch.eye(3)[torch.arange(9) % 3], domains=torch.zeros(9, dtype=torch.long))
+        unlabeled = UnlabeledBatch(x[9:], domains=torch.ones(7, dtype=torch.long))
+        objective(batch, epoch=1, unlabeled=unlabeled)
+        assert isinstance(seen[1], torch.Tensor)             # no census yet: the domains alone
+        objective.update_census(np.array([0, 0, 0, -1]), np.ones(4, dtype=np.float32))
+        seen.clear()
+        objective(batch, epoch=2, unlabeled=unlabeled)
+        mixed = seen[1]
+        if not by_class:
+            assert isinstance(mixed, torch.Tensor)
+            continue
+        assert isinstance(mixed, DomainRows)
+        assert mixed.domains.tolist() == [REFERENCE] * 9 + [TARGET] * 7
+        expected = torch.tensor([3.0, 0.0, 0.0] * 3 + [1.0] * 7)   # class 0 is a third of the batch, all the target
+        torch.testing.assert_close(mixed.weights, expected)
+        state = objective.get_extra_state()
+        torch.testing.assert_close(state["target_composition"], torch.tensor([1.0, 0.0, 0.0]))
 
 
 def test_temperature_of_a_perfectly_classified_selection_split_does_not_collapse():

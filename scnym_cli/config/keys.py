@@ -250,6 +250,10 @@ class ConfigKeys:
         False, "Domain-specific batch norm (DSBN): with target cells, every batch-norm layer keeps separate "
         "statistics and scales for reference and target cells; the model then predicts every query with the "
         "target's (the data it was adapted to).", "Semi-supervised", _TRAIN)
+    domain_norm_by_class: bool = option(
+        True, "With domain_batch_norm: the reference's batch-norm statistics weight each cell type by its share "
+        "of the target's pseudolabels, so both domains are normalized over the same mix of types (a target "
+        "lacking some reference types is not shifted by the difference).", "Semi-supervised", _TRAIN)
 
     # ---------------------------------------------------------------- Prediction
     model_path: Optional[Path] = option(

@@ -8,6 +8,7 @@ layers, which silently tied their weights).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional, Union, cast
 
 import torch
@@ -60,10 +61,22 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
-# Which domain's batch-norm statistics normalize a batch: one for all rows (REFERENCE or TARGET), or one
-# per row. Models without domain-specific batch norm ignore it.
-Domain = Union[int, torch.Tensor, None]
 REFERENCE, TARGET = 0, 1
+
+
+@dataclass
+class DomainRows:
+    """The domain of every row of a batch and, optionally, each row's weight in its domain's batch
+    statistics (training only; e.g. reference cells weighted by class to the target's composition)."""
+
+    domains: torch.Tensor
+    weights: Optional[torch.Tensor] = None
+
+
+# Which domain's batch-norm statistics normalize a batch: one for all rows (REFERENCE or TARGET), or one
+# per row (a tensor of domains, or DomainRows with weights). Models without domain-specific batch norm
+# ignore it.
+Domain = Union[int, torch.Tensor, DomainRows, None]
 
 
 class DomainBatchNorm(nn.Module):
@@ -82,20 +95,47 @@ class DomainBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor, domain: Domain = None) -> torch.Tensor:
         if domain is None or isinstance(domain, int):
             return self._normalize(cast(nn.BatchNorm1d, self.norms[domain or 0]), x)
+        domains, weights = (domain.domains, domain.weights) if isinstance(domain, DomainRows) else (domain, None)
         out = torch.empty_like(x)
         for index, norm in enumerate(self.norms):
-            rows = domain == index
+            rows = domains == index
             if bool(rows.any()):
-                out[rows] = self._normalize(cast(nn.BatchNorm1d, norm), x[rows])
+                out[rows] = self._normalize(cast(nn.BatchNorm1d, norm), x[rows],
+                                            None if weights is None else weights[rows])
         return out
 
     @staticmethod
-    def _normalize(norm: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+    def _normalize(norm: nn.BatchNorm1d, x: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         if norm.training and x.shape[0] < 2 and norm.track_running_stats:
             # one cell of a domain in a batch has no batch statistics: its domain's running ones serve
             return nn.functional.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias,
                                             False, 0.0, norm.eps)
+        if weights is not None and norm.training and bool(weights.sum() > 0):
+            return weighted_batch_norm(norm, x, weights)
         return norm(x)
+
+
+def weighted_batch_norm(norm: nn.BatchNorm1d, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Batch norm in training with each row's weight in the batch's mean and variance (equal weights give
+    BatchNorm1d's output); the running statistics move towards the weighted ones by the layer's momentum,
+    the variance made unbiased with the weights' effective sample size."""
+    w = (weights.float() / weights.float().sum().clamp_min(1e-12)).unsqueeze(1)
+    xf = x.float()
+    mean = (w * xf).sum(dim=0)
+    var = (w * (xf - mean) ** 2).sum(dim=0)
+    if norm.track_running_stats and norm.running_mean is not None and norm.running_var is not None:
+        with torch.no_grad():
+            n_effective = 1.0 / float((w ** 2).sum())
+            unbiased = var * (n_effective / max(n_effective - 1.0, 1e-6))
+            momentum = 0.1 if norm.momentum is None else norm.momentum
+            norm.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+            norm.running_var.mul_(1 - momentum).add_(unbiased.detach(), alpha=momentum)
+            if norm.num_batches_tracked is not None:
+                norm.num_batches_tracked.add_(1)
+    out = (xf - mean) * torch.rsqrt(var + norm.eps)
+    if norm.affine:
+        out = out * norm.weight + norm.bias
+    return out.to(x.dtype)
 
 
 def _norm_layer(n_features: int, batch_norm: bool, track_running_stats: bool, n_domains: int) -> nn.Module:

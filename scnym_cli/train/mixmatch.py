@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..nn.adversary import DomainClassifier
-from ..nn.classifier import REFERENCE, TARGET, CellTypeClassifier
+from ..nn.classifier import REFERENCE, TARGET, CellTypeClassifier, DomainRows
 from .augment import AUGMENTATIONS
 from .losses import soft_cross_entropy
 from .objectives import LabeledBatch, Objective, mixup
@@ -72,11 +72,14 @@ class MixMatchSettings:
     dan_n_layers: int = 1
     dan_conditional: bool = False
     dan_on_mixes: bool = True
+    domain_batch_norm: bool = False
+    domain_norm_by_class: bool = True
 
     @property
     def needs_target_census(self) -> bool:
         """Whether the trainer must predict every target cell once per epoch (see :meth:`update_census`)."""
-        return self.adaptive_thresholds or self.balance_target_classes
+        return (self.adaptive_thresholds or self.balance_target_classes
+                or (self.domain_batch_norm and self.domain_norm_by_class))
 
 
 def sigmoid_ramp(epoch: float, ramp_epochs: int) -> float:
@@ -152,6 +155,7 @@ class SemiSupervisedObjective(Objective):
     labeled_prior: torch.Tensor            # buffers (register_buffer in __init__)
     target_marginal: torch.Tensor
     class_thresholds: torch.Tensor
+    target_composition: torch.Tensor
 
     def __init__(self, model: CellTypeClassifier, settings: MixMatchSettings, n_domains: int,
                  class_weight: Optional[torch.Tensor] = None, labeled_prior: Optional[torch.Tensor] = None):
@@ -171,6 +175,9 @@ class SemiSupervisedObjective(Objective):
         # per-class pseudolabel thresholds (FlexMatch updates them from the census of target predictions)
         self.register_buffer("class_thresholds", torch.full((model.n_classes,), settings.pseudolabel_min_confidence),
                              persistent=False)
+        # class shares of the target's pseudolabels (the census; all 0 until the first): what the reference's
+        # batch-norm statistics are weighted to with domain-specific batch norm (domain_norm_by_class)
+        self.register_buffer("target_composition", torch.zeros(model.n_classes), persistent=False)
         self.last_guess: Optional[torch.Tensor] = None
         # domain-specific batch norm: reference rows (0) and target rows (1) normalized apart
         self.domain_specific_norm = getattr(model, "n_norm_domains", 1) > 1
@@ -189,11 +196,14 @@ class SemiSupervisedObjective(Objective):
         marginal, FlexMatch's thresholds and the mean teacher (none of which is part of a saved model)."""
         return {"target_marginal": self.target_marginal.detach().cpu(),
                 "class_thresholds": self.class_thresholds.detach().cpu(),
+                "target_composition": self.target_composition.detach().cpu(),
                 "teacher": None if self.teacher is None else self.teacher.state_dict()}
 
     def set_extra_state(self, state: dict) -> None:
         self.target_marginal.copy_(state["target_marginal"])
         self.class_thresholds.copy_(state["class_thresholds"])
+        if "target_composition" in state:  # checkpoints written before it existed: the next census sets it
+            self.target_composition.copy_(state["target_composition"])
         if self.teacher is not None and state["teacher"] is not None:
             self.teacher.load_state_dict(state["teacher"])
 
@@ -255,6 +265,26 @@ class SemiSupervisedObjective(Objective):
             thresholds = flexmatch_thresholds(torch.from_numpy(classes), torch.from_numpy(confidence),
                                               self.model.n_classes, self.settings.pseudolabel_min_confidence)
             self.class_thresholds.copy_(thresholds.to(self.class_thresholds.device))
+        guessed = classes[classes >= 0]
+        if len(guessed):
+            counts = np.bincount(guessed, minlength=self.model.n_classes)[: self.model.n_classes]
+            self.target_composition.copy_(torch.from_numpy(counts / counts.sum()).float())
+
+    def _norm_domains(self, targets_l: torch.Tensor, n_target: int) -> dict:
+        """The ``domain`` argument of a mixed batch's forward pass: the row domains and, with
+        domain_norm_by_class once a census exists, weights on the reference rows that give each class the
+        share the target's pseudolabels give it. Reference and target statistics then describe the same
+        mix of cell types: with plain DSBN a target lacking some reference types is centred on a
+        different composition than the reference (CellBench, 2 of 5 lines absent: 0.765 vs 1.000)."""
+        domains = self._row_domains(targets_l.shape[0], n_target, targets_l.device)
+        if not self.domain_specific_norm:
+            return {}
+        if not (self.settings.domain_norm_by_class and bool(self.target_composition.sum() > 0)):
+            return {"domain": domains}
+        soft = targets_l.detach().float()
+        ratio = self.target_composition.to(soft.device) / soft.mean(dim=0).clamp_min(1e-6)
+        weights = torch.cat([soft @ ratio, torch.ones(n_target, device=soft.device)])
+        return {"domain": DomainRows(domains, weights)}
 
     def _domain_features(self, model: CellTypeClassifier, embedding: torch.Tensor, logits: Optional[torch.Tensor]):
         """What the domain classifier sees: the embedding, or (conditional adversary, CDAN) the outer product
@@ -319,8 +349,7 @@ class SemiSupervisedObjective(Objective):
             xu, yu, cu, du = unlabeled_part
             # a mix keeps the domain of its dominant part (lambda' >= 0.5), the row's own
             logits, embedding = model(torch.cat([xl, xu]), None if cl is None or cu is None else torch.cat([cl, cu]),
-                                      return_embedding=True,
-                                      **self._domain(self._row_domains(xl.shape[0], xu.shape[0], xl.device)))
+                                      return_embedding=True, **self._norm_domains(yl, xu.shape[0]))
             logits_l, logits_u = logits[: xl.shape[0]], logits[xl.shape[0]:]
             per_cell = ((torch.softmax(logits_u.float(), dim=1) - yu) ** 2).mean(dim=1)
             # divided by all target cells of the batch: those below the threshold add exactly 0

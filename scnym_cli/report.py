@@ -207,34 +207,81 @@ def evaluate_labeled(truth: Labels, predicted: Labels, confidence: np.ndarray,
 
     With conformal prediction sets (``in_set``: whether a cell's set holds its true class; ``set_size``):
     their coverage and mean size, overall (cells of known classes) and per class."""
-    from .train.metrics import (LabelCounts, calibration_error, coded_labels, per_class_table, reliability_table,
-                                summary_metrics)
+    tally = LabeledTally(classes, with_sets=in_set is not None and set_size is not None)
+    tally.add(truth, predicted, confidence, in_set, set_size)
+    return tally.evaluation()
 
-    # integer codes over one vocabulary (the classes first): no per-cell text is made, whatever the cell count
-    truth_codes, predicted_codes, names = coded_labels(truth, predicted, classes)
-    table = LabelCounts.of_codes(truth_codes, predicted_codes, names)
-    confidence = np.asarray(confidence, dtype=float)
-    known = truth_codes < len(classes)
-    correct = predicted_codes[known] == truth_codes[known]
-    metrics = {**summary_metrics(table), "ece": calibration_error(confidence[known], correct)}
-    per_class = per_class_table(table, len(classes))
-    if in_set is not None and set_size is not None:
-        in_set, set_size = np.asarray(in_set, dtype=bool), np.asarray(set_size)
 
-        def mean(values, rows):
-            return float(values[rows].mean()) if rows.any() else float("nan")
+class LabeledTally:
+    """:func:`evaluate_labeled` gathered block by block (a streamed query): a table of counts over integer
+    label codes, confidence bins and set coverage per true label; nothing is kept per cell, and no label is
+    turned into per-cell text."""
 
-        metrics.update(coverage=mean(in_set, known), mean_set_size=mean(set_size, known),
-                       empty_sets=mean(set_size == 0, known))
-        n_rows = len(per_class)
-        support = np.bincount(truth_codes, minlength=n_rows)[:n_rows]
-        covered = np.bincount(truth_codes, weights=in_set, minlength=n_rows)[:n_rows]
-        sizes = np.bincount(truth_codes, weights=set_size, minlength=n_rows)[:n_rows]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per_class["coverage"] = np.where(per_class["in_reference"] & (support > 0), covered / support, np.nan)
-            per_class["mean_set_size"] = np.where(support > 0, sizes / support, np.nan)
-    return LabeledEvaluation(metrics, per_class, confusion_frame(table, len(classes)),
-                             reliability_table(confidence[known], correct))
+    ECE_BINS, RELIABILITY_BINS = 15, 10
+
+    def __init__(self, classes: Sequence[str], *, with_sets: bool = False):
+        self.classes = [str(c) for c in classes]
+        self.names = list(self.classes)             # classes first, then other labels as they come
+        self.counts = np.zeros((len(self.names), len(self.names)), dtype=np.int64)
+        self.ece_bins = np.zeros((3, self.ECE_BINS))
+        self.reliability_bins = np.zeros((3, self.RELIABILITY_BINS))
+        self.with_sets = with_sets
+        self.set_sums = np.zeros((3, len(self.names)))  # per true label: cells, sets holding it, summed sizes
+        self.empty_sets = 0
+
+    def _codes(self, labels: Labels) -> np.ndarray:
+        from .train.metrics import codes_in
+
+        codes, names = codes_in(labels, self.names)
+        if len(names) > len(self.names):             # labels not seen before: the tables grow
+            grow = len(names) - len(self.names)
+            self.counts = np.pad(self.counts, ((0, grow), (0, grow)))
+            self.set_sums = np.pad(self.set_sums, ((0, 0), (0, grow)))
+            self.names = names
+        return codes
+
+    def add(self, truth: Labels, predicted: Labels, confidence: np.ndarray,
+            in_set: Optional[np.ndarray] = None, set_size: Optional[np.ndarray] = None) -> None:
+        from .train.metrics import confidence_bins
+
+        t, p = self._codes(truth), self._codes(predicted)
+        n = len(self.names)
+        self.counts += np.bincount(t * n + p, minlength=n * n).reshape(n, n)
+        known = t < len(self.classes)
+        confidence = np.asarray(confidence, dtype=np.float64)[known]
+        correct = p[known] == t[known]
+        self.ece_bins += confidence_bins(confidence, correct, self.ECE_BINS)
+        self.reliability_bins += confidence_bins(confidence, correct, self.RELIABILITY_BINS)
+        if self.with_sets and in_set is not None and set_size is not None:
+            self.set_sums += np.stack([np.bincount(t, minlength=n),
+                                       np.bincount(t, weights=np.asarray(in_set, dtype=np.float64), minlength=n),
+                                       np.bincount(t, weights=np.asarray(set_size, dtype=np.float64), minlength=n)])
+            self.empty_sets += int((np.asarray(set_size)[known] == 0).sum())
+
+    def evaluation(self) -> LabeledEvaluation:
+        from .train.metrics import (LabelCounts, calibration_error_of, per_class_table, reliability_table_of,
+                                    summary_metrics)
+
+        # the vocabulary LabelCounts.of gives: classes, other true labels, other predicted labels (each sorted)
+        k = len(self.classes)
+        others = range(k, len(self.names))
+        true_others = sorted((i for i in others if self.counts[i].sum() > 0), key=lambda i: self.names[i])
+        order = list(range(k)) + true_others + sorted((i for i in others if i not in set(true_others)),
+                                                      key=lambda i: self.names[i])
+        table = LabelCounts([self.names[i] for i in order], self.counts[np.ix_(order, order)])
+        metrics = {**summary_metrics(table), "ece": calibration_error_of(self.ece_bins)}
+        per_class = per_class_table(table, k)
+        if self.with_sets:
+            cells, covered, sizes = self.set_sums[:, order][:, :len(per_class)]
+            n_known = cells[:k].sum()
+            with np.errstate(invalid="ignore", divide="ignore"):
+                metrics.update(coverage=float(covered[:k].sum() / n_known) if n_known else float("nan"),
+                               mean_set_size=float(sizes[:k].sum() / n_known) if n_known else float("nan"),
+                               empty_sets=float(self.empty_sets / n_known) if n_known else float("nan"))
+                per_class["coverage"] = np.where(per_class["in_reference"] & (cells > 0), covered / cells, np.nan)
+                per_class["mean_set_size"] = np.where(cells > 0, sizes / cells, np.nan)
+        return LabeledEvaluation(metrics, per_class, confusion_frame(table, k),
+                                 reliability_table_of(self.reliability_bins))
 
 
 def write_labeled_report(directory: Path, evaluation: LabeledEvaluation, title: str) -> None:

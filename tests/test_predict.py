@@ -331,3 +331,53 @@ def test_inference_precision(runner, trained_run, tmp_path, query, monkeypatch):
     assert device_module.inference_dtype(cpu, "float32") == torch.float32
     assert_one_line_error(invoke(runner, "predict_cell_types", "--model_path", trained_run, "--input_counts", data,
                                  "--out_path", tmp_path / "x", "--inference_precision", "half"), "half")
+
+
+def test_label_metrics_match_scikit_learn_and_add_up_over_blocks():
+    """The label metrics come from a table of counts over integer codes (no per-cell text at atlas scale):
+    the same figures as scikit-learn's, and a streamed query scored block by block gets the scores of the
+    whole (confusion, per-class table, ECE, reliability bins, set coverage)."""
+    import warnings
+
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, precision_recall_fscore_support
+
+    from scnym_cli.report import LabeledTally, evaluate_labeled
+    from scnym_cli.train.metrics import calibration_error, classification_metrics, per_class_metrics
+
+    rng = np.random.default_rng(1)
+    names = np.array(["a", "b", "c", "x", "Unknown", "y"], dtype=object)
+    classes = ["b", "a", "c"]
+    for _ in range(30):
+        n = int(rng.integers(1, 300))
+        truth, predicted = names[rng.choice([0, 1, 2, 3, 5], n)], names[rng.integers(0, 5, n)]
+        confidence, in_set, set_size = rng.random(n), rng.random(n) < 0.8, rng.integers(0, 4, n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = {"accuracy": accuracy_score(truth, predicted),
+                        "balanced_accuracy": balanced_accuracy_score(truth, predicted),
+                        "macro_f1": f1_score(truth, predicted, average="macro", labels=np.unique(truth))}
+            labels = classes + sorted(set(truth) - set(classes))
+            precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=labels,
+                                                                             zero_division=0)
+        metrics = classification_metrics(truth, predicted)
+        for name, value in expected.items():
+            assert metrics[name] == pytest.approx(value, abs=1e-12)
+        per_class = per_class_metrics(truth, predicted, classes)
+        assert list(per_class["class"]) == labels
+        np.testing.assert_allclose(per_class[["precision", "recall", "f1"]].to_numpy().T, [precision, recall, f1])
+        np.testing.assert_array_equal(per_class["support"], support)
+
+        whole = evaluate_labeled(truth, predicted, confidence, classes, in_set, set_size)
+        known = np.isin(truth, classes)
+        assert whole.metrics["ece"] == pytest.approx(calibration_error(confidence[known], truth[known] ==
+                                                                       predicted[known]), nan_ok=True)
+        assert whole.metrics["coverage"] == pytest.approx(in_set[known].mean() if known.any() else np.nan,
+                                                          nan_ok=True)
+        tally = LabeledTally(classes, with_sets=True)
+        for part in np.split(np.arange(n), np.sort(rng.integers(0, n, 3))):
+            tally.add(truth[part], predicted[part], confidence[part], in_set[part], set_size[part])
+        blocks = tally.evaluation()
+        assert blocks.metrics == pytest.approx(whole.metrics, nan_ok=True)
+        pd.testing.assert_frame_equal(blocks.per_class, whole.per_class)
+        pd.testing.assert_frame_equal(blocks.confusion, whole.confusion)
+        pd.testing.assert_frame_equal(blocks.reliability, whole.reliability)

@@ -64,6 +64,15 @@ def coded_labels(truth, predicted, first: Sequence = ()) -> tuple[np.ndarray, np
             np.asarray([position[n] for n in predicted_names], dtype=np.int64)[predicted_codes], names)
 
 
+def codes_in(labels, names: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Each label's position in ``names``, and ``names`` followed by the labels it lacked (sorted)."""
+    codes, found = _codes(labels)
+    names = list(names)
+    names += sorted(set(found) - set(names))
+    position = {name: i for i, name in enumerate(names)}
+    return np.asarray([position[n] for n in found], dtype=np.int64)[codes], names
+
+
 def _codes(labels) -> tuple[np.ndarray, list[str]]:
     """Integer codes of the labels and the name (str) of each code; names that read the same share one."""
     values = labels if isinstance(labels, np.ndarray) and labels.dtype.kind in "iub" else np.asarray(labels, dtype=object)
@@ -102,14 +111,23 @@ def expected_calibration_error(probabilities: np.ndarray, truth: np.ndarray, n_b
 
 def calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
     """ECE: |accuracy - confidence| averaged over equal-width confidence bins, weighted by bin size."""
-    if len(confidence) == 0:
-        return float("nan")
+    return calibration_error_of(confidence_bins(confidence, correct, n_bins))
+
+
+def confidence_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> np.ndarray:
+    """Per equal-width confidence bin: cells, their summed confidence, their correct calls (3 x n_bins). Sums of
+    blocks of cells add up to the sums of all of them (a streamed query is scored block by block)."""
+    confidence = np.asarray(confidence, dtype=np.float64)
     bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
-    total = 0.0
-    for b in np.unique(bins):
-        in_bin = bins == b
-        total += in_bin.sum() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(total / len(confidence))
+    return np.stack([np.bincount(bins, minlength=n_bins).astype(np.float64),
+                     np.bincount(bins, weights=confidence, minlength=n_bins),
+                     np.bincount(bins, weights=np.asarray(correct, dtype=np.float64), minlength=n_bins)])
+
+
+def calibration_error_of(bins: np.ndarray) -> float:
+    """The ECE of :func:`confidence_bins`' sums."""
+    n_cells = bins[0].sum()
+    return float(np.abs(bins[2] - bins[1]).sum() / n_cells) if n_cells else float("nan")
 
 
 def per_class_metrics(truth, predicted, classes) -> pd.DataFrame:
@@ -131,13 +149,14 @@ def per_class_table(table: LabelCounts, n_classes: int) -> pd.DataFrame:
 def reliability_table(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
     """Cells per equal-width confidence bin, their mean confidence and their accuracy (a reliability diagram's
     points; a calibrated model has accuracy = confidence in every bin)."""
-    confidence, correct = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=bool)
-    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
-    rows = []
-    for b in range(n_bins):
-        in_bin = bins == b
-        n = int(in_bin.sum())
-        rows.append({"bin_low": b / n_bins, "bin_high": (b + 1) / n_bins, "n_cells": n,
-                     "mean_confidence": float(confidence[in_bin].mean()) if n else float("nan"),
-                     "accuracy": float(correct[in_bin].mean()) if n else float("nan")})
-    return pd.DataFrame(rows)
+    return reliability_table_of(confidence_bins(confidence, correct, n_bins))
+
+
+def reliability_table_of(bins: np.ndarray) -> pd.DataFrame:
+    """:func:`reliability_table` of :func:`confidence_bins`' sums."""
+    n_bins = bins.shape[1]
+    n = bins[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return pd.DataFrame({"bin_low": np.arange(n_bins) / n_bins, "bin_high": np.arange(1, n_bins + 1) / n_bins,
+                             "n_cells": n.astype(int), "mean_confidence": np.where(n > 0, bins[1] / n, np.nan),
+                             "accuracy": np.where(n > 0, bins[2] / n, np.nan)})

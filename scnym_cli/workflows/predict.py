@@ -35,7 +35,7 @@ from ..data.labels import per_cell_strings, require_column
 from ..data.readers import is_zarr_store
 from ..data.stream import CellChunks, H5adChunks, ShardedH5adChunks, open_anndata_store
 from ..errors import ScnymError
-from ..report import (EMBEDDING_MAP_FILE, MAP_CELLS, evaluate_labeled, predictions_table, principal_components,
+from ..report import (EMBEDDING_MAP_FILE, MAP_CELLS, LabeledTally, predictions_table, principal_components,
                       write_labeled_report)
 from ..staging import staged_directory
 from ..train.conformal import true_class_in_set
@@ -178,7 +178,7 @@ class MapSample:
         self.embeddings: list[np.ndarray] = []
         self.positions: list[np.ndarray] = []
 
-    def take(self, rows: slice, result: ChunkResult, ids: pd.Index, novelty: Optional[np.ndarray]) -> None:
+    def take(self, rows: slice, result: ChunkResult, ids: pd.Index) -> None:
         local = self.rows[(self.rows >= rows.start) & (self.rows < rows.stop)] - rows.start
         if len(local) == 0 or result.embedding is None:
             return
@@ -199,6 +199,51 @@ class MapSample:
         if truth is not None:
             cells.insert(3, "label", truth.to_numpy()[np.concatenate(self.positions)])
         return cells
+
+
+class PredictionTotals:
+    """What the prediction summary needs of every cell, summed block by block: cells per predicted label, and
+    the sums of confidence and set size."""
+
+    def __init__(self):
+        self.per_label: dict[str, int] = {}
+        self.sums: dict[str, float] = {"confidence": 0.0, "set_size": 0.0}
+        self.n_cells = 0
+
+    def add(self, table: pd.DataFrame) -> None:
+        for label, n in table["predicted_label"].value_counts(sort=False).items():
+            self.per_label[str(label)] = self.per_label.get(str(label), 0) + int(n)
+        for name in self.sums:
+            if name in table.columns:
+                self.sums[name] += float(table[name].to_numpy().sum(dtype=np.float64))
+        self.n_cells += len(table)
+
+    def counts(self) -> pd.Series:
+        """Cells per predicted label, most first (ties in the order labels first came)."""
+        return pd.Series(self.per_label, dtype=np.int64).sort_values(ascending=False, kind="stable")
+
+    def mean(self, name: str) -> float:
+        return self.sums[name] / self.n_cells if self.n_cells else float("nan")
+
+
+class AnnotationColumns:
+    """The per-cell columns of the annotated copy's obs (label, confidence, novelty, disagreement, prediction
+    set and its size), filled block by block; only made when an annotated copy is written."""
+
+    def __init__(self, n_cells: int, predictor: Predictor):
+        self.labels = np.empty(n_cells, dtype=object)
+        self.confidence = np.zeros(n_cells, dtype=np.float32)
+        self.extra: dict[str, np.ndarray] = {name: np.full(n_cells, np.nan, dtype=np.float32) for name, wanted in (
+            ("novelty", predictor.scores_novelty), ("disagreement", predictor.has_disagreement)) if wanted}
+        if predictor.set_thresholds is not None:
+            self.extra["prediction_set"] = np.empty(n_cells, dtype=object)
+            self.extra["set_size"] = np.zeros(n_cells, dtype=np.int32)
+
+    def take(self, rows: slice, table: pd.DataFrame) -> None:
+        self.labels[rows] = table["predicted_label"].to_numpy()
+        self.confidence[rows] = table["confidence"].to_numpy()
+        for name, values in self.extra.items():
+            values[rows] = table[name].to_numpy()
 
 
 def _has_consolidated_metadata(store: Path) -> bool:
@@ -257,10 +302,10 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
     predictions = CsvBlocks(stage / (PREDICTIONS_FILE + ".part"))
     logits_csv = CsvBlocks(stage / "logits.csv") if config.write_logits else None
     embedding_csv = CsvBlocks(stage / "embedding.csv") if config.write_embedding else None
-    labels = np.empty(source.n_cells, dtype=object)
-    confidence = np.zeros(source.n_cells, dtype=np.float32)
-    extra = {name: np.full(source.n_cells, np.nan, dtype=np.float32) for name, wanted in (
-        ("novelty", predictor.scores_novelty), ("disagreement", predictor.has_disagreement)) if wanted}
+    totals = PredictionTotals()
+    # per-cell columns are kept only for the annotated copy's obs (written at the end); everything else is
+    # tallied block by block, so memory does not grow with the number of cells
+    kept = AnnotationColumns(source.n_cells, predictor) if annotated else None
     truth = None
     if config.lower_group in source.obs.columns:
         column = require_column(source.obs, config.lower_group, "--lower_group", source.source)
@@ -270,11 +315,8 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
         close = difflib.get_close_matches(config.lower_group, list(map(str, source.obs.columns)), n=1)
         log.warning("%s has no column %r (--lower_group): the predictions are not scored against known labels%s",
                     source.source, config.lower_group, f"; did you mean {close[0]!r}?" if close else "")
-    if predictor.set_thresholds is not None:
-        extra["prediction_set"] = np.empty(source.n_cells, dtype=object)
-        extra["set_size"] = np.zeros(source.n_cells, dtype=np.int32)
-        in_set = np.zeros(source.n_cells, dtype=bool)  # the true class in the set (labeled queries)
-        true_codes = None if truth is None else pd.Index(classes).get_indexer(truth)
+    with_sets = predictor.set_thresholds is not None
+    tally = LabeledTally(classes, with_sets=with_sets) if truth is not None else None
     kind = config.input_normalization
     writers = [writer for writer in (predictions, logits_csv, embedding_csv) if writer]
     try:
@@ -282,10 +324,15 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
             ids = source.obs.index[rows]
             table = predictions_table(ids, result.labels, result.confidence, result.probabilities, classes,
                                       extra=result.extra_columns(classes))
-            for name in extra:
-                extra[name][rows] = table[name].to_numpy()
-            if result.sets is not None and true_codes is not None:
-                in_set[rows] = true_class_in_set(result.sets, true_codes[rows])
+            totals.add(table)
+            if kept is not None:
+                kept.take(rows, table)
+            if tally is not None and truth is not None:
+                block_truth = truth.to_numpy()[rows]
+                in_set = (None if result.sets is None else
+                          true_class_in_set(result.sets, pd.Index(classes).get_indexer(block_truth)))
+                tally.add(block_truth, result.labels, result.confidence, in_set,
+                          table["set_size"].to_numpy() if with_sets else None)
             predictions.write(table)
             if logits_csv:
                 logits = pd.DataFrame(result.logits, columns=[f"logit_{c}" for c in classes])
@@ -296,35 +343,33 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
                 embedding_csv.write(pd.concat([table[["cell_id"]], embedding], axis=1))
             if annotated:
                 annotated.write(rows, result)
-            sample.take(rows, result, ids, extra.get("novelty"))
-            labels[rows], confidence[rows] = result.labels, result.confidence
+            sample.take(rows, result, ids)
     except BaseException:
         for writer in writers:
             writer.close(failed=True)
         raise
     for writer in writers:
         writer.close()
-    if annotated:
-        annotated.finish(source.obs, labels, confidence, classes, extra, predictor.provenance(overlap))
+    if annotated and kept is not None:
+        annotated.finish(source.obs, kept.labels, kept.confidence, classes, kept.extra, predictor.provenance(overlap))
 
-    counts = pd.Series(labels).value_counts()
+    counts = totals.counts()
     summary: dict = {
         "model": predictor.description, "input": str(config.input_counts), "n_cells": int(source.n_cells),
         "input_normalization": kind, "gene_overlap": overlap.to_dict(), **predictor.describe(),
         "unknown_threshold": config.unknown_threshold, "unknown_rate": config.unknown_rate,
-        "unknown_cells": int((labels == UNKNOWN).sum()),
+        "unknown_cells": int(counts.get(UNKNOWN, 0)),
         "predicted_counts": {str(k): int(v) for k, v in counts.items()},
-        "mean_confidence": float(confidence.mean()) if len(confidence) else float("nan"),
+        "mean_confidence": totals.mean("confidence"),
     }
-    if "set_size" in extra:
-        summary["mean_set_size"] = float(extra["set_size"].mean()) if source.n_cells else float("nan")
-    if truth is not None:
+    if with_sets:
+        summary["mean_set_size"] = totals.mean("set_size")
+    if truth is not None and tally is not None:
         known = truth.isin(classes).to_numpy()
         if not known.all():
             log.info("%d query cells have labels the model does not know (%s); they count as errors",
                      int((~known).sum()), ", ".join(sorted(set(truth[~known]))[:5]))
-        with_sets = {"in_set": in_set, "set_size": extra["set_size"]} if "set_size" in extra else {}
-        evaluation = evaluate_labeled(truth.to_numpy(), labels, confidence, classes, **with_sets)
+        evaluation = tally.evaluation()
         write_labeled_report(stage, evaluation, f"query vs {config.lower_group!r}")
         metrics = evaluation.metrics
         summary["metrics_vs_" + config.lower_group] = metrics

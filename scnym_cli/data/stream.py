@@ -176,6 +176,9 @@ class H5adChunks:
             raise ScnymError(f"gene column {gene_column!r} not in {path} var columns {list(var.columns)}")
         self.obs.index = self.obs.index.astype(str)
         require_unique_cell_ids(self.obs.index, str(path))
+        # the ids as one Arrow string buffer: 30-40 B a cell instead of ~85 for Python str objects (5 million
+        # cells: 0.25 GB less while training from disk or streaming a prediction)
+        self.obs.index = pd.Index(pd.array(self.obs.index, dtype="string[pyarrow]"))
         encoding = self._element.attrs.get("encoding-type", "array") if hasattr(self._element, "attrs") else "array"
         self._whole: Optional[sp.csr_matrix] = None
         self._rows: Any = None  # a dense h5py / zarr array or CsrRows: rows read on demand

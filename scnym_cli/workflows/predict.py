@@ -141,6 +141,7 @@ class AnnotatedCopy:
         import anndata.io
 
         obs = obs.copy()
+        obs.index = obs.index.astype(object)   # written as the input's were (the reader keeps Arrow strings)
         for name, values in obs_fields(self.key, labels, confidence, extra).items():
             obs[name] = values
         del self.file["obs"]

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..memory import release_freed_memory
 from .batches import EpochSampler, class_balanced_probabilities
 from .genes import reindex_columns
 from .matrix import gather_rows
@@ -200,6 +201,7 @@ class BlockShuffleSampler:
             # blocks into the cache, and read while the model trains on this window
             current = order[start:start + self.window_blocks]
             upcoming = order[start + self.window_blocks:start + 2 * self.window_blocks]
+            release_freed_memory()   # the blocks and batches of the last window, freed: handed back
             self.matrix.read_ahead(current)
             window = np.isin(self.block_ids, current)
             rows = self.rows[window]

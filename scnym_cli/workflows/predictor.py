@@ -25,6 +25,7 @@ from ..data.labels import read_groups
 from ..data.normalize import normalize
 from ..data.stream import CellChunks, in_background
 from ..errors import ScnymError
+from ..memory import release_freed_memory
 from ..report import LabeledEvaluation, evaluate_labeled, predictions_table, write_labeled_report
 from ..store import covariates_for, routing_of
 from ..train.conformal import ConformalCalibration, DomainWeights, prediction_sets, set_labels, true_class_in_set
@@ -296,6 +297,7 @@ def iterate_predictions(predictor: Predictor, source: CellChunks, config: Config
     for rows, X in in_background(normalized()):   # the next block is read while this one is predicted
         empty += int((np.diff(X.indptr) == 0).sum())
         yield rows, predictor.predict(rows, X, with_embedding), kind
+        release_freed_memory()   # the block's arrays are freed: memory stays flat however many cells stream
     if empty:
         log.warning("%s: %d cells have no expression at all; their predictions are meaningless", source.source, empty)
 

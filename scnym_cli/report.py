@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
 from .data.labels import Labels
+
+if TYPE_CHECKING:
+    from .train.metrics import LabelCounts
 
 
 def _figure(figsize: tuple[float, float]):

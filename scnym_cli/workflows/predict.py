@@ -206,7 +206,7 @@ class PredictionTotals:
     """What the prediction summary needs of every cell, summed block by block: cells per predicted label, and
     the sums of confidence and set size."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.per_label: dict[str, int] = {}
         self.sums: dict[str, float] = {"confidence": 0.0, "set_size": 0.0}
         self.n_cells = 0

@@ -130,10 +130,9 @@ def confusion_frame(table: "LabelCounts", n_classes: int) -> pd.DataFrame:
     names = np.arange(len(table.names))
     rows = (names < n_classes) | (table.support > 0)
     columns = (names < n_classes) | (table.called > 0)
-    frame = pd.DataFrame(table.counts[np.ix_(rows, columns)],
-                         index=pd.Index(np.asarray(table.names, dtype=object)[rows], name="true"),
-                         columns=pd.Index(np.asarray(table.names, dtype=object)[columns], name="predicted"))
-    return frame
+    return pd.DataFrame(table.counts[np.ix_(rows, columns)],
+                        index=pd.Index(np.asarray(table.names, dtype=object)[rows], name="true"),
+                        columns=pd.Index(np.asarray(table.names, dtype=object)[columns], name="predicted"))
 
 
 def plot_confusion_matrix(table: pd.DataFrame, path: Path, title: str) -> None:

@@ -54,14 +54,9 @@ class LabelCounts:
 def coded_labels(truth, predicted, first: Sequence = ()) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(true codes, predicted codes, names): both label arrays as positions in one vocabulary, ``first`` in
     its order, then the other true labels, then the other predicted labels, each sorted (see LabelCounts)."""
-    truth_codes, truth_names = _codes(truth)
-    predicted_codes, predicted_names = _codes(predicted)
-    names = [str(c) for c in first]
-    names += sorted(set(truth_names) - set(names))
-    names += sorted(set(predicted_names) - set(names))
-    position = {name: i for i, name in enumerate(names)}
-    return (np.asarray([position[n] for n in truth_names], dtype=np.int64)[truth_codes],
-            np.asarray([position[n] for n in predicted_names], dtype=np.int64)[predicted_codes], names)
+    truth_codes, names = codes_in(truth, [str(c) for c in first])
+    predicted_codes, names = codes_in(predicted, names)
+    return truth_codes, predicted_codes, names
 
 
 def codes_in(labels, names: Sequence[str]) -> tuple[np.ndarray, list[str]]:

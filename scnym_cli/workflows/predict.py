@@ -318,6 +318,7 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
                     source.source, config.lower_group, f"; did you mean {close[0]!r}?" if close else "")
     with_sets = predictor.set_thresholds is not None
     tally = LabeledTally(classes, with_sets=with_sets) if truth is not None else None
+    truth_values = None if truth is None else truth.to_numpy()
     kind = config.input_normalization
     writers = [writer for writer in (predictions, logits_csv, embedding_csv) if writer]
     try:
@@ -328,8 +329,8 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
             totals.add(table)
             if kept is not None:
                 kept.take(rows, table)
-            if tally is not None and truth is not None:
-                block_truth = truth.to_numpy()[rows]
+            if tally is not None and truth_values is not None:
+                block_truth = truth_values[rows]
                 in_set = (None if result.sets is None else
                           true_class_in_set(result.sets, pd.Index(classes).get_indexer(block_truth)))
                 tally.add(block_truth, result.labels, result.confidence, in_set,

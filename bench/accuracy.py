@@ -89,16 +89,17 @@ def run(command: list[str], log_path: Path, in_process: bool) -> dict:
     return {"seconds": round(time.perf_counter() - started, 2), "peak_memory_mb": None}
 
 
-def defaults_fingerprint() -> str:
-    """A digest of scnym's default settings: a run is reused (--resume) only if its command *and* the
-    defaults it ran under are today's, since the same command means another model once a default changes."""
+def defaults_fingerprint(command: str = "train_tissue_independent") -> str:
+    """A digest of scnym's default settings for ``command``: a run is reused (--resume) only if its command
+    *and* the defaults it ran under are today's, since the same command means another model once a default
+    changes."""
     import hashlib
 
     from scnym_cli.config import CONFIG_KEYS, Config, describe, render_key_value
 
-    # the keys training reads: a prediction-only key (a new output option) does not change a trained model
-    training = [k for k in CONFIG_KEYS if "train_tissue_independent" in describe(k)["commands"]]
-    return hashlib.sha256(render_key_value(Config(), training, with_help=False).encode()).hexdigest()[:12]
+    # the keys the command reads: a prediction-only key (a new output option) does not change a trained model
+    keys = [k for k in CONFIG_KEYS if command in describe(k)["commands"]]
+    return hashlib.sha256(render_key_value(Config(), keys, with_help=False).encode()).hexdigest()[:12]
 
 
 def run_one(split_name: str, method: str, seed: int, args) -> dict:

@@ -10,10 +10,18 @@ and CD34+ cells in pbmc68k) are scored the same way from the default runs of ben
 Scores, each higher = more novel:
 * ``1 - confidence``: one minus the calibrated top probability (what --unknown_threshold uses);
 * ``energy``: -logsumexp(logits) (Liu et al. 2020);
-* ``knn``: mean cosine distance to the 10 nearest reference cells in the embedding;
-* ``prototype``: cosine distance to the nearest class centroid of the reference in the embedding.
+* ``knn``: mean cosine distance to the 10 nearest reference cells in the embedding (the cell's own);
+* ``prototype``: cosine distance to the nearest class centroid of the reference in the embedding;
+* ``knn by cluster``: scnym's ``novelty`` column: ``knn`` averaged over the cell's cluster of query cells
+  (16 k-means clusters in the query's own gene space, scnym_cli.train.novelty.QueryClusters);
+* ``profile by cluster``: 1 - the highest correlation of the cluster's mean expression with a reference
+  type's (each gene standardized within its own dataset), over the model's genes;
+* ``knn + profile``: the sum of the two clusters' ranks among the query's cells (no absolute scale: no
+  threshold can be set from the reference for it).
 The reference embeddings are those of the training reference (at most 2,000 cells, drawn per class as scnym
-draws the bank it keeps with a model).
+draws the bank it keeps with a model). For the two scores that ``--unknown_rate`` could use (``knn``, the
+default before query clusters, and ``knn by cluster``, the default now), the share of known and of novel
+cells called Unknown at ``--unknown_rate 0.05`` is reported too.
 
     python bench/novelty.py --num_threads 1
 
@@ -37,7 +45,10 @@ from common import (RESULTS, SPLITS, WORK, machine, materialize, provenance, scn
                     shared_genes_file, write_json, write_markdown)
 from scnym_cli.train.novelty import BANK_CELLS, K_NEAREST as K  # noqa: E402
 
-SCORES = ["1 - confidence", "energy", "knn", "prototype"]
+SCORES = ["1 - confidence", "energy", "knn", "prototype", "knn by cluster", "profile by cluster", "knn + profile"]
+# the scores with a threshold from the reference's held-out cells: (score, the cell-level score thresholded)
+CALLED = {"knn": "knn", "knn by cluster": "knn"}
+RATE = 0.05
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -59,6 +70,43 @@ def novelty_scores(logits: np.ndarray, confidence: np.ndarray, embedding: np.nda
     return {"1 - confidence": 1 - confidence, "energy": energy, "knn": knn, "prototype": prototype}
 
 
+def profile_by_cluster(model: Path, reference: Path, query: Path, label: str, cell_ids: pd.Index,
+                       seed: int = 0) -> np.ndarray:
+    """Each query cell's cluster's 1 - highest correlation of its mean standardized expression with a reference
+    type's, over the model's genes (each dataset standardized on its own)."""
+    import anndata as ad
+
+    from scnym_cli.data.genes import reindex_columns
+    from scnym_cli.data.normalize import normalize
+    from scnym_cli.train.novelty import QueryClusters
+
+    genes = pd.Index(json.loads((model / "all_data" / "model.json").read_text())["genes"])
+
+    def standardized(path: Path, cells=None) -> tuple[np.ndarray, ad.AnnData]:
+        adata = ad.read_h5ad(path)
+        if cells is not None:
+            adata = adata[adata.obs_names.get_indexer(cells)]
+        X, _ = normalize(adata.X, "auto", source=str(path), copy=True, announce=False)
+        X = reindex_columns(X.tocsr(), adata.var_names, genes)
+        dense = X.toarray()
+        return (dense - dense.mean(0)) / np.maximum(dense.std(0), 1e-3), adata, X
+
+    reference_z, reference_data, _ = standardized(reference)
+    labels = reference_data.obs[label].astype(str).to_numpy()
+    profiles = np.stack([reference_z[labels == c].mean(0) for c in np.unique(labels)])
+    query_z, _, query_X = standardized(query, cell_ids)
+    clusters = QueryClusters.fit(query_X, np.zeros(query_X.shape[0]), 16, seed)
+    assigned = clusters.assign(query_X)
+    means = np.stack([query_z[assigned == c].mean(0) if (assigned == c).any() else np.zeros(query_z.shape[1])
+                      for c in range(len(clusters.novelty))])
+
+    def centred(rows: np.ndarray) -> np.ndarray:
+        rows = rows - rows.mean(axis=1, keepdims=True)
+        return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
+    return (1 - (centred(means) @ centred(profiles).T).max(axis=1))[assigned]
+
+
 def bank_of(reference: Path, label: str, cells: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Rows of the reference drawn per class as scnym draws its bank (at most ``cells``) and their labels."""
     import anndata as ad
@@ -72,11 +120,15 @@ def bank_of(reference: Path, label: str, cells: int, seed: int = 0) -> tuple[np.
 
 
 def predict_outputs(model: Path, data: Path, out: Path, threads: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """(predictions table, logits, embedding) of ``data``, predicted once and kept in ``out``."""
-    if not (out / "predictions.csv").exists():
+    """(predictions table, logits, embedding) of ``data``, predicted once and kept in ``out`` (again when
+    prediction's defaults change)."""
+    stamp = {"defaults": defaults_fingerprint("predict_cell_types")}
+    marker = out.parent / f"{out.name}.json"
+    if not ((out / "predictions.csv").exists() and marker.exists() and json.loads(marker.read_text()) == stamp):
         run([*scnym_command(), "predict_cell_types", "--model_path", str(model), "--input_counts", str(data),
              "--out_path", str(out), "--overwrite", "true", "--write_h5ad", "false", "--write_logits", "true",
              "--write_embedding", "true", "--quiet", "--num_threads", str(threads)], out / "predict.log", True)
+        write_json(marker, stamp)
     table = pd.read_csv(out / "predictions.csv")
     logits = pd.read_csv(out / "logits.csv").iloc[:, 1:].to_numpy(np.float32)
     embedding = pd.read_csv(out / "embedding.csv").iloc[:, 1:].to_numpy(np.float32)
@@ -89,6 +141,8 @@ def score_run(model: Path, reference: Path, query: Path, label: str, novel: list
     import anndata as ad
     from sklearn.metrics import roc_auc_score
 
+    from scnym_cli.train.novelty import NoveltyReference
+
     table, logits, embedding = predict_outputs(model, query, out / "query", threads)
     _, _, reference_embedding = predict_outputs(model, reference, out / "reference", threads)
     rows, bank_labels = bank_of(reference, label, BANK_CELLS)
@@ -96,6 +150,11 @@ def score_run(model: Path, reference: Path, query: Path, label: str, novel: list
     classes = [c[len("prob_"):] for c in table.filter(like="prob_").columns]
     scores = novelty_scores(logits, table["confidence"].to_numpy(), embedding, reference_embedding[rows],
                             bank_labels)
+    scores["knn by cluster"] = table["novelty"].to_numpy()
+    scores["profile by cluster"] = profile_by_cluster(model, reference, query, label, pd.Index(table["cell_id"].astype(str)))
+    scores["knn + profile"] = (pd.Series(scores["knn by cluster"]).rank().to_numpy()
+                               + pd.Series(scores["profile by cluster"]).rank().to_numpy())
+    threshold = NoveltyReference.load(model / "all_data").threshold(RATE)
     known = np.isin(truth, classes)
     results = []
     for kind in novel:
@@ -103,8 +162,12 @@ def score_run(model: Path, reference: Path, query: Path, label: str, novel: list
         if not cells.any():
             continue
         keep = cells | known
-        results.append({"novel_type": kind, "n_novel": int(cells.sum()), "n_known": int(known.sum()),
-                        **{name: float(roc_auc_score(cells[keep], values[keep])) for name, values in scores.items()}})
+        row = {"novel_type": kind, "n_novel": int(cells.sum()), "n_known": int(known.sum()),
+               **{name: float(roc_auc_score(cells[keep], values[keep])) for name, values in scores.items()}}
+        for name in CALLED:
+            row[f"{name}: known Unknown"] = float(np.mean(scores[name][known] > threshold))
+            row[f"{name}: novel Unknown"] = float(np.mean(scores[name][cells] > threshold))
+        results.append(row)
     return results
 
 
@@ -180,6 +243,12 @@ def report(frame: pd.DataFrame, command: str) -> list[str]:
         worst = frame.loc[frame[score].idxmin()]
         lines.append(f"| {score} | {frame[score].mean():.3f} | {worst[score]:.3f} ({worst['split']}: "
                      f"{worst['novel_type']}) | {int((frame[score] < 0.85).sum())} of {len(frame)} |")
+    lines += ["", f"Unknown calls at `--unknown_rate {RATE}` (the threshold set on the reference's model-selection "
+              "cells' own knn): the share of the known query cells and of the novel type's cells called Unknown, "
+              "mean over types.", "", "| score | known cells Unknown | novel cells Unknown |", "|---|---|---|"]
+    for name in CALLED:
+        lines.append(f"| {name} | {frame[f'{name}: known Unknown'].mean():.3f} | "
+                     f"{frame[f'{name}: novel Unknown'].mean():.3f} |")
     lines += ["", "| split | type | protocol | novel cells | " + " | ".join(SCORES) + " |",
               "|---" * (4 + len(SCORES)) + "|"]
     for _, r in frame.iterrows():

@@ -35,3 +35,50 @@ def test_scores_thresholds_and_a_saved_reference(tmp_path):
     np.testing.assert_allclose(again.score(novel), reference.score(novel), rtol=1e-6)
     assert again.k == 5 and again.threshold(0.1) == pytest.approx(reference.threshold(0.1), rel=1e-6)
     assert NoveltyReference.load(tmp_path / "nowhere") is None
+
+
+def _two_populations(n_known=300, n_new=60, genes=50, seed=0):
+    """ln(CPM+1)-like expression: a new population with genes of its own, and each cell's own novelty (noisy,
+    overlapping between the populations)."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    known = rng.poisson(1.0, size=(n_known, genes)).astype(np.float32)
+    new = rng.poisson(1.0, size=(n_new, genes)).astype(np.float32)
+    new[:, :10] += rng.poisson(8.0, size=(n_new, 10))
+    X = sp.csr_matrix(np.log1p(np.vstack([known, new])))
+    novelty = np.r_[rng.normal(0.10, 0.03, n_known), rng.normal(0.13, 0.03, n_new)]
+    return X, novelty, np.r_[np.zeros(n_known, bool), np.ones(n_new, bool)]
+
+
+def test_query_clusters_give_each_cell_its_groups_mean_novelty():
+    from scnym_cli.train.novelty import QueryClusters
+
+    X, novelty, is_new = _two_populations()
+    clusters = QueryClusters.fit(X, novelty, n_clusters=4, seed=0)
+    labels = clusters.assign(X)
+    # the new population is a cluster (or clusters) of its own
+    assert not set(labels[is_new]) & set(labels[~is_new])
+    scores = clusters.score(X)
+    for c in np.unique(labels):
+        np.testing.assert_allclose(scores[labels == c], novelty[labels == c].mean(), rtol=1e-5)
+    # each cell alone separates the populations partly; their clusters' means separate them entirely
+    assert scores[is_new].min() > scores[~is_new].max()
+    assert novelty[is_new].min() < novelty[~is_new].max()
+    # seeded, and a block is scored as the whole is
+    again = QueryClusters.fit(X, novelty, n_clusters=4, seed=0)
+    np.testing.assert_array_equal(again.assign(X), labels)
+    np.testing.assert_array_equal(clusters.score(X[100:]), scores[100:])
+
+
+def test_query_clusters_need_enough_cells_and_varying_genes():
+    import scipy.sparse as sp
+
+    from scnym_cli.train.novelty import MIN_CELLS_PER_CLUSTER, QueryClusters
+
+    X, novelty, _ = _two_populations(n_known=30, n_new=10)
+    # as many clusters as there are MIN_CELLS_PER_CLUSTER sampled cells, and at least two
+    assert len(QueryClusters.fit(X[:2 * MIN_CELLS_PER_CLUSTER], novelty[:40], 16, 0).novelty) == 2
+    assert QueryClusters.fit(X[:2 * MIN_CELLS_PER_CLUSTER - 1], novelty[:39], 16, 0) is None
+    flat = sp.csr_matrix(np.ones((100, 5), dtype=np.float32))
+    assert QueryClusters.fit(flat, np.zeros(100), 4, 0) is None                   # no gene varies

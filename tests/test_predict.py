@@ -80,10 +80,13 @@ def test_novelty_scores_and_unknown_at_a_chosen_rate(runner, trained_run, tmp_pa
     import scipy.sparse as sp
 
     from scnym_cli.store import load_model
+    from scnym_cli.train.novelty import MIN_CELLS_PER_CLUSTER
 
     loaded = load_model(trained_run)
     manifest = loaded.manifest["novelty"]
     assert manifest["n_bank"] > 0 and manifest["n_selection"] == len(loaded.novelty.selection_scores)
+    # known cells drawn as the reference's were (the first 300 of this draw are the reference's own cells)
+    query = make_counts(n_cells=390, seed=1)[300:].copy()
     # a cell type the model never saw: the planted markers of no class, other genes silent
     novel = make_counts(n_cells=30, seed=11)
     X = novel.X.toarray()
@@ -99,6 +102,13 @@ def test_novelty_scores_and_unknown_at_a_chosen_rate(runner, trained_run, tmp_pa
                     "--unknown_rate", "0.2")
     is_novel = table["cell_id"].str.startswith("n").to_numpy()
     assert table["novelty"][is_novel].min() > table["novelty"][~is_novel].median()
+    # a cell's novelty is its query cluster's (120 cells: 6 clusters of at least 20); 0 clusters: its own
+    assert table["novelty"].nunique() <= 120 // MIN_CELLS_PER_CLUSTER
+    own = predict(runner, trained_run, tmp_path / "b.h5ad", tmp_path / "own", "--novelty_clusters", "0")
+    assert own["novelty"].nunique() > 100
+    assert own["novelty"][is_novel].median() > own["novelty"][~is_novel].median()
+    summary = json.loads((tmp_path / "p" / "prediction_summary.json").read_text())
+    assert summary["novelty_clusters"] == table["novelty"].nunique()
     unknown = table["predicted_label"].to_numpy() == "Unknown"
     # Unknown exactly where the novelty is above the rate's threshold, and far more often for the new type
     np.testing.assert_array_equal(unknown, table["novelty"].to_numpy() > loaded.novelty.threshold(0.2))

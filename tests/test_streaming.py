@@ -134,3 +134,32 @@ def test_freed_memory_is_given_back_where_the_c_library_can(monkeypatch):
     memory.release_freed_memory()              # nothing to call: nothing happens
     monkeypatch.undo()
     memory.release_freed_memory()              # the real call runs without error on this machine
+
+
+def test_a_sample_of_cells_is_runs_of_rows_read_without_a_pass(tmp_path):
+    from scnym_cli.data.stream import SAMPLE_RUNS, H5adChunks, ShardedH5adChunks, sample_cells
+
+    adata = make_counts(n_cells=1000, seed=3)
+    X = sp.csr_matrix(adata.X)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for k, rows in enumerate(np.array_split(np.arange(1000), 3)):
+        adata[rows].copy().write_h5ad(shards / f"part{k}.h5ad")
+    sharded = ShardedH5adChunks(shards)
+    with H5adChunks(write_h5ad(adata, tmp_path / "q.h5ad")) as whole:
+        rows, sample = sample_cells(whole, 300, seed=0)
+        assert len(rows) == 300 and len(set(rows)) == 300 and np.all(np.diff(rows) > 0)
+        assert len(np.flatnonzero(np.diff(rows) > 1)) < SAMPLE_RUNS      # runs of consecutive rows
+        assert rows.max() > 700 and rows.min() < 300                      # across the whole file
+        np.testing.assert_array_equal(sample.toarray(), X[rows].toarray())
+        rows_again, from_shards = sample_cells(sharded, 300, seed=0)      # runs may span shards
+        np.testing.assert_array_equal(rows_again, rows)
+        np.testing.assert_array_equal(from_shards.toarray(), sample.toarray())
+        assert not np.array_equal(sample_cells(whole, 300, seed=1)[0], rows)
+        every, matrix = sample_cells(whole, 5000, seed=0)                 # a smaller source: all of it
+        np.testing.assert_array_equal(every, np.arange(1000))
+        np.testing.assert_array_equal(matrix.toarray(), X.toarray())
+        # each run is transformed as it is read
+        _, kept = sample_cells(whole, 300, seed=0, transform=lambda block: block[:, :5])
+        np.testing.assert_array_equal(kept.toarray(), X[rows][:, :5].toarray())
+    sharded.close()

@@ -12,7 +12,7 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Optional, Protocol, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -84,6 +84,31 @@ class CellChunks(Protocol):
 
     def chunks(self, size: int) -> Iterator[tuple[slice, sp.csr_matrix]]: ...
 
+    def read(self, start: int, stop: int) -> sp.csr_matrix: ...
+
+
+# a sample of a query is read as this many runs of consecutive cells: a sorted file (by type, by sample) is
+# still sampled across its whole length, at a few milliseconds a run where random rows would cost one read each
+SAMPLE_RUNS = 100
+
+
+def sample_cells(source: CellChunks, cells: int, seed: int,
+                 transform: Optional[Callable[[sp.csr_matrix], sp.csr_matrix]] = None) -> tuple[np.ndarray, sp.csr_matrix]:
+    """(rows, matrix) of at most ``cells`` of the source's cells, in SAMPLE_RUNS runs of consecutive cells at
+    seeded random places that do not overlap (every cell of a smaller source), without a pass over it.
+    ``transform`` is applied to each run's raw rows as it is read (e.g. normalize and keep a few genes), so the
+    sample never holds more of the source than that."""
+    n = source.n_cells
+    width = n if n <= cells else max(1, cells // SAMPLE_RUNS)
+    slots = n // width if width else 0   # the source as consecutive slots of ``width`` cells; some are read
+    starts = np.arange(1) if n <= cells else \
+        np.sort(np.random.default_rng(seed).choice(slots, size=min(slots, cells // width), replace=False))
+    starts = starts * width if n else np.zeros(0, dtype=np.int64)
+    keep = transform if transform is not None else (lambda block: block)
+    blocks = [keep(source.read(int(s), int(s) + width)) for s in starts]
+    rows = (starts[:, None] + np.arange(width)).ravel()
+    return rows, sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(source.genes)), dtype=np.float32)
+
 
 @dataclass
 class InMemoryChunks:
@@ -109,6 +134,9 @@ class InMemoryChunks:
         for start in range(0, self.n_cells, size):
             rows = slice(start, min(start + size, self.n_cells))
             yield rows, self.cells.X[rows]
+
+    def read(self, start: int, stop: int) -> sp.csr_matrix:
+        return self.cells.X[start:stop]
 
 
 def is_anndata_store(path: Path) -> bool:
@@ -272,6 +300,16 @@ class ShardedH5adChunks:
             for rows, block in part.chunks(size):
                 yield slice(offset + rows.start, offset + rows.stop), block
             offset += part.n_cells
+
+    def read(self, start: int, stop: int) -> sp.csr_matrix:
+        """Raw rows start..stop-1 of the shards as one dataset (a run may span shards)."""
+        blocks, offset = [], 0
+        for part in self.parts:
+            low, high = max(start - offset, 0), min(stop - offset, part.n_cells)
+            if low < high:
+                blocks.append(part.read(low, high))
+            offset += part.n_cells
+        return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(self.genes)), dtype=np.float32)
 
     def close(self) -> None:
         for part in self.parts:

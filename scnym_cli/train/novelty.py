@@ -1,9 +1,15 @@
 """Novelty: how unlike every reference cell a cell is, and "Unknown" at a chosen rate of false Unknowns.
 
-The score is the mean cosine distance from a cell's embedding to its ``k`` nearest reference cells.
+A cell's own score is the mean cosine distance from its embedding to its ``k`` nearest reference cells.
 Left-one-class-out on the visible splits it separates cells of a type the model was not trained on
 from known ones far better than 1 - confidence, which a model trained to be confident about every
 reference type gives away for neighbours of a known type (bench/results/novelty.md).
+
+A classifier's embedding keeps only what tells the reference's types apart, so a cell of a new type lands
+close to a known type, and one cell's distance is a noisy signal. A new type is a group of query cells,
+though, and the query's own gene expression still shows that group: :class:`QueryClusters` groups the query's
+cells in gene space (k-means on principal components of a sample of them) and gives every cell the mean
+distance of its group, which separates new types from known ones markedly better on the visible splits.
 
 At training a bank of reference embeddings (fit cells, at most ``BANK_CELLS``, drawn per class) is
 kept beside the model, with the sorted scores of the model-selection cells: known types the weights
@@ -18,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -30,6 +37,19 @@ SELECTION_CELLS = 5000
 NOVELTY_FILE = "novelty_reference.safetensors"
 # query rows scored against the bank at once: 1,024 x 2,000 distances = 8 MB
 SCORE_ROWS = 1024
+
+# query clusters: fit on a random sample of the query's cells, over its most variable genes of the model's
+# (a dense 10,000 x 2,000 sample is 80 MB whatever the query's size), on that many principal components
+CLUSTER_CELLS = 10_000
+CLUSTER_GENES = 2000
+CLUSTER_COMPONENTS = 30
+# a cluster needs this many sampled cells for its mean to say more than one cell's score
+MIN_CELLS_PER_CLUSTER = 20
+# below this a gene's variance over the sample is the float error of E[x^2] - E[x]^2 (ln(CPM+1) units): constant
+MIN_VARIANCE = 1e-6
+# standardized expression is clipped here, so that a few extreme cells do not make components of their own
+CLIP = 10.0
+
 
 
 def bank_rows(codes: np.ndarray, rows: np.ndarray, seed: int, cells: int = BANK_CELLS) -> np.ndarray:
@@ -99,3 +119,68 @@ class NoveltyReference:
         tensors = load_file(str(path))
         return cls(tensors["bank"].float(), tensors["selection_scores"].numpy().astype(np.float64),
                    int(tensors["k"][0]))
+
+
+@dataclass
+class QueryClusters:
+    """Groups of a query's cells in its own gene space, each with the mean novelty of its sampled cells.
+
+    Fit once per query on a random sample (:meth:`fit`); every block of the query is then assigned to the
+    nearest group (:meth:`score`), so a cell's novelty is its group's and memory does not grow with the query.
+    Genes are standardized over the query's sample (each dataset on its own scale: a shift in a gene's
+    baseline between reference and query moves no cell).
+    """
+
+    genes: np.ndarray        # columns (of the model's genes) the clusters are fit on
+    gene_mean: np.ndarray    # their mean and standard deviation over the sample
+    scale: np.ndarray
+    component_mean: np.ndarray   # the clipped standardized sample's mean, which the components are centered on
+    components: np.ndarray   # components x genes
+    centroids: np.ndarray    # clusters x components
+    novelty: np.ndarray      # each cluster's mean cell novelty
+
+    @classmethod
+    def fit(cls, X: sp.csr_matrix, cell_novelty: np.ndarray, n_clusters: int,
+            seed: int) -> Optional["QueryClusters"]:
+        """Clusters of the sample ``X`` (ln(CPM+1) over the model's genes); None when it is too small to hold
+        two clusters of MIN_CELLS_PER_CLUSTER cells (a cell's own novelty is then used)."""
+        from sklearn.cluster import KMeans
+        from sklearn.decomposition import PCA
+
+        n_clusters = min(n_clusters, X.shape[0] // MIN_CELLS_PER_CLUSTER)
+        if n_clusters < 2:
+            return None
+        X = sp.csr_matrix(X, dtype=np.float32)
+        mean = np.asarray(X.mean(axis=0), dtype=np.float64).ravel()
+        variance = np.asarray(X.multiply(X).mean(axis=0), dtype=np.float64).ravel() - mean ** 2
+        genes = np.sort(np.argsort(-variance, kind="stable")[:CLUSTER_GENES])
+        genes = genes[variance[genes] > MIN_VARIANCE]
+        if len(genes) < 2:
+            return None
+        scale = np.sqrt(variance[genes]).astype(np.float32)
+        gene_mean = mean[genes].astype(np.float32)
+        Z = np.clip((X[:, genes].toarray() - gene_mean) / scale, -CLIP, CLIP)
+        pca = PCA(min(CLUSTER_COMPONENTS, len(genes), X.shape[0] - 1), svd_solver="randomized", random_state=seed)
+        P = pca.fit_transform(Z)
+        kmeans = KMeans(n_clusters, n_init=3, random_state=seed).fit(P)
+        members = np.bincount(kmeans.labels_, minlength=n_clusters)
+        sums = np.bincount(kmeans.labels_, weights=np.asarray(cell_novelty, dtype=np.float64), minlength=n_clusters)
+        novelty = (sums / np.maximum(members, 1)).astype(np.float32)
+        return cls(genes, gene_mean, scale, pca.mean_.astype(np.float32), pca.components_.astype(np.float32),
+                   kmeans.cluster_centers_.astype(np.float32), novelty)
+
+    def assign(self, X: sp.csr_matrix) -> np.ndarray:
+        """The nearest cluster of each cell of ``X`` (ln(CPM+1) over the model's genes)."""
+        labels = []
+        for start in range(0, X.shape[0], SCORE_ROWS):
+            block = X[start:start + SCORE_ROWS][:, self.genes].toarray()
+            Z = np.clip((block - self.gene_mean) / self.scale, -CLIP, CLIP)
+            P = (Z - self.component_mean) @ self.components.T
+            distances = (P ** 2).sum(axis=1, keepdims=True) - 2 * P @ self.centroids.T \
+                + (self.centroids ** 2).sum(axis=1)
+            labels.append(distances.argmin(axis=1))
+        return np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
+
+    def score(self, X: sp.csr_matrix) -> np.ndarray:
+        """Each cell's novelty: the mean novelty of the sampled cells of its cluster."""
+        return self.novelty[self.assign(X)]

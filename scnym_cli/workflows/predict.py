@@ -288,8 +288,7 @@ def predict_cell_types(config: Config) -> dict:
 
 def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellChunks, started: float) -> dict:
     overlap = predictor.prepare(query_genes(config, source, predictor.model_genes), source.obs, source.source)
-    if predictor.shift is not None:
-        predictor.fit_shift(source)
+    predictor.fit_query(source)
     (stage / "gene_overlap.json").write_text(json.dumps(overlap.to_dict(), indent=1))
     classes, key = predictor.classes, config.prediction_key
     annotated = None

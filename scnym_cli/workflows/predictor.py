@@ -23,13 +23,14 @@ from ..data import UNKNOWN
 from ..data.genes import GeneOverlap, reindex_columns, require_overlap
 from ..data.labels import read_groups
 from ..data.normalize import normalize
-from ..data.stream import CellChunks, in_background
+from ..data.stream import CellChunks, in_background, sample_cells
 from ..errors import ScnymError
 from ..memory import release_freed_memory
 from ..report import LabeledEvaluation, evaluate_labeled, predictions_table, write_labeled_report
 from ..store import covariates_for, routing_of
 from ..train.conformal import ConformalCalibration, DomainWeights, prediction_sets, set_labels, true_class_in_set
 from ..train.device import inference_dtype
+from ..train.novelty import CLUSTER_CELLS, QueryClusters
 from .annotation import annotate
 from .ensemble import Ensemble
 from .inputs import query_genes, query_kind
@@ -95,6 +96,8 @@ class Predictor:
         if config.unknown_rate is not None:
             self.unknown_above = {g: m.novelty.threshold(config.unknown_rate) for g, m in self.models.items()
                                   if m.novelty is not None}
+        # each model's clusters of the query that novelty is averaged over (fit_query; none: each cell alone)
+        self.clusters: dict[Any, QueryClusters] = {}
         # each model's conformal score threshold per class (none: no --coverage)
         self.set_thresholds: Optional[dict[Any, np.ndarray]] = None
         # weighted sets: each model's calibration sample, and (fit_shift) its domain classifier against the query
@@ -145,6 +148,10 @@ class Predictor:
         described: dict = {"ensemble": self.config.ensemble, "inference_precision": self.precision_name}
         for group, model in self.models.items():
             entry: dict[str, Any] = {"models": model.names, "temperature": {m.directory.name: m.temperature for m in model.members}}
+            if self.scores_novelty:
+                # how many query clusters novelty is averaged over (0: each cell's own)
+                clusters = self.clusters.get(group)
+                entry["novelty_clusters"] = 0 if clusters is None else len(clusters.novelty)
             if self.set_thresholds is not None:
                 entry["calibration"] = {"cells": model.calibration_source, "n_cells": len(model.calibration or ())}
                 domain = self.domain_weights.get(group)
@@ -189,6 +196,52 @@ class Predictor:
         self.covariates = {g: covariates_for(m.manifest, obs, source) for g, m in self.models.items()}
         return next(iter(overlaps.values()))
 
+    def fit_query(self, source: CellChunks) -> None:
+        """What needs the query as a whole, before its blocks are predicted: the domain classifier of weighted
+        sets (--weighted_sets) and the clusters novelty is averaged over (--novelty_clusters)."""
+        if self.shift is not None:
+            self.fit_shift(source)
+        if self.scores_novelty and self.config.novelty_clusters > 0:
+            self.fit_clusters(source)
+
+    def _group_rows(self, group: Any, rows: np.ndarray) -> np.ndarray:
+        """The positions in ``rows`` (cells of the query) of the cells the model of ``group`` predicts."""
+        return np.arange(len(rows)) if group is None or self.groups is None \
+            else np.flatnonzero(self.groups[rows] == group)
+
+    def fit_clusters(self, source: CellChunks) -> None:
+        """Each model's clusters of a sample of the query's cells in gene space, each cluster scored by the mean
+        novelty of its cells (train/novelty.py)."""
+        config = self.config
+        kind = query_kind(source, config, announce=False)
+        # each run of sampled cells is normalized over the query's genes, then only the models' genes are kept
+        # (the first of a duplicated gene name, as reindex_columns takes it)
+        columns = np.flatnonzero(self.genes.isin(self.model_genes) & ~self.genes.duplicated())
+        used = self.genes[columns]
+
+        def normalized(block: sp.csr_matrix) -> sp.csr_matrix:
+            X, _ = normalize(block, config.input_normalization, kind=kind, source=source.source, copy=False,
+                             announce=False)
+            return X[:, columns]
+
+        rows, X = sample_cells(source, CLUSTER_CELLS, config.seed, normalized)
+        self.clusters = {}
+        for group, model in self.models.items():
+            mine = self._group_rows(group, rows)
+            if model.novelty is None or len(mine) == 0:
+                continue
+            aligned = reindex_columns(X[mine], used, pd.Index(model.genes))
+            covariates = self.covariates[group]
+            embedding = model.embed(aligned, self.device, covariates=None if covariates is None
+                                    else covariates[rows[mine]])
+            clusters = QueryClusters.fit(aligned, model.novelty.score(embedding, self.dtype),
+                                         config.novelty_clusters, config.seed)
+            if clusters is None:
+                log.info("%s: %d sampled query cells are too few to cluster; each cell's novelty is its own",
+                         model.path, len(mine))
+                continue
+            self.clusters[group] = clusters
+
     def fit_shift(self, source: CellChunks) -> None:
         """Weighted sets (a first pass over the query): each model's embedding of a random sample of the query's
         cells, and a domain classifier of those against the model's calibration sample."""
@@ -206,8 +259,7 @@ class Predictor:
             X, _ = normalize(block[local], config.input_normalization, kind=kind, source=source.source, copy=True,
                              announce=False)
             for group, model in self.models.items():
-                mine = (np.arange(len(local)) if group is None or self.groups is None
-                        else np.flatnonzero(self.groups[rows][local] == group))
+                mine = self._group_rows(group, rows.start + local)
                 if len(mine) == 0:
                     continue
                 model_genes = pd.Index(model.genes)
@@ -249,10 +301,16 @@ class Predictor:
             if covariates is not None:
                 covariates = covariates[rows][local]
             domain = self.domain_weights.get(group) if self.shift is not None else None
+            clusters = self.clusters.get(group)
+            # a cell's own novelty needs its embedding; its cluster's needs only its expression
+            cell_novelty = novelty is not None and clusters is None
             outputs = model.predict(aligned, self.device, covariates=covariates,
-                                    with_embedding=with_embedding or novelty is not None or domain is not None)
-            if novelty is not None and model.novelty is not None and outputs.embedding is not None:
-                novelty[local] = model.novelty.score(outputs.embedding, self.dtype)
+                                    with_embedding=with_embedding or cell_novelty or domain is not None)
+            if novelty is not None and model.novelty is not None:
+                if clusters is not None:
+                    novelty[local] = clusters.score(aligned)
+                elif outputs.embedding is not None:
+                    novelty[local] = model.novelty.score(outputs.embedding, self.dtype)
                 if self.unknown_above is not None:
                     unknown[local] = novelty[local] > self.unknown_above[group]
             if disagreement is not None:
@@ -361,8 +419,7 @@ class Predictions:
 def predict_in_memory(predictor: Predictor, source: CellChunks, config: Config) -> Predictions:
     """Every block's results gathered into arrays."""
     overlap = predictor.prepare(query_genes(config, source, predictor.model_genes), source.obs, source.source)
-    if predictor.shift is not None:
-        predictor.fit_shift(source)
+    predictor.fit_query(source)
     parts = [result for _, result, _ in iterate_predictions(predictor, source, config, with_embedding=True)]
     classes = list(predictor.classes)
 

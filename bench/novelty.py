@@ -82,7 +82,8 @@ def profile_by_cluster(model: Path, reference: Path, query: Path, label: str, ce
 
     genes = pd.Index(json.loads((model / "all_data" / "model.json").read_text())["genes"])
 
-    def standardized(path: Path, cells=None) -> tuple[np.ndarray, ad.AnnData]:
+    def standardized(path: Path, cells=None):
+        """(expression standardized per gene over the dataset, the AnnData, ln(CPM+1) over the model's genes)"""
         adata = ad.read_h5ad(path)
         if cells is not None:
             adata = adata[adata.obs_names.get_indexer(cells)]

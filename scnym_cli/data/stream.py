@@ -99,11 +99,13 @@ def sample_cells(source: CellChunks, cells: int, seed: int,
     ``transform`` is applied to each run's raw rows as it is read (e.g. normalize and keep a few genes), so the
     sample never holds more of the source than that."""
     n = source.n_cells
-    width = n if n <= cells else max(1, cells // SAMPLE_RUNS)
-    slots = n // width if width else 0   # the source as consecutive slots of ``width`` cells; some are read
-    starts = np.arange(1) if n <= cells else \
-        np.sort(np.random.default_rng(seed).choice(slots, size=min(slots, cells // width), replace=False))
-    starts = starts * width if n else np.zeros(0, dtype=np.int64)
+    if n <= cells:   # one run: the whole source (none when it is empty)
+        width, starts = n, np.zeros(1 if n else 0, dtype=np.int64)
+    else:            # the source as consecutive slots of ``width`` cells, of which ``cells // width`` are read
+        width = max(1, cells // SAMPLE_RUNS)
+        slots = n // width
+        starts = np.sort(np.random.default_rng(seed).choice(slots, size=min(slots, cells // width),
+                                                            replace=False)) * width
     keep = transform if transform is not None else (lambda block: block)
     blocks = [keep(source.read(int(s), int(s) + width)) for s in starts]
     rows = (starts[:, None] + np.arange(width)).ravel()

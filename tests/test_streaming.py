@@ -163,3 +163,45 @@ def test_a_sample_of_cells_is_runs_of_rows_read_without_a_pass(tmp_path):
         _, kept = sample_cells(whole, 300, seed=0, transform=lambda block: block[:, :5])
         np.testing.assert_array_equal(kept.toarray(), X[rows][:, :5].toarray())
     sharded.close()
+
+
+@pytest.mark.parametrize("store", ["h5ad", "zarr2", "zarr3"])
+def test_obs_is_read_as_anndata_reads_it_with_compact_ids(tmp_path, store, monkeypatch):
+    from scnym_cli.data import stream
+
+    monkeypatch.setattr(stream, "ID_READ_SLICE", 7)   # ids read in several slices
+    adata = make_counts(n_cells=30, seed=3)
+    adata.obs_names = [f"cell-{i}-é" for i in range(adata.n_obs)]   # non-ASCII ids survive the slices
+    adata.obs["depth"] = np.arange(adata.n_obs, dtype=np.float32)
+    adata.obs["note"] = [f"n{i % 4}" for i in range(adata.n_obs)]
+    adata.obs.index.name = "barcode"   # stored under its own key, not _index
+    if store == "h5ad":
+        path = write_h5ad(adata, tmp_path / "q.h5ad")
+    else:
+        path = tmp_path / "q.zarr"
+        with ad.settings.override(zarr_write_format=int(store[-1])):
+            adata.write_zarr(path)
+    expected = ad.read_h5ad(path).obs if store == "h5ad" else ad.read_zarr(path).obs
+    group = stream.open_anndata_store(path)
+    obs = stream.read_obs(group["obs"])
+    assert str(obs.index.dtype) == "string" and obs.index.tolist() == expected.index.tolist()
+    assert list(obs.columns) == list(expected.columns)
+    for column in expected.columns:
+        np.testing.assert_array_equal(np.asarray(obs[column]), np.asarray(expected[column]))
+        assert obs[column].dtype == expected[column].dtype
+
+
+def test_duplicate_ids_are_found_across_slices_by_their_hashes(monkeypatch):
+    from scnym_cli.data import readers
+    from scnym_cli.errors import ScnymError
+
+    monkeypatch.setattr(readers, "ID_SLICE", 5)
+    ids = [f"c{i}" for i in range(40)]
+    readers.require_unique_cell_ids(pd.Index(pd.array(ids, dtype="string[pyarrow]")), "q.h5ad")
+    with pytest.raises(ScnymError, match=r"q.h5ad has 1 cell ids given more than once \(e.g. c3\)"):
+        readers.require_unique_cell_ids(pd.Index(ids + ["c3"]), "q.h5ad")
+    # ids whose hashes meet but that differ are not duplicates
+    monkeypatch.setattr(readers.pd.util, "hash_array", lambda values, categorize: np.zeros(len(values), np.uint64))
+    readers.require_unique_cell_ids(pd.Index(ids), "q.h5ad")
+    with pytest.raises(ScnymError, match="2 cell ids given more than once"):
+        readers.require_unique_cell_ids(pd.Index(ids + ["c9", "c1"]), "q.h5ad")

@@ -9,6 +9,7 @@ sampler that must keep reads local asks whether the rows live on disk.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import Callable, Iterator, Protocol, Union, runtime_checkable
 
 import numpy as np
@@ -76,9 +77,40 @@ def row_blocks(X: Matrix) -> Iterator[sp.csr_matrix]:
 def dense_rows(X: Matrix, rows: np.ndarray | slice) -> np.ndarray:
     """Rows of X as a dense float32 array; only these rows are ever densified.
 
-    scipy gathers the rows in compiled code (one vectorized call, no per-cell Python).
+    scipy gathers the rows in compiled code (one vectorized call, no per-cell Python). A run of consecutive rows
+    of a CSR matrix (prediction's chunks) is densified from slices of its arrays: scipy's row slicing took a
+    third of the time.
     """
+    if isinstance(rows, slice) and isinstance(X, sp.csr_matrix) and rows.step in (None, 1):
+        return csr_row_view(X, rows).toarray().astype(np.float32, copy=False)
     return X[rows].toarray().astype(np.float32, copy=False)
+
+
+def csr_row_view(X: sp.csr_matrix, rows: slice) -> sp.csr_matrix:
+    """Consecutive rows of X made from slices of its three arrays, without scipy's row extraction (scipy still
+    copies a slice much smaller than the arrays it comes from)."""
+    start, stop, _ = rows.indices(X.shape[0])
+    stop = max(start, stop)
+    low, high = X.indptr[start], X.indptr[stop]
+    return sp.csr_matrix((X.data[low:high], X.indices[low:high], X.indptr[start:stop + 1] - low),
+                         shape=(stop - start, X.shape[1]), copy=False)
+
+
+def sparse_product(X: sp.csr_matrix, W: np.ndarray) -> np.ndarray:
+    """X @ W for a CSR X and a dense float32 W, on torch's threads (scipy's product runs on one core: 1.5x as
+    long on two for the novelty clusters' 30 columns)."""
+    import torch
+
+    X = sp.csr_matrix(X, dtype=np.float32)
+    if X.nnz == 0:
+        return np.zeros((X.shape[0], W.shape[1]), dtype=np.float32)
+    index = np.int64 if max(X.nnz, X.shape[1]) >= np.iinfo(np.int32).max else np.int32
+    with warnings.catch_warnings():   # torch's "sparse CSR support is in beta" note, once per process
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        tensor = torch.sparse_csr_tensor(torch.from_numpy(X.indptr.astype(index, copy=False)),
+                                         torch.from_numpy(X.indices.astype(index, copy=False)),
+                                         torch.from_numpy(X.data), size=X.shape, check_invariants=False)
+    return torch.sparse.mm(tensor, torch.from_numpy(np.ascontiguousarray(W, dtype=np.float32))).numpy()
 
 
 def content_digest(X: Matrix) -> str:

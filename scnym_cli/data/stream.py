@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Protoco
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import scipy.sparse as sp
 
 from ..errors import ScnymError
@@ -159,6 +160,39 @@ def open_anndata_store(path: Path, mode: Literal["r", "r+"] = "r") -> Any:
     return h5py.File(path, mode)
 
 
+# cell ids read from an AnnData store at a time (Python strings only for the slice being converted)
+ID_READ_SLICE = 262_144
+
+
+def read_obs(group: Any) -> pd.DataFrame:
+    """The obs of an AnnData store, its cell ids as one Arrow string array (pandas' ``string[pyarrow]``).
+
+    The ids are read a slice at a time: anndata's reader makes a Python string of every id first (~85 B a cell,
+    and twice that while the index is converted: 0.5 GB at 5 million cells, the peak of streaming a
+    prediction), the Arrow array holds them in ~20 B. The other columns are read as anndata reads them. Stores
+    in another layout (an old h5ad's obs table) are read whole by anndata."""
+    import anndata.io
+
+    attributes = dict(group.attrs) if hasattr(group, "attrs") else {}
+    index_key = attributes.get("_index")
+    if attributes.get("encoding-type") != "dataframe" or index_key not in group:
+        frame = anndata.io.read_elem(group)
+        frame.index = pd.Index(pd.array(frame.index.astype(str), dtype="string[pyarrow]"))
+        return frame
+    stored = group[index_key]
+    parts = [pa.array(_strings(stored, start, min(start + ID_READ_SLICE, stored.shape[0])), type=pa.large_string())
+             for start in range(0, stored.shape[0], ID_READ_SLICE)]
+    ids = pd.Index(pd.arrays.ArrowStringArray(pa.chunked_array(parts, type=pa.large_string())))
+    columns = [str(name) for name in attributes.get("column-order", [])]
+    return pd.DataFrame({name: anndata.io.read_elem(group[name]) for name in columns}, index=ids, columns=columns)
+
+
+def _strings(stored: Any, start: int, stop: int) -> list[str]:
+    """Elements start..stop-1 of a stored string array (h5py or zarr) as Python strings."""
+    values = stored.asstr()[start:stop] if hasattr(stored, "asstr") else np.asarray(stored[start:stop], dtype=object)
+    return [value.decode() if isinstance(value, bytes) else str(value) for value in values]
+
+
 class CsrRows:
     """Rows of a CSR matrix stored as an AnnData element (its data, indices and indptr arrays, in an h5ad file
     or a zarr store): a run of rows is three contiguous reads. anndata's sparse_dataset reads the same and
@@ -192,7 +226,7 @@ class H5adChunks:
         kind = "zarr store" if is_zarr_store(self.path) else "h5ad"
         try:
             self._file = open_anndata_store(self.path, "r")
-            self.obs = anndata.io.read_elem(self._file["obs"])
+            self.obs = read_obs(self._file["obs"])
             var_group = self._file["raw"]["var"] if layer == "raw" else self._file["var"]
             var = anndata.io.read_elem(var_group)
         except Exception as e:
@@ -204,11 +238,7 @@ class H5adChunks:
             self.genes = pd.Index(var[gene_column].astype(str))
         else:
             raise ScnymError(f"gene column {gene_column!r} not in {path} var columns {list(var.columns)}")
-        self.obs.index = self.obs.index.astype(str)
         require_unique_cell_ids(self.obs.index, str(path))
-        # the ids as one Arrow string buffer: 30-40 B a cell instead of ~85 for Python str objects (5 million
-        # cells: 0.25 GB less while training from disk or streaming a prediction)
-        self.obs.index = pd.Index(pd.array(self.obs.index, dtype="string[pyarrow]"))
         encoding = self._element.attrs.get("encoding-type", "array") if hasattr(self._element, "attrs") else "array"
         self._whole: Optional[sp.csr_matrix] = None
         self._rows: Any = None  # a dense h5py / zarr array or CsrRows: rows read on demand

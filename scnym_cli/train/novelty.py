@@ -28,6 +28,8 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..data.matrix import sparse_product
+
 # the bank's size sets the cost: a 256-wide embedding scored against 2,000 cells is a 1 GFLOP matrix product
 # per 1,000 query cells, about what the classifier's own forward pass costs on 2,000 genes
 BANK_CELLS = 2000
@@ -180,7 +182,7 @@ class QueryClusters:
 
     def assign(self, X: sp.csr_matrix) -> np.ndarray:
         """The nearest cluster of each cell of ``X`` (ln(CPM+1) over the model's genes)."""
-        P = np.asarray(X @ self.projection) - self.offset
+        P = sparse_product(X, self.projection) - self.offset
         distances = (P ** 2).sum(axis=1, keepdims=True) - 2 * P @ self.centroids.T + (self.centroids ** 2).sum(axis=1)
         return distances.argmin(axis=1)
 

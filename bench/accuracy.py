@@ -79,13 +79,21 @@ def run(command: list[str], log_path: Path, in_process: bool) -> dict:
 
     from scnym_cli.cli import app
 
+    from scnym_cli.train.checkpoint import StopRequest
+
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    StopRequest.last_request = None   # a request of an earlier command in this process is not this one's
     try:
         typer.main.get_command(app).main(command[len(scnym_command()):], standalone_mode=False)
     except typer.Exit as stop:  # ScnymError: the CLI has printed it
-        if stop.exit_code:
+        if stop.exit_code and not StopRequest.last_request:
             raise RuntimeError(f"{shlex.join(command)} failed ({stop.exit_code})") from None
+    finally:
+        # a training run takes SIGTERM / SIGUSR1 as "checkpoint and stop": the benchmark stops with it, even
+        # when the run had finished before it could stop (kill or pkill of a benchmark ends it)
+        if StopRequest.last_request:
+            raise KeyboardInterrupt(f"{StopRequest.last_request} during {shlex.join(command)}")
     return {"seconds": round(time.perf_counter() - started, 2), "peak_memory_mb": None}
 
 

@@ -252,3 +252,35 @@ def test_a_killed_run_resumes_bit_identical(tmp_path):
         reference_table = pd.read_csv(tmp_path / "reference" / "fold_eval_acc.csv")
         pd.testing.assert_frame_equal(reference_table, pd.read_csv(out / "fold_eval_acc.csv"), check_exact=True)
         assert not list(tmp_path.glob(f".{case}.partial-*")) and not list(out.rglob(".scnym-*"))
+
+
+def test_a_benchmark_running_commands_in_process_stops_with_a_signal_the_run_finished_through(tmp_path, monkeypatch, capsys):
+    """SIGTERM / SIGUSR1 is a run's "checkpoint and stop"; a run that ends before it can stop still ends with
+    exit 0, and code that runs commands in its own process (bench/accuracy.py --in-process) learns of the
+    request from StopRequest.last_request and stops too (a kill of such a benchmark used to go unheard)."""
+    import importlib.util
+
+    from scnym_cli.train.checkpoint import StopRequest
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("bench_accuracy_for_signals", bench / "accuracy.py")
+    accuracy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(accuracy)
+    data = write_h5ad(make_counts(n_cells=150), tmp_path / "x.h5ad")
+    command = [*accuracy.scnym_command(), "train_tissue_independent", "--input_counts", str(data),
+               "--lower_group", "cell_type", *FAST_FLAGS, "--n_folds", "0"]
+    assert accuracy.run([*command, "--out_path", str(tmp_path / "a")], tmp_path / "a.log", True)["seconds"] > 0
+    assert StopRequest.last_request is None
+    import scnym_cli.workflows.train as train_workflow
+
+    def after_the_last_model(*where):   # the run's training is over: it finishes and exits 0
+        if where == ("model_done", "all_data"):
+            signal.raise_signal(signal.SIGUSR1)
+
+    monkeypatch.setattr(train_workflow, "kill_point", after_the_last_model)
+    with pytest.raises(KeyboardInterrupt, match="SIGUSR1 during"):
+        accuracy.run([*command, "--out_path", str(tmp_path / "b")], tmp_path / "b.log", True)
+    assert "SIGUSR1 came after training had ended" in " ".join(capsys.readouterr().err.split())
+    assert (tmp_path / "b" / "all_data" / "model.json").is_file()   # the run itself completed
+    assert StopRequest.signal_name is None

@@ -136,6 +136,9 @@ class StopRequest:
     finishes its epoch, writes a checkpoint and stops; the run is then continued with --resume."""
 
     signal_name: Optional[str] = None
+    # the request made during the last block, kept after it: code that runs commands in its own process (a
+    # benchmark, a notebook) learns that it was asked to stop even when the run ended before it could stop
+    last_request: Optional[str] = None
 
     @classmethod
     def _handler(cls, signum: int, _frame: Any) -> None:
@@ -158,10 +161,12 @@ def stop_on_signals():
         number = getattr(signal, name, None)
         if number is not None:
             found[number] = signal.signal(number, StopRequest._handler)
-    StopRequest.signal_name = None
+    StopRequest.signal_name = StopRequest.last_request = None
     try:
         yield
+        if StopRequest.signal_name:   # asked after the last epoch: nothing was left to stop
+            log.warning("%s came after training had ended: the run finishes its outputs", StopRequest.signal_name)
     finally:
         for number, handler in found.items():
             signal.signal(number, handler)
-        StopRequest.signal_name = None
+        StopRequest.last_request, StopRequest.signal_name = StopRequest.signal_name, None

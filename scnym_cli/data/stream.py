@@ -170,12 +170,15 @@ def read_obs(group: Any) -> pd.DataFrame:
     The ids are read a slice at a time: anndata's reader makes a Python string of every id first (~85 B a cell,
     and twice that while the index is converted: 0.5 GB at 5 million cells, the peak of streaming a
     prediction), the Arrow array holds them in ~20 B. The other columns are read as anndata reads them. Stores
-    in another layout (an old h5ad's obs table) are read whole by anndata."""
+    in an older layout are read whole by anndata."""
     import anndata.io
 
     attributes = dict(group.attrs) if hasattr(group, "attrs") else {}
     index_key = attributes.get("_index")
-    if attributes.get("encoding-type") != "dataframe" or index_key not in group:
+    # column by column only in the layout of anndata >= 0.8 (0.2.0: each column a self-describing element);
+    # anything older or unexpected is anndata's to read
+    if (attributes.get("encoding-type") != "dataframe" or attributes.get("encoding-version") != "0.2.0"
+            or "column-order" not in attributes or index_key not in group):
         frame = anndata.io.read_elem(group)
         frame.index = pd.Index(pd.array(frame.index.astype(str), dtype="string[pyarrow]"))
         return frame

@@ -212,3 +212,19 @@ def test_duplicate_ids_are_found_across_slices_by_their_hashes(monkeypatch):
     readers.require_unique_cell_ids(pd.Index(ids), "q.h5ad")
     with pytest.raises(ScnymError, match="2 cell ids given more than once"):
         readers.require_unique_cell_ids(pd.Index(ids + ["c9", "c1"]), "q.h5ad")
+
+
+def test_obs_of_an_older_layout_is_read_whole_by_anndata(tmp_path):
+    import h5py
+
+    from scnym_cli.data import stream
+
+    adata = make_counts(n_cells=12, seed=3)
+    adata.obs = pd.DataFrame({"depth": np.arange(12, dtype=np.float32)}, index=[f"c{i}" for i in range(12)])
+    path = write_h5ad(adata, tmp_path / "q.h5ad")
+    with h5py.File(path, "r+") as f:   # anndata 0.7's dataframe layout (no categorical columns to convert)
+        f["obs"].attrs["encoding-version"] = "0.1.0"
+    with h5py.File(path, "r") as f:
+        obs = stream.read_obs(f["obs"])
+    assert str(obs.index.dtype) == "string" and obs.index.tolist() == [f"c{i}" for i in range(12)]
+    np.testing.assert_array_equal(obs["depth"].to_numpy(), np.arange(12, dtype=np.float32))

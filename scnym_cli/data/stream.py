@@ -178,7 +178,8 @@ def read_obs(group: Any) -> pd.DataFrame:
     # column by column only in the layout of anndata >= 0.8 (0.2.0: each column a self-describing element);
     # anything older or unexpected is anndata's to read
     if (attributes.get("encoding-type") != "dataframe" or attributes.get("encoding-version") != "0.2.0"
-            or "column-order" not in attributes or index_key not in group):
+            or "column-order" not in attributes or index_key not in group
+            or group[index_key].attrs.get("encoding-type") != "string-array"):
         frame = anndata.io.read_elem(group)
         frame.index = pd.Index(pd.array(frame.index.astype(str), dtype="string[pyarrow]"))
         return frame
@@ -190,10 +191,9 @@ def read_obs(group: Any) -> pd.DataFrame:
     return pd.DataFrame({name: anndata.io.read_elem(group[name]) for name in columns}, index=ids, columns=columns)
 
 
-def _strings(stored: Any, start: int, stop: int) -> list[str]:
-    """Elements start..stop-1 of a stored string array (h5py or zarr) as Python strings."""
-    values = stored.asstr()[start:stop] if hasattr(stored, "asstr") else np.asarray(stored[start:stop], dtype=object)
-    return [value.decode() if isinstance(value, bytes) else str(value) for value in values]
+def _strings(stored: Any, start: int, stop: int) -> np.ndarray:
+    """Elements start..stop-1 of a stored string array (h5py or zarr), str or UTF-8 bytes: Arrow takes either."""
+    return stored.asstr()[start:stop] if hasattr(stored, "asstr") else np.asarray(stored[start:stop], dtype=object)
 
 
 class CsrRows:

@@ -54,7 +54,6 @@ CLIP = 10.0
 MIN_VARIANCE = 1e-6
 
 
-
 def bank_rows(codes: np.ndarray, rows: np.ndarray, seed: int, cells: int = BANK_CELLS) -> np.ndarray:
     """At most ``cells`` of ``rows``, the same share of each class (all of a smaller class), sorted."""
     rng = np.random.default_rng(seed)

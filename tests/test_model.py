@@ -185,3 +185,73 @@ def test_models_written_before_the_meaning_checksum_still_load(trained_run, tmp_
 
     loaded = load_model(_edited(trained_run, tmp_path, lambda m: None, keep_checksum=False))
     assert loaded.classes == ["type_0", "type_1", "type_2"]
+
+
+def _sparse_block(n_cells: int, n_genes: int, density: float, seed: int):
+    import numpy as np
+    import scipy.sparse as sp
+
+    X = sp.random(n_cells, n_genes, density=density, format="csr", random_state=seed, dtype=np.float32)
+    X.data = np.log1p(X.data * 100)
+    X = X.tolil()
+    X[[0, 7, n_cells - 1]] = 0        # cells with nothing expressed, the last one included
+    return X.tocsr()
+
+
+@pytest.mark.parametrize("n_norm_domains", [1, 2])
+def test_sparse_rows_give_the_dense_forward_pass(n_norm_domains):
+    """Prediction on CPU feeds CSR rows to the first layer (embedding_bag); logits and embeddings equal the dense
+    pass to float32 rounding, with a covariate one-hot appended and with domain-specific batch norm."""
+    import numpy as np
+
+    from scnym_cli.nn.sparse_input import SparseRows
+    from scnym_cli.train.inference import forward_rows, input_batch
+
+    torch.manual_seed(0)
+    X = _sparse_block(300, 50, 0.1, seed=1)
+    covariates = np.eye(3, dtype=np.float32)[np.arange(300) % 3]
+    model = CellTypeClassifier(n_genes=50, n_classes=4, n_hidden=16, n_layers=2, n_covariates=3,
+                               n_norm_domains=n_norm_domains)
+    with torch.no_grad():   # batch-norm statistics that are not the identity
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm1d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+    batch, _ = input_batch(X, slice(0, 300), torch.device("cpu"), sparse=True, covariates=covariates)
+    assert isinstance(batch, SparseRows) and batch.n_columns == 53
+    domain = 1 if n_norm_domains > 1 else 0
+    outputs = forward_rows(model, X, None, torch.device("cpu"), chunk_size=128, covariates=covariates,
+                           with_embedding=True, domain=domain)
+    model.eval()
+    with torch.no_grad():
+        embedding = model.embed(torch.from_numpy(X.toarray()), torch.from_numpy(covariates),
+                                **({"domain": domain} if domain else {}))
+        logits = model.classifier(embedding)
+    np.testing.assert_allclose(outputs.embedding, embedding.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outputs.logits, logits.numpy(), rtol=1e-5, atol=1e-5)
+    # rows picked by index take the same path
+    rows = np.array([5, 0, 299, 17])
+    picked = forward_rows(model, X, rows, torch.device("cpu"), covariates=covariates, domain=domain)
+    np.testing.assert_allclose(picked.logits, logits.numpy()[rows], rtol=1e-5, atol=1e-5)
+
+
+def test_dense_rows_stay_dense_and_sparse_rows_are_checked():
+    from scnym_cli.nn.sparse_input import SPARSE_INPUT_MAX_DENSITY, SparseRows
+    from scnym_cli.train.inference import input_batch
+
+    cpu = torch.device("cpu")
+    dense_data = _sparse_block(64, 40, min(1.0, SPARSE_INPUT_MAX_DENSITY + 0.3), seed=2)
+    x, _ = input_batch(dense_data, slice(0, 64), cpu, sparse=True)
+    assert isinstance(x, torch.Tensor) and x.shape == (64, 40)
+    x, _ = input_batch(_sparse_block(64, 40, 0.05, seed=2), slice(0, 64), cpu, sparse=False)
+    assert isinstance(x, torch.Tensor)
+    rows, _ = input_batch(_sparse_block(64, 40, 0.05, seed=2), slice(0, 64), cpu, sparse=True)
+    assert isinstance(rows, SparseRows) and rows.n_rows == 64
+    model = CellTypeClassifier(n_genes=41, n_classes=2, n_hidden=8).eval()
+    with pytest.raises(ValueError, match="40 columns; the layer takes 41"):
+        model.embed(rows)
+    model = CellTypeClassifier(n_genes=40, n_classes=2, n_hidden=8, init_dropout=0.2)
+    with pytest.raises(ValueError, match="input dropout needs dense rows"):
+        model.embed(rows)
+    with pytest.raises(ValueError, match="covariates as columns"):
+        model.eval().embed(rows, torch.zeros(64, 1))

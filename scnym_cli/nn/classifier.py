@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .expression import log_cpm
+from .sparse_input import SparseRows, linear
 
 
 class InputDropout(nn.Module):
@@ -161,8 +162,8 @@ class HiddenBlock(nn.Module):
         self.dropout = Dropout(dropout)
         self.activation = nn.ReLU()
 
-    def forward(self, x: torch.Tensor, domain: Domain = None) -> torch.Tensor:
-        return self.activation(self.dropout(_normalize(self.norm, self.linear(x), domain)))
+    def forward(self, x: torch.Tensor | SparseRows, domain: Domain = None) -> torch.Tensor:
+        return self.activation(self.dropout(_normalize(self.norm, linear(self.linear, x), domain)))
 
 
 class ResidualBlock(nn.Module):
@@ -229,16 +230,30 @@ class CellTypeClassifier(nn.Module):
         self.encoder = nn.Sequential(*blocks)
         self.classifier = nn.Linear(n_hidden, n_classes)
 
-    def embed(self, x: torch.Tensor, covariates: Optional[torch.Tensor] = None, domain: Domain = None) -> torch.Tensor:
-        """The cell embedding (last hidden layer)."""
-        x = self.input_dropout(x)
+    def embed(self, x: torch.Tensor | SparseRows, covariates: Optional[torch.Tensor] = None,
+              domain: Domain = None) -> torch.Tensor:
+        """The cell embedding (last hidden layer).
+
+        ``x`` may be :class:`~.sparse_input.SparseRows` in eval mode (prediction), its covariate one-hot already
+        among its columns (after the genes).
+        """
+        if isinstance(x, SparseRows):
+            if self.training and self.input_dropout.p > 0:
+                raise ValueError("input dropout needs dense rows: sparse rows are for prediction (eval mode)")
+            if covariates is not None:
+                raise ValueError("sparse rows carry their covariates as columns after the genes")
+            return self._encode(x, domain)
+        dense = self.input_dropout(x)
         if self.n_covariates:
             if covariates is None or covariates.shape[1] != self.n_covariates:
                 raise ValueError(f"this model needs a covariate one-hot of width {self.n_covariates}")
-            x = torch.cat([x, covariates.to(x.dtype)], dim=1)
+            dense = torch.cat([dense, covariates.to(dense.dtype)], dim=1)
+        return self._encode(dense, domain)
+
+    def _encode(self, x: torch.Tensor | SparseRows, domain: Domain) -> torch.Tensor:
         for block in self.encoder:
             x = block(x, domain)
-        return x
+        return cast(torch.Tensor, x)
 
     def forward(self, x: torch.Tensor, covariates: Optional[torch.Tensor] = None,
                 return_embedding: bool = False, domain: Domain = None):

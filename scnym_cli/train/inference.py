@@ -1,4 +1,4 @@
-"""Batched forward passes over CSR rows, one chunk densified at a time."""
+"""Batched forward passes over CSR rows, a chunk at a time: sparse into the first layer on CPU, densified elsewhere."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from typing import Optional, cast
 import numpy as np
 import torch
 
-from ..data.batches import batch_tensor
-from ..data.matrix import Matrix, read_ahead
+import scipy.sparse as sp
+
+from ..data.matrix import Matrix, csr_rows, read_ahead
 from ..nn.classifier import CellTypeClassifier
+from ..nn.sparse_input import SPARSE_INPUT_MAX_DENSITY, SparseRows
 from .device import Precision, flush_denormals, inference_autocast
 
 
@@ -24,9 +26,29 @@ class Outputs:
         return torch.softmax(torch.from_numpy(self.logits) / temperature, dim=1).numpy()
 
 
-# rows densified and passed through the model at once: larger chunks are slower on CPU, not faster (8,192 rows of
+# rows passed through the model at once: larger chunks are slower on CPU, not faster (8,192 rows of
 # 2,000 genes took 1.5-2x as long per cell as 2,048: a 65 MB dense chunk is fresh memory every time)
 FORWARD_ROWS = 2048
+
+
+def input_batch(X: Matrix, rows: np.ndarray | slice, device: torch.device, *, sparse: bool,
+                covariates: Optional[np.ndarray] = None) -> tuple[torch.Tensor | SparseRows, Optional[torch.Tensor]]:
+    """Rows of X and their covariates for a forward pass. With ``sparse`` and rows no denser than
+    SPARSE_INPUT_MAX_DENSITY, the rows stay CSR (:class:`~..nn.sparse_input.SparseRows`, the covariate one-hot
+    appended as columns after the genes, as the model concatenates them); otherwise they are densified."""
+    block = csr_rows(X, rows)
+    n_cells, n_genes = block.shape
+    if sparse and block.nnz <= SPARSE_INPUT_MAX_DENSITY * n_cells * n_genes:
+        if covariates is not None:
+            block = sp.hstack([block, sp.csr_matrix(covariates, dtype=np.float32)], format="csr")
+        # columns and pointers of one integer type (embedding_bag asks it)
+        index = np.int64 if max(block.nnz, block.shape[1]) >= np.iinfo(np.int32).max else np.int32
+        return SparseRows(columns=torch.from_numpy(block.indices.astype(index, copy=False)).to(device),
+                          pointers=torch.from_numpy(block.indptr.astype(index, copy=False)).to(device),
+                          values=torch.from_numpy(block.data.astype(np.float32, copy=False)).to(device),
+                          n_columns=block.shape[1]), None
+    x = torch.from_numpy(block.toarray().astype(np.float32, copy=False)).to(device, non_blocking=True)
+    return x, None if covariates is None else torch.from_numpy(covariates).to(device)
 
 
 @torch.no_grad()
@@ -54,6 +76,9 @@ def forward_rows(model: CellTypeClassifier, X: Matrix, rows: Optional[np.ndarray
     autocast = Precision(device).autocast if dtype is None else partial(inference_autocast, device, dtype)
     # below float32 the small classifier head still runs in float32: logits to 7 digits
     head_in_float32 = dtype is not None and dtype != torch.float32
+    # the first layer's product from the CSR rows themselves (nn/sparse_input.py): CPU float32 only (accelerators
+    # and lower precisions are fast at the dense product)
+    sparse = device.type == "cpu" and dtype in (None, torch.float32)
     logits, embeddings = [], []
     try:
         def rows_of(start: int) -> slice | np.ndarray:
@@ -64,8 +89,8 @@ def forward_rows(model: CellTypeClassifier, X: Matrix, rows: Optional[np.ndarray
             chunk_rows = rows_of(start)
             if start + chunk_size < n_rows:   # data on disk: the next chunk is read during this one
                 read_ahead(X, rows_of(start + chunk_size))
-            x = batch_tensor(X, chunk_rows, device)
-            c = None if covariates is None else torch.from_numpy(covariates[chunk_rows]).to(device)
+            x, c = input_batch(X, chunk_rows, device, sparse=sparse,
+                               covariates=None if covariates is None else covariates[chunk_rows])
             with autocast():
                 embedding = model.embed(x, c, **({"domain": domain} if domain else {}))
                 if not head_in_float32:
@@ -75,7 +100,7 @@ def forward_rows(model: CellTypeClassifier, X: Matrix, rows: Optional[np.ndarray
             logits.append(out.float().cpu().numpy())
             if with_embedding:
                 embeddings.append(embedding.float().cpu().numpy())
-            # drop this chunk before the next one is densified: two dense chunks alive at once
+            # drop this chunk before the next one is made: two dense chunks alive at once
             # doubled the peak memory of evaluation on large data
             del x, out, embedding
     finally:

@@ -198,8 +198,8 @@ def _sparse_block(n_cells: int, n_genes: int, density: float, seed: int):
     return X.tocsr()
 
 
-@pytest.mark.parametrize("n_norm_domains", [1, 2])
-def test_sparse_rows_give_the_dense_forward_pass(n_norm_domains):
+@pytest.mark.parametrize("n_norm_domains,n_covariates", [(1, 3), (2, 3), (1, 0)])
+def test_sparse_rows_give_the_dense_forward_pass(n_norm_domains, n_covariates):
     """Prediction on CPU feeds CSR rows to the first layer (embedding_bag); logits and embeddings equal the dense
     pass to float32 rounding, with a covariate one-hot appended and with domain-specific batch norm."""
     import numpy as np
@@ -209,8 +209,8 @@ def test_sparse_rows_give_the_dense_forward_pass(n_norm_domains):
 
     torch.manual_seed(0)
     X = _sparse_block(300, 50, 0.1, seed=1)
-    covariates = np.eye(3, dtype=np.float32)[np.arange(300) % 3]
-    model = CellTypeClassifier(n_genes=50, n_classes=4, n_hidden=16, n_layers=2, n_covariates=3,
+    covariates = np.eye(3, dtype=np.float32)[np.arange(300) % 3] if n_covariates else None
+    model = CellTypeClassifier(n_genes=50, n_classes=4, n_hidden=16, n_layers=2, n_covariates=n_covariates,
                                n_norm_domains=n_norm_domains)
     with torch.no_grad():   # batch-norm statistics that are not the identity
         for module in model.modules():
@@ -218,13 +218,14 @@ def test_sparse_rows_give_the_dense_forward_pass(n_norm_domains):
                 module.running_mean.normal_()
                 module.running_var.uniform_(0.5, 2.0)
     batch, _ = input_batch(X, slice(0, 300), torch.device("cpu"), sparse=True, covariates=covariates)
-    assert isinstance(batch, SparseRows) and batch.n_columns == 53
+    assert isinstance(batch, SparseRows) and batch.n_columns == 50 + n_covariates
     domain = 1 if n_norm_domains > 1 else 0
     outputs = forward_rows(model, X, None, torch.device("cpu"), chunk_size=128, covariates=covariates,
                            with_embedding=True, domain=domain)
     model.eval()
     with torch.no_grad():
-        embedding = model.embed(torch.from_numpy(X.toarray()), torch.from_numpy(covariates),
+        embedding = model.embed(torch.from_numpy(X.toarray()),
+                                None if covariates is None else torch.from_numpy(covariates),
                                 **({"domain": domain} if domain else {}))
         logits = model.classifier(embedding)
     np.testing.assert_allclose(outputs.embedding, embedding.numpy(), rtol=1e-5, atol=1e-5)

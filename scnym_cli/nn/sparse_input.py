@@ -43,4 +43,4 @@ def linear(layer: nn.Linear, x: torch.Tensor | SparseRows) -> torch.Tensor:
     # embedding_bag's table is inputs x outputs: the weight transposed (2 MB at 2,000 x 256, once a chunk)
     out = nn.functional.embedding_bag(x.columns, layer.weight.t().contiguous(), x.pointers, mode="sum",
                                       per_sample_weights=x.values.to(layer.weight.dtype), include_last_offset=True)
-    return out if layer.bias is None else out + layer.bias
+    return out if layer.bias is None else out.add_(layer.bias)

@@ -36,19 +36,36 @@ def input_batch(X: Matrix, rows: np.ndarray | slice, device: torch.device, *, sp
     """Rows of X and their covariates for a forward pass. With ``sparse`` and rows no denser than
     SPARSE_INPUT_MAX_DENSITY, the rows stay CSR (:class:`~..nn.sparse_input.SparseRows`, the covariate one-hot
     appended as columns after the genes, as the model concatenates them); otherwise they are densified."""
+    if sparse and covariates is None and isinstance(X, sp.csr_matrix) and isinstance(rows, slice) \
+            and rows.step in (None, 1):
+        # consecutive rows of a matrix in memory (prediction): views of its arrays, no scipy matrix (whose
+        # constructor copies a slice of a larger array)
+        start, stop, _ = rows.indices(X.shape[0])
+        stop = max(start, stop)
+        low, high = int(X.indptr[start]), int(X.indptr[stop])
+        if high - low <= SPARSE_INPUT_MAX_DENSITY * (stop - start) * X.shape[1]:
+            return _sparse_rows(X.data[low:high], X.indices[low:high], X.indptr[start:stop + 1] - low,
+                                X.shape[1], device), None
     block = csr_rows(X, rows)
     n_cells, n_genes = block.shape
     if sparse and block.nnz <= SPARSE_INPUT_MAX_DENSITY * n_cells * n_genes:
         if covariates is not None:
             block = sp.hstack([block, sp.csr_matrix(covariates, dtype=np.float32)], format="csr")
-        # columns and pointers of one integer type (embedding_bag asks it)
-        index = np.int64 if max(block.nnz, block.shape[1]) >= np.iinfo(np.int32).max else np.int32
-        return SparseRows(columns=torch.from_numpy(block.indices.astype(index, copy=False)).to(device),
-                          pointers=torch.from_numpy(block.indptr.astype(index, copy=False)).to(device),
-                          values=torch.from_numpy(block.data.astype(np.float32, copy=False)).to(device),
-                          n_columns=block.shape[1]), None
+        return _sparse_rows(block.data, block.indices, block.indptr, block.shape[1], device), None
     x = torch.from_numpy(block.toarray().astype(np.float32, copy=False)).to(device, non_blocking=True)
     return x, None if covariates is None else torch.from_numpy(covariates).to(device)
+
+
+def _sparse_rows(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, n_columns: int,
+                 device: torch.device) -> SparseRows:
+    # columns and pointers of one integer type (embedding_bag asks it): the small pointer array takes the
+    # columns' type where the values' count fits it
+    if indices.dtype != indptr.dtype and len(data) < np.iinfo(indices.dtype).max:
+        indptr = indptr.astype(indices.dtype)
+    elif indices.dtype != indptr.dtype:
+        indices, indptr = indices.astype(np.int64), indptr.astype(np.int64)
+    return SparseRows(columns=torch.from_numpy(indices).to(device), pointers=torch.from_numpy(indptr).to(device),
+                      values=torch.from_numpy(data.astype(np.float32, copy=False)).to(device), n_columns=n_columns)
 
 
 @torch.no_grad()

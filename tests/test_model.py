@@ -198,8 +198,9 @@ def _sparse_block(n_cells: int, n_genes: int, density: float, seed: int):
     return X.tocsr()
 
 
-@pytest.mark.parametrize("n_norm_domains,n_covariates", [(1, 3), (2, 3), (1, 0)])
-def test_sparse_rows_give_the_dense_forward_pass(n_norm_domains, n_covariates):
+@pytest.mark.parametrize("n_norm_domains,n_covariates,depth_over_genes",
+                         [(1, 3, False), (2, 3, False), (1, 0, False), (1, 3, True), (2, 0, True)])
+def test_sparse_rows_give_the_dense_forward_pass(n_norm_domains, n_covariates, depth_over_genes):
     """Prediction on CPU feeds CSR rows to the first layer (embedding_bag); logits and embeddings equal the dense
     pass to float32 rounding, with a covariate one-hot appended and with domain-specific batch norm."""
     import numpy as np
@@ -211,7 +212,7 @@ def test_sparse_rows_give_the_dense_forward_pass(n_norm_domains, n_covariates):
     X = _sparse_block(300, 50, 0.1, seed=1)
     covariates = np.eye(3, dtype=np.float32)[np.arange(300) % 3] if n_covariates else None
     model = CellTypeClassifier(n_genes=50, n_classes=4, n_hidden=16, n_layers=2, n_covariates=n_covariates,
-                               n_norm_domains=n_norm_domains)
+                               n_norm_domains=n_norm_domains, depth_over_genes=depth_over_genes)
     with torch.no_grad():   # batch-norm statistics that are not the identity
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm1d):
@@ -256,3 +257,24 @@ def test_dense_rows_stay_dense_and_sparse_rows_are_checked():
         model.embed(rows)
     with pytest.raises(ValueError, match="covariates as columns"):
         model.eval().embed(rows, torch.zeros(64, 1))
+
+
+def test_depth_over_genes_makes_the_model_blind_to_a_cells_scale():
+    """With depth_over_genes, rows scaled by any per-cell factor in count space (normalized over other genes)
+    give the same outputs; the covariates are not part of the depth."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    counts = torch.poisson(torch.full((12, 30), 2.0))
+    covariates = torch.eye(2)[torch.arange(12) % 2]
+    x = torch.log1p(counts / counts.sum(1, keepdim=True) * 1e6)
+    factors = torch.from_numpy(np.geomspace(0.1, 30, 12)).float().unsqueeze(1)
+    shifted = torch.log1p(torch.expm1(x) * factors)
+    model = CellTypeClassifier(n_genes=30, n_classes=3, n_hidden=8, n_covariates=2, depth_over_genes=True).eval()
+    plain = CellTypeClassifier(n_genes=30, n_classes=3, n_hidden=8, n_covariates=2).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(shifted, covariates), model(x, covariates), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(x, covariates), plain(x, covariates), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(plain(shifted, covariates), plain(x, covariates), atol=1e-2)
+    assert model.hyperparameters["depth_over_genes"] is True and "depth_over_genes" not in plain.hyperparameters

@@ -391,3 +391,36 @@ def test_label_metrics_match_scikit_learn_and_add_up_over_blocks():
         pd.testing.assert_frame_equal(blocks.per_class, whole.per_class)
         pd.testing.assert_frame_equal(blocks.confusion, whole.confusion)
         pd.testing.assert_frame_equal(blocks.reliability, whole.reliability)
+
+
+def test_depth_over_the_models_genes_puts_a_query_cut_to_them_on_the_references_scale(runner, tmp_path, query):
+    """A query log-normalized over all its genes and then cut to the model's genes (as many shared h5ad files are)
+    is renormalized over what is left: without --depth_over_genes its cells look several times deeper than the
+    reference's. With it, the model measures every cell's depth over its own genes, and the cut query's
+    predictions equal those of the same cells given as whole counts."""
+    import scipy.sparse as sp
+
+    reference = write_h5ad(make_counts(n_cells=150, seed=3), tmp_path / "ref.h5ad")
+    kept = write_lines(tmp_path / "genes.txt", [f"gene{j:03d}" for j in range(20)])
+    whole = write_h5ad(query, tmp_path / "whole.h5ad")
+    counts = sp.csr_matrix(query.X, dtype=np.float64)
+    per_10k = sp.diags(1e4 / np.asarray(counts.sum(axis=1)).ravel()) @ counts
+    per_10k.data = np.log1p(per_10k.data)
+    cut = ad.AnnData(X=sp.csr_matrix(per_10k[:, :20], dtype=np.float32), obs=query.obs, var=query.var.iloc[:20])
+    cut = write_h5ad(cut, tmp_path / "cut.h5ad")
+    tables = {}
+    for depth in ("true", "false"):
+        result = invoke(runner, "train_tissue_independent", "--input_counts", reference, "--lower_group",
+                        "cell_type", "--out_path", tmp_path / depth, "--genes_to_use", kept,
+                        "--depth_over_genes", depth, "--seed", 1, *FAST_FLAGS)
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((tmp_path / depth / "all_data" / "model.json").read_text())
+        assert manifest["model"]["kwargs"].get("depth_over_genes", False) == (depth == "true")
+        tables[depth] = [predict(runner, tmp_path / depth, data, tmp_path / f"{depth}_{data.stem}")
+                         for data in (whole, cut)]
+    probabilities = [c for c in tables["true"][0] if c.startswith("prob_")]
+    with_depth, without = tables["true"], tables["false"]
+    np.testing.assert_allclose(with_depth[1][probabilities], with_depth[0][probabilities], atol=1e-4)
+    assert (with_depth[1]["predicted_label"] == with_depth[0]["predicted_label"]).all()
+    # the same cut without it: the shift is there to see
+    assert np.abs(without[1][probabilities].to_numpy() - without[0][probabilities].to_numpy()).max() > 0.01

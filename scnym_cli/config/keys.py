@@ -84,6 +84,10 @@ class ConfigKeys:
     variable_in: str = option(
         "both", "Where --n_top_genes are ranked: both (the reference and the target: genes variable in both "
         "first) or reference.", "Inputs", _TRAIN, choices=("both", "reference"))
+    depth_over_genes: bool = option(
+        False, "Measure each cell's depth (its per-million scale) over the training genes instead of all the genes of "
+        "its file: data normalized over different gene sets (a file log-normalized, then cut to a few hundred "
+        "genes) reach the model on one scale. Kept in the model; prediction follows it.", "Inputs", _TRAIN)
     training_metadata: Optional[Path] = option(
         None, "CSV with per-cell labels, rows in cell order or matched by a cell-id column "
         "(default: the h5ad obs / loom column attributes).", "Inputs", _READS_LABELS, must_exist=True)

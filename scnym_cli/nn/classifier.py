@@ -14,8 +14,8 @@ from typing import Any, Optional, Union, cast
 import torch
 from torch import nn
 
-from .expression import log_cpm
-from .sparse_input import SparseRows, linear
+from .expression import log_cpm, rescale_to_genes
+from .sparse_input import SparseRows, linear, per_million
 
 
 class InputDropout(nn.Module):
@@ -205,12 +205,15 @@ class CellTypeClassifier(nn.Module):
     n_norm_domains
         2: domain-specific batch norm (:class:`DomainBatchNorm`) for the reference (0) and the target (1);
         the ``domain`` argument of :meth:`forward` says which normalizes each row (default 0).
+    depth_over_genes
+        Re-express every input row per million over the model's genes (:func:`~.expression.rescale_to_genes`)
+        before anything else, so that inputs normalized over other gene sets reach the layers on one scale.
     """
 
     def __init__(self, n_genes: int, n_classes: int, n_hidden: int = 256, n_layers: int = 2,
                  dropout: float = 0.5, init_dropout: float = 0.0, residual: bool = False,
                  batch_norm: bool = True, track_running_stats: bool = True, n_covariates: int = 0,
-                 n_norm_domains: int = 1):
+                 n_norm_domains: int = 1, depth_over_genes: bool = False):
         super().__init__()
         self.hyperparameters = dict(
             n_genes=n_genes, n_classes=n_classes, n_hidden=n_hidden, n_layers=n_layers, dropout=dropout,
@@ -219,6 +222,9 @@ class CellTypeClassifier(nn.Module):
         )
         if n_norm_domains > 1:  # only then: manifests of models without it stay as they were
             self.hyperparameters["n_norm_domains"] = n_norm_domains
+        if depth_over_genes:
+            self.hyperparameters["depth_over_genes"] = True
+        self.depth_over_genes = depth_over_genes
         self.n_genes, self.n_classes, self.n_hidden, self.n_covariates = n_genes, n_classes, n_hidden, n_covariates
         self.n_norm_domains = n_norm_domains
         self.input_dropout = InputDropout(init_dropout)
@@ -242,8 +248,8 @@ class CellTypeClassifier(nn.Module):
                 raise ValueError("input dropout needs dense rows: sparse rows are for prediction (eval mode)")
             if covariates is not None:
                 raise ValueError("sparse rows carry their covariates as columns after the genes")
-            return self._encode(x, domain)
-        dense = self.input_dropout(x)
+            return self._encode(per_million(x, self.n_genes) if self.depth_over_genes else x, domain)
+        dense = self.input_dropout(rescale_to_genes(x) if self.depth_over_genes else x)
         if self.n_covariates:
             if covariates is None or covariates.shape[1] != self.n_covariates:
                 raise ValueError(f"this model needs a covariate one-hot of width {self.n_covariates}")

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..data.normalize import TARGET_SUM
+
 #: at most this share of nonzero entries, rows go to the first layer sparse (measured break-even: ~0.4)
 SPARSE_INPUT_MAX_DENSITY = 0.3
 
@@ -44,3 +46,16 @@ def linear(layer: nn.Linear, x: torch.Tensor | SparseRows) -> torch.Tensor:
     out = nn.functional.embedding_bag(x.columns, layer.weight.t().contiguous(), x.pointers, mode="sum",
                                       per_sample_weights=x.values.to(layer.weight.dtype), include_last_offset=True)
     return out if layer.bias is None else out.add_(layer.bias)
+
+
+def per_million(x: SparseRows, n_genes: int) -> SparseRows:
+    """ln(CPM + 1) rows re-expressed per million over their first ``n_genes`` columns (the genes; columns after
+    them, a covariate one-hot, are left as they are): the sparse form of :func:`~.expression.rescale_to_genes`."""
+    counts = torch.expm1(x.values.float())
+    row = torch.repeat_interleave(torch.arange(x.n_rows, device=x.values.device),
+                                  (x.pointers[1:] - x.pointers[:-1]).long())
+    gene = x.columns < n_genes
+    sums = torch.zeros(x.n_rows, dtype=counts.dtype, device=counts.device).index_add_(0, row[gene], counts[gene])
+    scale = torch.where(sums > 0, TARGET_SUM / sums.clamp_min(1e-30), torch.zeros_like(sums))
+    values = torch.where(gene, torch.log1p(counts * scale[row]), x.values.float())
+    return SparseRows(x.columns, x.pointers, values.to(x.values.dtype), x.n_columns)

@@ -78,6 +78,7 @@ def build_model(config: Config, n_genes: int, n_classes: int, n_covariates: int 
             dropout=config.dropout, init_dropout=config.init_dropout, residual=config.residual,
             batch_norm=config.batch_norm, track_running_stats=config.track_running_stats, n_covariates=n_covariates,
             n_norm_domains=2 if config.domain_batch_norm and has_target else 1,
+            depth_over_genes=config.depth_over_genes,
         )
 
 

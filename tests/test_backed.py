@@ -255,3 +255,7 @@ def test_row_runs_densify_from_a_view_and_sparse_products_match_scipy():
         warnings.simplefilter("error")   # torch's beta note on sparse CSR tensors is not shown to users
         np.testing.assert_allclose(sparse_product(X, W), X @ W, rtol=1e-5)
     assert sparse_product(sp.csr_matrix((4, 40), dtype=np.float32), W).shape == (4, 3)
+    gaps = X.tolil()
+    gaps[[0, 31, 59]] = 0                 # cells without a value, the first and last among them
+    gaps = gaps.tocsr()
+    np.testing.assert_allclose(sparse_product(gaps, W), gaps @ W, rtol=1e-5, atol=1e-6)

@@ -278,3 +278,4 @@ def test_depth_over_genes_makes_the_model_blind_to_a_cells_scale():
         torch.testing.assert_close(model(x, covariates), plain(x, covariates), rtol=1e-4, atol=1e-4)
         assert not torch.allclose(plain(shifted, covariates), plain(x, covariates), atol=1e-2)
     assert model.hyperparameters["depth_over_genes"] is True and "depth_over_genes" not in plain.hyperparameters
+

@@ -31,6 +31,38 @@ def test_flush_denormals_puts_back_the_setting_it_found():
         torch.set_flush_denormal(False)
 
 
+def test_flush_denormals_is_counted_per_thread():
+    """The flag lives in each thread's floating-point state: a block on one thread sets it there, and a block
+    ending on another thread (prediction runs two) neither clears it nor leaves it set elsewhere."""
+    import threading
+
+    begin, inside, leave, seen = threading.Event(), threading.Event(), threading.Event(), {}
+
+    def worker():
+        begin.wait(10)
+        with flush_denormals():
+            seen["worker, in its block"] = flushing_denormals()
+            inside.set()
+            leave.wait(10)
+            seen["worker, after main's block ended"] = flushing_denormals()
+        seen["worker, after its block"] = flushing_denormals()
+
+    torch.set_flush_denormal(False)
+    thread = threading.Thread(target=worker)   # made before any block: it starts with flushing off
+    thread.start()
+    try:
+        with flush_denormals():
+            begin.set()
+            inside.wait(10)
+        assert not flushing_denormals(), "main's block ended: main's setting is back"
+        leave.set()
+        thread.join(10)
+    finally:
+        torch.set_flush_denormal(False)
+    assert seen == {"worker, in its block": True, "worker, after main's block ended": True,
+                    "worker, after its block": False}
+
+
 def test_seeded_rng_restores_the_cpu_generator_and_saves_every_cuda_device(monkeypatch):
     torch.manual_seed(3)
     before = torch.get_rng_state()

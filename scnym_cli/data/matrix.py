@@ -9,7 +9,6 @@ sampler that must keep reads local asks whether the rows live on disk.
 from __future__ import annotations
 
 import hashlib
-import warnings
 from typing import Callable, Iterator, Protocol, Union, runtime_checkable
 
 import numpy as np
@@ -102,20 +101,23 @@ def csr_row_view(X: sp.csr_matrix, rows: slice) -> sp.csr_matrix:
 
 
 def sparse_product(X: sp.csr_matrix, W: np.ndarray) -> np.ndarray:
-    """X @ W for a CSR X and a dense float32 W, on torch's threads (scipy's product runs on one core: 1.5x as
-    long on two for the novelty clusters' 30 columns)."""
+    """X @ W for a CSR X and a dense float32 W: each row the sum of W's rows at its nonzero columns, times their
+    values (torch's embedding_bag, on torch's threads). Against torch's sparse CSR product, 8,192 x 2,000 at 20%
+    nonzeros into 30 columns (the novelty clusters' projection) on 2 cores: 0.52 vs 0.99 us a row; scipy's
+    product runs on one core."""
     import torch
 
     X = sp.csr_matrix(X, dtype=np.float32)
     if X.nnz == 0:
         return np.zeros((X.shape[0], W.shape[1]), dtype=np.float32)
+    # columns and row pointers of one integer type (embedding_bag asks it)
     index = np.int64 if max(X.nnz, X.shape[1]) >= np.iinfo(np.int32).max else np.int32
-    with warnings.catch_warnings():   # torch's "sparse CSR support is in beta" note, once per process
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-        tensor = torch.sparse_csr_tensor(torch.from_numpy(X.indptr.astype(index, copy=False)),
-                                         torch.from_numpy(X.indices.astype(index, copy=False)),
-                                         torch.from_numpy(X.data), size=X.shape, check_invariants=False)
-    return torch.sparse.mm(tensor, torch.from_numpy(np.ascontiguousarray(W, dtype=np.float32))).numpy()
+    with torch.no_grad():
+        return torch.nn.functional.embedding_bag(
+            torch.from_numpy(X.indices.astype(index, copy=False)),
+            torch.from_numpy(np.ascontiguousarray(W, dtype=np.float32)),
+            torch.from_numpy(X.indptr.astype(index, copy=False)), mode="sum",
+            per_sample_weights=torch.from_numpy(X.data), include_last_offset=True).numpy()
 
 
 def content_digest(X: Matrix) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -84,23 +85,26 @@ class flush_denormals(contextlib.ContextDecorator):
     through every backward matrix product; CPUs process subnormals many times slower (measured:
     15x for a forward/backward pass of a trained model). Nothing scnym computes depends on values
     that small. Blocks nest (evaluation inside training): only the outermost one sets the flag, and on
-    leaving it restores the caller's setting, whatever it was.
+    leaving it restores the caller's setting, whatever it was. The flag is the CPU's, held per thread (the
+    floating-point control register): each thread counts its own blocks (prediction runs blocks on two).
     """
 
-    _depth = 0  # open blocks, process-wide like the flag itself
-    _found = False  # the setting the outermost block found
+    _state = threading.local()   # per thread: open blocks, and the setting the outermost one found
 
     def __enter__(self):
-        if flush_denormals._depth == 0:
-            flush_denormals._found = flushing_denormals()
+        state = flush_denormals._state
+        if getattr(state, "depth", 0) == 0:
+            state.found = flushing_denormals()
+            state.depth = 0
             torch.set_flush_denormal(True)
-        flush_denormals._depth += 1
+        state.depth += 1
         return self
 
     def __exit__(self, *exc):
-        flush_denormals._depth -= 1
-        if flush_denormals._depth == 0:
-            torch.set_flush_denormal(flush_denormals._found)
+        state = flush_denormals._state
+        state.depth -= 1
+        if state.depth == 0:
+            torch.set_flush_denormal(state.found)
         return False
 
 

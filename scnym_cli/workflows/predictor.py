@@ -9,6 +9,8 @@ What the command writes to files is workflows/predict.py.
 from __future__ import annotations
 
 import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -16,6 +18,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import torch
 
 from .._version import __version__
 from ..config import Config
@@ -29,7 +32,7 @@ from ..memory import release_freed_memory
 from ..report import LabeledEvaluation, evaluate_labeled, predictions_table, write_labeled_report
 from ..store import covariates_for, routing_of
 from ..train.conformal import ConformalCalibration, DomainWeights, prediction_sets, set_labels, true_class_in_set
-from ..train.device import inference_dtype
+from ..train.device import inference_dtype, thread_count_restored
 from ..train.novelty import CLUSTER_CELLS, QueryClusters
 from .annotation import annotate
 from .ensemble import Ensemble
@@ -340,6 +343,16 @@ class Predictor:
                            disagreement, sets)
 
 
+def prediction_workers(device) -> int:
+    """Blocks predicted at once: two on a CPU with two or more threads, else one.
+
+    One block's forward pass leaves cores idle (its small per-layer operations wait for both cores while the reader
+    thread holds one); two blocks at once, each on half the threads, fill them. 1M cells x 2,000 genes on 2 cores,
+    two runs each: 56,948 / 57,405 cells/s against 44,663 / 43,937 for one block on both threads, predictions
+    identical."""
+    return 2 if getattr(device, "type", "cpu") == "cpu" and torch.get_num_threads() >= 2 else 1
+
+
 def iterate_predictions(predictor: Predictor, source: CellChunks, config: Config, *, with_embedding: bool
                         ) -> Iterator[tuple[slice, ChunkResult, str]]:
     """(rows, result, normalization kind) block by block: normalize over the query's genes, then predict."""
@@ -352,10 +365,25 @@ def iterate_predictions(predictor: Predictor, source: CellChunks, config: Config
             yield rows, X
 
     empty = 0
-    for rows, X in in_background(normalized()):   # the next block is read while this one is predicted
-        empty += int((np.diff(X.indptr) == 0).sum())
-        yield rows, predictor.predict(rows, X, with_embedding), kind
-        release_freed_memory()   # the block's arrays are freed: memory stays flat however many cells stream
+    workers = prediction_workers(predictor.device)
+    with thread_count_restored(), ThreadPoolExecutor(workers, thread_name_prefix="scnym-predict") as pool:
+        # each block in flight gets its share of the threads: together they use as many as were configured
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+        in_flight: deque = deque()
+        try:
+            for rows, X in in_background(normalized()):   # the next block is read while these are predicted
+                empty += int((np.diff(X.indptr) == 0).sum())
+                in_flight.append((rows, pool.submit(predictor.predict, rows, X, with_embedding)))
+                if len(in_flight) == workers:
+                    done_rows, done = in_flight.popleft()
+                    yield done_rows, done.result(), kind
+                    release_freed_memory()   # the block's arrays are freed: memory stays flat however many cells stream
+            while in_flight:
+                done_rows, done = in_flight.popleft()
+                yield done_rows, done.result(), kind
+        finally:
+            for _, pending in in_flight:   # a failed or abandoned stream: blocks not yet started are dropped
+                pending.cancel()
     if empty:
         log.warning("%s: %d cells have no expression at all; their predictions are meaningless", source.source, empty)
 

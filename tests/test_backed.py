@@ -243,11 +243,11 @@ def test_in_background_keeps_order_raises_in_place_and_stops_with_its_consumer()
 def test_row_runs_densify_from_a_view_and_sparse_products_match_scipy():
     import warnings
 
-    from scnym_cli.data.matrix import csr_row_view, sparse_product
+    from scnym_cli.data.matrix import csr_rows, sparse_product
 
     X = sp.random(60, 40, density=0.3, format="csr", dtype=np.float32, random_state=0)
     for rows in (slice(0, 60), slice(7, 19), slice(59, 80), slice(30, 30)):
-        np.testing.assert_array_equal(csr_row_view(X, rows).toarray(), X[rows].toarray())
+        np.testing.assert_array_equal(csr_rows(X, rows).toarray(), X[rows].toarray())
         np.testing.assert_array_equal(dense_rows(X, rows), X[rows].toarray())
     np.testing.assert_array_equal(dense_rows(X, np.array([5, 2, 5])), X[[5, 2, 5]].toarray())
     W = np.random.default_rng(0).random((40, 3), dtype=np.float32)

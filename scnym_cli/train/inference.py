@@ -7,11 +7,10 @@ from functools import partial
 from typing import Optional, cast
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
-import scipy.sparse as sp
-
-from ..data.matrix import Matrix, csr_rows, read_ahead
+from ..data.matrix import Matrix, bag_index, csr_arrays, read_ahead
 from ..nn.classifier import CellTypeClassifier
 from ..nn.sparse_input import SPARSE_INPUT_MAX_DENSITY, SparseRows
 from .device import Precision, flush_denormals, inference_autocast
@@ -36,36 +35,20 @@ def input_batch(X: Matrix, rows: np.ndarray | slice, device: torch.device, *, sp
     """Rows of X and their covariates for a forward pass. With ``sparse`` and rows no denser than
     SPARSE_INPUT_MAX_DENSITY, the rows stay CSR (:class:`~..nn.sparse_input.SparseRows`, the covariate one-hot
     appended as columns after the genes, as the model concatenates them); otherwise they are densified."""
-    if sparse and covariates is None and isinstance(X, sp.csr_matrix) and isinstance(rows, slice) \
-            and rows.step in (None, 1):
-        # consecutive rows of a matrix in memory (prediction): views of its arrays, no scipy matrix (whose
-        # constructor copies a slice of a larger array)
-        start, stop, _ = rows.indices(X.shape[0])
-        stop = max(start, stop)
-        low, high = int(X.indptr[start]), int(X.indptr[stop])
-        if high - low <= SPARSE_INPUT_MAX_DENSITY * (stop - start) * X.shape[1]:
-            return _sparse_rows(X.data[low:high], X.indices[low:high], X.indptr[start:stop + 1] - low,
-                                X.shape[1], device), None
-    block = csr_rows(X, rows)
-    n_cells, n_genes = block.shape
-    if sparse and block.nnz <= SPARSE_INPUT_MAX_DENSITY * n_cells * n_genes:
-        if covariates is not None:
-            block = sp.hstack([block, sp.csr_matrix(covariates, dtype=np.float32)], format="csr")
-        return _sparse_rows(block.data, block.indices, block.indptr, block.shape[1], device), None
-    x = torch.from_numpy(block.toarray().astype(np.float32, copy=False)).to(device, non_blocking=True)
-    return x, None if covariates is None else torch.from_numpy(covariates).to(device)
-
-
-def _sparse_rows(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, n_columns: int,
-                 device: torch.device) -> SparseRows:
-    # columns and pointers of one integer type (embedding_bag asks it): the small pointer array takes the
-    # columns' type where the values' count fits it
-    if indices.dtype != indptr.dtype and len(data) < np.iinfo(indices.dtype).max:
-        indptr = indptr.astype(indices.dtype)
-    elif indices.dtype != indptr.dtype:
-        indices, indptr = indices.astype(np.int64), indptr.astype(np.int64)
+    data, indices, indptr = csr_arrays(X, rows)
+    shape = (len(indptr) - 1, X.shape[1])
+    if not sparse or len(data) > SPARSE_INPUT_MAX_DENSITY * shape[0] * shape[1]:
+        x = torch.from_numpy(sp.csr_matrix((data, indices, indptr), shape=shape, copy=False).toarray()
+                             .astype(np.float32, copy=False)).to(device, non_blocking=True)
+        return x, None if covariates is None else torch.from_numpy(covariates).to(device)
+    if covariates is not None:
+        block = sp.hstack([sp.csr_matrix((data, indices, indptr), shape=shape, copy=False),
+                           sp.csr_matrix(covariates, dtype=np.float32)], format="csr")
+        data, indices, indptr, shape = block.data, block.indices, block.indptr, block.shape
+    indices, indptr = bag_index(indices, indptr)
     return SparseRows(columns=torch.from_numpy(indices).to(device), pointers=torch.from_numpy(indptr).to(device),
-                      values=torch.from_numpy(data.astype(np.float32, copy=False)).to(device), n_columns=n_columns)
+                      values=torch.from_numpy(data.astype(np.float32, copy=False)).to(device),
+                      n_columns=shape[1]), None
 
 
 @torch.no_grad()

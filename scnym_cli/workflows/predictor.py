@@ -350,7 +350,7 @@ def prediction_workers(device) -> int:
     thread holds one); two blocks at once, each on half the threads, fill them. 1M cells x 2,000 genes on 2 cores,
     two runs each: 56,948 / 57,405 cells/s against 44,663 / 43,937 for one block on both threads, predictions
     identical."""
-    return 2 if getattr(device, "type", "cpu") == "cpu" and torch.get_num_threads() >= 2 else 1
+    return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
 
 
 def iterate_predictions(predictor: Predictor, source: CellChunks, config: Config, *, with_embedding: bool
@@ -370,17 +370,20 @@ def iterate_predictions(predictor: Predictor, source: CellChunks, config: Config
         # each block in flight gets its share of the threads: together they use as many as were configured
         torch.set_num_threads(max(1, torch.get_num_threads() // workers))
         in_flight: deque = deque()
+
+        def oldest() -> tuple[slice, ChunkResult, str]:
+            done_rows, done = in_flight.popleft()
+            return done_rows, done.result(), kind
+
         try:
             for rows, X in in_background(normalized()):   # the next block is read while these are predicted
                 empty += int((np.diff(X.indptr) == 0).sum())
                 in_flight.append((rows, pool.submit(predictor.predict, rows, X, with_embedding)))
                 if len(in_flight) == workers:
-                    done_rows, done = in_flight.popleft()
-                    yield done_rows, done.result(), kind
+                    yield oldest()
                     release_freed_memory()   # the block's arrays are freed: memory stays flat however many cells stream
             while in_flight:
-                done_rows, done = in_flight.popleft()
-                yield done_rows, done.result(), kind
+                yield oldest()
         finally:
             for _, pending in in_flight:   # a failed or abandoned stream: blocks not yet started are dropped
                 pending.cancel()

@@ -260,6 +260,11 @@ class LabeledTally:
                                        np.bincount(t, weights=np.asarray(set_size, dtype=np.float64), minlength=n)])
             self.empty_sets += int((np.asarray(set_size)[known] == 0).sum())
 
+    def other_labels(self) -> dict[str, int]:
+        """Cells per true label the classes lack (the query's own types, or typos in its labels)."""
+        k = len(self.classes)
+        return {self.names[i]: int(self.counts[i].sum()) for i in range(k, len(self.names)) if self.counts[i].sum()}
+
     def evaluation(self) -> LabeledEvaluation:
         from .train.metrics import (LabelCounts, calibration_error_of, per_class_table, reliability_table_of,
                                     summary_metrics)

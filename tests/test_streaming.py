@@ -228,3 +228,130 @@ def test_obs_of_an_older_layout_is_read_whole_by_anndata(tmp_path):
         obs = stream.read_obs(f["obs"])
     assert str(obs.index.dtype) == "string" and obs.index.tolist() == [f"c{i}" for i in range(12)]
     np.testing.assert_array_equal(obs["depth"].to_numpy(), np.arange(12, dtype=np.float32))
+
+
+def _obs_for_runs(n_cells: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    labels = pd.Categorical(rng.choice(["B", "T", "NK"], size=n_cells))
+    labels[3] = np.nan                                              # a cell without a label
+    return pd.DataFrame({"cell_type": labels, "depth": rng.random(n_cells).astype(np.float32),
+                         "note": [f"n{i % 4}-é" for i in range(n_cells)],
+                         "count": pd.array([None if i == 5 else i for i in range(n_cells)], dtype="Int64")},
+                        index=[f"cell-{seed}-{i}-é" for i in range(n_cells)])
+
+
+def _write_store(adata, path, store):
+    if store == "h5ad":
+        return write_h5ad(adata, path.with_suffix(".h5ad"))
+    with ad.settings.override(zarr_write_format=int(store[-1])):
+        adata.write_zarr(path.with_suffix(".zarr"))
+    return path.with_suffix(".zarr")
+
+
+@pytest.mark.parametrize("store", ["h5ad", "zarr2", "zarr3"])
+def test_runs_of_stored_obs_are_the_whole_obs_sliced(tmp_path, store):
+    """Prediction reads each block's ids and label column from the store: the same values as the whole obs,
+    for categorical (with a missing label), numeric, string and nullable columns, within and across shards."""
+    from scnym_cli.data import stream
+
+    adata = make_counts(n_cells=30, seed=3)
+    adata.obs = _obs_for_runs(30, seed=3)
+    path = _write_store(adata, tmp_path / "q", store)
+    group = stream.open_anndata_store(path)
+    whole = stream.read_obs(group["obs"])
+    runs = stream.StoredRuns(group["obs"])
+    assert runs.n_cells == 30 and runs.columns == ["cell_type", "depth", "note", "count"]
+
+    def assert_runs_match(runs, frame):
+        for start, stop in [(0, 7), (7, 19), (25, 30), (12, 12)]:
+            assert runs.ids(start, stop).tolist() == frame.index[start:stop].tolist()
+            for column in frame.columns:
+                pd.testing.assert_series_equal(runs.column(column, start, stop).reset_index(drop=True),
+                                               frame[column].iloc[start:stop].reset_index(drop=True),
+                                               check_names=False, check_dtype=False, check_index_type=False)
+        decoded = [v.decode() if isinstance(v, bytes) else v for piece in runs.id_slices() for v in piece]
+        assert decoded == frame.index.tolist()
+
+    assert_runs_match(runs, whole)
+    # two shards, the second without the 'note' column: its cells read as missing there, as pandas joins them
+    other = make_counts(n_cells=12, seed=4)
+    other.obs = _obs_for_runs(12, seed=4).drop(columns="note")
+    second = stream.open_anndata_store(_write_store(other, tmp_path / "r", store))
+    shards = stream.ShardRuns([(30, runs), (12, stream.StoredRuns(second["obs"]))])
+    joined = pd.concat([whole, stream.read_obs(second["obs"])], axis=0, join="outer")
+    assert shards.n_cells == 42 and shards.columns == ["cell_type", "depth", "note", "count"]
+    for start, stop in [(25, 35), (30, 42), (0, 42)]:
+        assert shards.ids(start, stop).tolist() == joined.index[start:stop].tolist()
+        notes = shards.column("note", start, stop)
+        assert notes.isna().tolist() == joined["note"].iloc[start:stop].isna().tolist()
+        assert shards.column("cell_type", start, stop).astype(str).tolist() == \
+            joined["cell_type"].iloc[start:stop].astype(str).tolist()
+
+
+def test_a_streamed_query_keeps_its_metadata_in_the_store(runner, trained_run, tmp_path, monkeypatch):
+    """A labeled h5ad query predicted with sets and an annotated copy never reads its whole obs: ids and labels
+    come block by block, the annotated copy's columns are written block by block beside the obs it had."""
+    from scnym_cli.data import stream
+    from scnym_cli.workflows import predict as predict_module
+
+    adata = make_counts(n_cells=70, seed=5)
+    adata.obs["note"] = "kept"
+    data = write_h5ad(adata, tmp_path / "q.h5ad")
+    for module in (stream, predict_module):
+        monkeypatch.setattr(module, "read_obs", lambda group: pytest.fail("the whole obs was read"))
+    table = predict(runner, trained_run, data, tmp_path / "p", "--prediction_chunk_size", "16",
+                    "--lower_group", "cell_type", "--coverage", "0.9")
+    monkeypatch.undo()
+    assert table["cell_id"].tolist() == adata.obs_names.tolist()
+    per_class = pd.read_csv(tmp_path / "p" / "per_class_metrics.csv")
+    assert per_class["support"].sum() == 70
+    annotated = ad.read_h5ad(tmp_path / "p" / "annotated.h5ad")
+    obs = annotated.obs
+    assert obs.index.tolist() == adata.obs_names.tolist()
+    assert list(obs.columns) == [*adata.obs.columns, "scNym", "scNym_prediction_set", "scNym_confidence",
+                                 "scNym_novelty", "scNym_disagreement", "scNym_set_size"]
+    assert (obs["cell_type"] == adata.obs["cell_type"]).all() and (obs["note"] == "kept").all()
+    assert isinstance(obs["scNym"].dtype, pd.CategoricalDtype)
+    assert list(obs["scNym"].cat.categories) == sorted(table["predicted_label"].unique())   # only those used
+    assert obs["scNym"].astype(str).tolist() == table["predicted_label"].tolist()
+    assert list(obs["scNym_prediction_set"].cat.categories) == sorted(table["prediction_set"].unique())
+    assert obs["scNym_prediction_set"].astype(str).tolist() == table["prediction_set"].tolist()
+    np.testing.assert_array_equal(obs["scNym_set_size"], table["set_size"])
+    np.testing.assert_allclose(obs["scNym_confidence"], table["confidence"], rtol=1e-6)
+    np.testing.assert_allclose(obs["scNym_novelty"], table["novelty"], rtol=1e-5)
+    # predicting the annotated copy again replaces its prediction columns, each once
+    again = predict(runner, trained_run, tmp_path / "p" / "annotated.h5ad", tmp_path / "p2")
+    twice = ad.read_h5ad(tmp_path / "p2" / "annotated.h5ad").obs
+    assert list(twice.columns) == [*adata.obs.columns, "scNym_prediction_set", "scNym_set_size", "scNym",
+                                   "scNym_confidence", "scNym_novelty", "scNym_disagreement"]
+    assert twice["scNym"].astype(str).tolist() == again["predicted_label"].tolist()
+
+
+def test_an_older_obs_layout_is_annotated_in_todays(runner, trained_run, tmp_path):
+    import h5py
+
+    adata = make_counts(n_cells=40, seed=6)
+    adata.obs = pd.DataFrame({"depth": np.arange(40, dtype=np.float32)}, index=[f"c{i}" for i in range(40)])
+    data = write_h5ad(adata, tmp_path / "q.h5ad")
+    with h5py.File(data, "r+") as f:   # anndata 0.7's dataframe layout
+        f["obs"].attrs["encoding-version"] = "0.1.0"
+    table = predict(runner, trained_run, data, tmp_path / "p")
+    obs = ad.read_h5ad(tmp_path / "p" / "annotated.h5ad").obs
+    assert obs.index.tolist() == [f"c{i}" for i in range(40)]
+    np.testing.assert_array_equal(obs["depth"], np.arange(40, dtype=np.float32))
+    assert obs["scNym"].astype(str).tolist() == table["predicted_label"].tolist()
+
+
+def test_an_id_in_two_shards_is_a_clear_error(runner, trained_run, tmp_path):
+    from conftest import assert_one_line_error
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for k in range(2):
+        part = make_counts(n_cells=20, seed=k)
+        part.obs_names = [f"c{k * 19 + i}" for i in range(20)]   # c19 in both
+        part.write_h5ad(shards / f"part{k}.h5ad")
+    result = invoke(runner, "predict_cell_types", "--model_path", trained_run, "--input_counts", shards,
+                    "--out_path", tmp_path / "p")
+    assert_one_line_error(result, "1 cell ids given more than once (e.g. c19)")
+    assert not (tmp_path / "p" / "predictions.csv").exists()

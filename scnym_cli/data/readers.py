@@ -11,7 +11,7 @@ import gzip
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -175,20 +175,33 @@ ID_SLICE = 262_144
 
 def require_unique_cell_ids(ids: pd.Index, source: str) -> None:
     """Every output row is keyed by its cell id (predictions.csv, the fold tables, annotated.h5ad): ids given
-    twice would make two cells one.
+    twice would make two cells one. :func:`require_unique_id_slices` over the ids in memory."""
+    def slices() -> Iterator[np.ndarray]:
+        for start in range(0, len(ids), ID_SLICE):
+            yield np.asarray(ids[start:start + ID_SLICE], dtype=object)
 
-    The ids are hashed slice by slice into 8 bytes each and the hashes sorted: a hash table of the ids
-    themselves (Index.has_duplicates, Series.duplicated) took ~100 B a cell (0.5 GB at 5 million cells, the
-    peak of opening an atlas) and 3x as long. Only ids whose hashes meet are compared as strings."""
-    hashes = np.empty(len(ids), dtype=np.uint64)
-    for start in range(0, len(ids), ID_SLICE):
-        piece = np.asarray(ids[start:start + ID_SLICE], dtype=object)
+    require_unique_id_slices(slices, len(ids), source)
+
+
+def require_unique_id_slices(slices: Callable[[], Iterable[np.ndarray]], n_cells: int, source: str) -> None:
+    """The same check over ids that are not held: ``slices()`` gives them a slice at a time (e.g. read from an
+    AnnData store; str, or UTF-8 bytes, the same kind throughout), once, and again only if two hashes meet.
+
+    The ids are hashed into 8 bytes each and the hashes sorted in place: a hash table of the ids themselves
+    (Index.has_duplicates, Series.duplicated) took ~100 B a cell (0.5 GB at 5 million cells, the peak of
+    opening an atlas) and 3x as long. Only ids whose hashes meet are compared as strings."""
+    hashes = np.empty(n_cells, dtype=np.uint64)
+    start = 0
+    for piece in slices():
         hashes[start:start + len(piece)] = pd.util.hash_array(piece, categorize=False)
-    ordered = np.sort(hashes)
-    shared = ordered[1:][ordered[1:] == ordered[:-1]]
+        start += len(piece)
+    hashes.sort()
+    shared = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+    del hashes
     if len(shared) == 0:
         return
-    candidates = pd.Index(np.asarray(ids[np.isin(hashes, shared)], dtype=object))
+    candidates = pd.Index([value.decode() if isinstance(value, bytes) else str(value) for value in np.concatenate(
+        [piece[np.isin(pd.util.hash_array(piece, categorize=False), shared)] for piece in slices()])], dtype=object)
     repeated = candidates[candidates.duplicated()].unique()
     if len(repeated):
         raise ScnymError(f"{source} has {len(repeated)} cell ids given more than once (e.g. "

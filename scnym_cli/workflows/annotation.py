@@ -14,9 +14,11 @@ if TYPE_CHECKING:
 
 def obs_fields(key: str, labels: np.ndarray, confidence: np.ndarray, extra: dict[str, np.ndarray]) -> dict:
     """The obs columns of predictions: ``key`` (categorical), ``key_confidence`` and ``key_<name>`` of each
-    extra column (novelty, disagreement, prediction_set, set_size)."""
+    extra column (novelty, disagreement, prediction_set (categorical), set_size). The command line's annotated
+    copy writes the same columns block by block (workflows/predict.py)."""
     return {key: pd.Categorical(labels), f"{key}_confidence": confidence,
-            **{f"{key}_{name}": values for name, values in extra.items()}}
+            **{f"{key}_{name}": pd.Categorical(values) if name == "prediction_set" else values
+               for name, values in extra.items()}}
 
 
 def annotate(adata, *, key: str, predictions: "Predictions") -> None:

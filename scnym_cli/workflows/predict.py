@@ -31,15 +31,16 @@ import pandas as pd
 from ..config import Config
 from ..html_report import REPORT_FILE, write_prediction_report
 from ..data import UNKNOWN, read_gene_list
-from ..data.labels import per_cell_strings, require_column
+from ..data.labels import per_cell_strings
 from ..data.readers import is_zarr_store
-from ..data.stream import CellChunks, H5adChunks, ShardedH5adChunks, open_anndata_store
+from ..data.stream import (CellChunks, H5adChunks, ShardedH5adChunks, blockwise_obs_layout, open_anndata_store,
+                           read_obs)
 from ..errors import ScnymError
 from ..report import (EMBEDDING_MAP_FILE, MAP_CELLS, LabeledTally, predictions_table, principal_components,
                       write_labeled_report)
 from ..staging import staged_directory
 from ..train.conformal import true_class_in_set
-from .annotation import obs_fields, uns_safe
+from .annotation import uns_safe
 from .inputs import open_query, query_genes
 from .predictor import ChunkResult, Predictor, iterate_predictions
 from .runtime import setup_runtime, writes_outputs
@@ -105,10 +106,15 @@ class AnnotatedCopy:
     """The input AnnData store (.h5ad file or .zarr store) copied beside the outputs as ``annotated.h5ad`` /
     ``annotated.zarr``, with predictions added in place, block by block.
 
-    Only obs, obsm and uns change; the (possibly huge) matrix is copied as files, never loaded.
+    Only obs, obsm and uns change; the (possibly huge) matrix is copied as files, never loaded. Every prediction
+    column is written into the copy as its blocks arrive (obs columns as the elements anndata reads, added to the
+    obs already there), so nothing is held per cell of the query.
     """
 
-    def __init__(self, source: Path, stage: Path, n_cells: int, key: str, classes: list[str], embedding_width: int):
+    def __init__(self, source: Path, stage: Path, n_cells: int, key: str, classes: list[str], embedding_width: int,
+                 predictor: Predictor):
+        import anndata.io
+
         self.zarr = is_zarr_store(source)
         self.path = stage / ("annotated.zarr" if self.zarr else "annotated.h5ad")
         if self.zarr:
@@ -117,35 +123,57 @@ class AnnotatedCopy:
         else:
             shutil.copyfile(source, self.path)
         self.file = open_anndata_store(self.path, "r+")
-        self.key = key
+        self.key, self.n_cells = key, n_cells
         obsm = self.file.require_group("obsm")
         for attribute, value in (("encoding-type", "dict"), ("encoding-version", "0.1.0")):
             if attribute not in obsm.attrs:
                 obsm.attrs[attribute] = value
-        self.arrays = {}
-        for name, width in ((f"{key}_probabilities", len(classes)), ("X_scnym", embedding_width)):
-            if name in obsm:
-                del obsm[name]
-            shape = (n_cells, width)
-            dataset = (obsm.create_array(name, shape=shape, dtype="float32", chunks=(min(max(n_cells, 1), 8192), width))
-                       if self.zarr else obsm.create_dataset(name, shape=shape, dtype="float32"))
-            dataset.attrs["encoding-type"], dataset.attrs["encoding-version"] = "array", "0.2.0"
-            self.arrays[name] = dataset
+        self.arrays = {name: self._array(obsm, name, (n_cells, width), "float32") for name, width in
+                       ((f"{key}_probabilities", len(classes)), ("X_scnym", embedding_width))}
+        if not blockwise_obs_layout(self.file["obs"]):   # an older layout: rewritten in today's, to add columns to
+            obs = read_obs(self.file["obs"])
+            obs.index = obs.index.astype(object)
+            del self.file["obs"]
+            anndata.io.write_elem(self.file, "obs", obs)
+        self.obs = self.file["obs"]
+        # the obs columns (obs_fields' names): the label and the prediction sets categorical, the others numbers
+        self.categorical = {key: ("predicted_label", CategoricalBlocks(self, key, sorted({*classes, UNKNOWN})))}
+        self.numeric = {f"{key}_confidence": ("confidence", self._array(self.obs, f"{key}_confidence", (n_cells,),
+                                                                        "float32"))}
+        for name, wanted in (("novelty", predictor.scores_novelty), ("disagreement", predictor.has_disagreement)):
+            if wanted:
+                self.numeric[f"{key}_{name}"] = (name, self._array(self.obs, f"{key}_{name}", (n_cells,), "float32"))
+        if predictor.set_thresholds is not None:
+            self.categorical[f"{key}_prediction_set"] = ("prediction_set",
+                                                         CategoricalBlocks(self, f"{key}_prediction_set", []))
+            self.numeric[f"{key}_set_size"] = ("set_size", self._array(self.obs, f"{key}_set_size", (n_cells,),
+                                                                       "int32"))
+        new = [*self.categorical, *self.numeric]
+        self.obs.attrs["column-order"] = [str(c) for c in self.obs.attrs["column-order"] if str(c) not in new] + new
 
-    def write(self, rows: slice, result: ChunkResult) -> None:
+    def _array(self, group: Any, name: str, shape: tuple[int, ...], dtype: str) -> Any:
+        """A new array element (replacing one of that name), in chunks of 8,192 cells in a zarr store."""
+        if name in group:
+            del group[name]
+        chunks = (min(max(self.n_cells, 1), 8192), *shape[1:])
+        array = (group.create_array(name, shape=shape, dtype=dtype, chunks=chunks) if self.zarr
+                 else group.create_dataset(name, shape=shape, dtype=dtype))
+        array.attrs["encoding-type"], array.attrs["encoding-version"] = "array", "0.2.0"
+        return array
+
+    def write(self, rows: slice, result: ChunkResult, table: pd.DataFrame) -> None:
         self.arrays[f"{self.key}_probabilities"][rows] = result.probabilities
         self.arrays["X_scnym"][rows] = result.embedding
+        for column, array in self.numeric.values():
+            array[rows] = table[column].to_numpy()
+        for column, blocks in self.categorical.values():
+            blocks.write(rows, table[column].to_numpy())
 
-    def finish(self, obs: pd.DataFrame, labels: np.ndarray, confidence: np.ndarray, classes: list[str],
-               extra: dict[str, np.ndarray], provenance: dict) -> None:
+    def finish(self, classes: list[str], provenance: dict) -> None:
         import anndata.io
 
-        obs = obs.copy()
-        obs.index = obs.index.astype(object)   # written as the input's were (the reader keeps Arrow strings)
-        for name, values in obs_fields(self.key, labels, confidence, extra).items():
-            obs[name] = values
-        del self.file["obs"]
-        anndata.io.write_elem(self.file, "obs", obs)
+        for _, blocks in self.categorical.values():
+            blocks.finish()
         uns = self.file.require_group("uns")
         name = f"{self.key}_classes"
         if name in uns:
@@ -167,6 +195,54 @@ class AnnotatedCopy:
             self.file.close()
 
 
+# codes recoded at a time when a categorical column's categories are put in order at the end
+RECODE_SLICE = 1_048_576
+
+
+class CategoricalBlocks:
+    """A categorical obs column of an annotated copy, written a block at a time: codes as blocks arrive (values
+    not in ``vocabulary`` are added as they come), and at the end the categories used, sorted as pandas sorts
+    them (``pd.Categorical(values)``), the codes recoded to match in slices."""
+
+    def __init__(self, copy: AnnotatedCopy, name: str, vocabulary: list[str]):
+        group = copy.obs
+        if name in group:
+            del group[name]
+        self.column = group.create_group(name)
+        self.column.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False})
+        self.values: dict[str, int] = {str(v): i for i, v in enumerate(vocabulary)}
+        self.used = np.zeros(len(self.values), dtype=bool)
+        # the label's vocabulary is known (the classes and Unknown): its codes as small as they can be
+        dtype = "int8" if 0 < len(vocabulary) < 128 else "int16" if 0 < len(vocabulary) < 32768 else "int32"
+        self.codes = copy._array(self.column, "codes", (copy.n_cells,), dtype)
+        self.limit = np.iinfo(dtype).max
+
+    def write(self, rows: slice, values: np.ndarray) -> None:
+        codes, uniques = pd.factorize(values)
+        for value in uniques:
+            self.values.setdefault(str(value), len(self.values))
+        if len(self.values) - 1 > self.limit:
+            raise ScnymError(f"{len(self.values)} distinct values are more than the annotated copy's column "
+                             f"{self.column.name!r} can code")
+        lookup = np.array([self.values[str(v)] for v in uniques], dtype=np.int64)
+        self.codes[rows] = lookup[codes]
+        self.used = np.pad(self.used, (0, len(self.values) - len(self.used)))
+        self.used[lookup] = True
+
+    def finish(self) -> None:
+        import anndata.io
+
+        names = np.asarray(list(self.values), dtype=object)
+        order = sorted(np.flatnonzero(self.used), key=lambda i: names[i])
+        recode = np.full(len(names), -1, dtype=np.int64)
+        recode[order] = np.arange(len(order))
+        if not np.array_equal(recode, np.arange(len(names))):
+            for start in range(0, self.codes.shape[0], RECODE_SLICE):
+                stop = min(start + RECODE_SLICE, self.codes.shape[0])
+                self.codes[start:stop] = recode[np.asarray(self.codes[start:stop])]
+        anndata.io.write_elem(self.column, "categories", names[order].astype(object))
+
+
 class MapSample:
     """A seeded sample of the query's cells (at most MAP_CELLS), gathered block by block as they are predicted:
     the embedding map of the report (embedding_map.csv: x, y on the first two principal components, predicted
@@ -177,28 +253,27 @@ class MapSample:
         self.rows = np.sort(rng.choice(n_cells, size=min(MAP_CELLS, n_cells), replace=False))
         self.parts: list[pd.DataFrame] = []
         self.embeddings: list[np.ndarray] = []
-        self.positions: list[np.ndarray] = []
 
-    def take(self, rows: slice, result: ChunkResult, ids: pd.Index) -> None:
+    def take(self, rows: slice, result: ChunkResult, ids: pd.Index, truth: Optional[np.ndarray]) -> None:
         local = self.rows[(self.rows >= rows.start) & (self.rows < rows.stop)] - rows.start
         if len(local) == 0 or result.embedding is None:
             return
         self.embeddings.append(result.embedding[local])
-        self.positions.append(local + rows.start)
-        part = {"cell_id": ids[local], "predicted": result.labels[local], "confidence": result.confidence[local]}
+        part = {"cell_id": np.asarray(ids)[local]}
+        if truth is not None:
+            part["label"] = truth[local]
+        part.update(predicted=result.labels[local], confidence=result.confidence[local])
         if result.novelty is not None:
             part["novelty"] = result.novelty[local]
         self.parts.append(pd.DataFrame(part))
 
-    def table(self, truth: Optional[pd.Series]) -> pd.DataFrame:
+    def table(self) -> pd.DataFrame:
         if not self.parts:
             return pd.DataFrame(columns=["cell_id", "x", "y", "predicted", "confidence"])
         cells = pd.concat(self.parts, ignore_index=True)
         coordinates = principal_components(np.concatenate(self.embeddings))
         cells.insert(1, "x", coordinates[:, 0])
         cells.insert(2, "y", coordinates[:, 1])
-        if truth is not None:
-            cells.insert(3, "label", truth.to_numpy()[np.concatenate(self.positions)])
         return cells
 
 
@@ -225,26 +300,6 @@ class PredictionTotals:
 
     def mean(self, name: str) -> float:
         return self.sums[name] / self.n_cells if self.n_cells else float("nan")
-
-
-class AnnotationColumns:
-    """The per-cell columns of the annotated copy's obs (label, confidence, novelty, disagreement, prediction
-    set and its size), filled block by block; only made when an annotated copy is written."""
-
-    def __init__(self, n_cells: int, predictor: Predictor):
-        self.labels = np.empty(n_cells, dtype=object)
-        self.confidence = np.zeros(n_cells, dtype=np.float32)
-        self.extra: dict[str, np.ndarray] = {name: np.full(n_cells, np.nan, dtype=np.float32) for name, wanted in (
-            ("novelty", predictor.scores_novelty), ("disagreement", predictor.has_disagreement)) if wanted}
-        if predictor.set_thresholds is not None:
-            self.extra["prediction_set"] = np.empty(n_cells, dtype=object)
-            self.extra["set_size"] = np.zeros(n_cells, dtype=np.int32)
-
-    def take(self, rows: slice, table: pd.DataFrame) -> None:
-        self.labels[rows] = table["predicted_label"].to_numpy()
-        self.confidence[rows] = table["confidence"].to_numpy()
-        for name, values in self.extra.items():
-            values[rows] = table[name].to_numpy()
 
 
 def _has_consolidated_metadata(store: Path) -> bool:
@@ -287,7 +342,7 @@ def predict_cell_types(config: Config) -> dict:
 
 
 def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellChunks, started: float) -> dict:
-    overlap = predictor.prepare(query_genes(config, source, predictor.model_genes), source.obs, source.source)
+    overlap = predictor.prepare(query_genes(config, source, predictor.model_genes), source)
     predictor.fit_query(source)
     (stage / "gene_overlap.json").write_text(json.dumps(overlap.to_dict(), indent=1))
     classes, key = predictor.classes, config.prediction_key
@@ -296,40 +351,36 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
         log.info("%s is a folder of shards: predictions go to predictions.csv (no annotated.h5ad)", source.source)
     if isinstance(source, H5adChunks) and config.write_h5ad:
         width = next(iter(predictor.models.values())).n_hidden
-        annotated = AnnotatedCopy(source.path, stage, source.n_cells, key, classes, width)
+        annotated = AnnotatedCopy(source.path, stage, source.n_cells, key, classes, width, predictor)
     with_embedding = True   # the report's embedding map takes a sample of every block
     sample = MapSample(source.n_cells, config.seed)
     predictions = CsvBlocks(stage / (PREDICTIONS_FILE + ".part"))
     logits_csv = CsvBlocks(stage / "logits.csv") if config.write_logits else None
     embedding_csv = CsvBlocks(stage / "embedding.csv") if config.write_embedding else None
     totals = PredictionTotals()
-    # per-cell columns are kept only for the annotated copy's obs (written at the end); everything else is
-    # tallied block by block, so memory does not grow with the number of cells
-    kept = AnnotationColumns(source.n_cells, predictor) if annotated else None
-    truth = None
-    if config.lower_group in source.obs.columns:
-        column = require_column(source.obs, config.lower_group, "--lower_group", source.source)
-        truth = pd.Series(per_cell_strings(column, strip=False))   # a str per distinct label, not per cell
-    elif config.lower_group != Config.__dataclass_fields__["lower_group"].default:
+    # every per-cell result is written or tallied block by block, so memory does not grow with the number of cells
+    # the query's labels, when it has them, are read block by block with the cells' ids
+    labeled = config.lower_group in source.runs.columns
+    if not labeled and config.lower_group != Config.__dataclass_fields__["lower_group"].default:
         # a column asked for by name and not there: likely a typo, and the scores the user wants are missing
-        close = difflib.get_close_matches(config.lower_group, list(map(str, source.obs.columns)), n=1)
+        close = difflib.get_close_matches(config.lower_group, source.runs.columns, n=1)
         log.warning("%s has no column %r (--lower_group): the predictions are not scored against known labels%s",
                     source.source, config.lower_group, f"; did you mean {close[0]!r}?" if close else "")
     with_sets = predictor.set_thresholds is not None
-    tally = LabeledTally(classes, with_sets=with_sets) if truth is not None else None
-    truth_values = None if truth is None else truth.to_numpy()
+    tally = LabeledTally(classes, with_sets=with_sets) if labeled else None
     kind = config.input_normalization
     writers = [writer for writer in (predictions, logits_csv, embedding_csv) if writer]
     try:
-        for rows, result, kind in iterate_predictions(predictor, source, config, with_embedding=with_embedding):
-            ids = source.obs.index[rows]
+        for block in iterate_predictions(predictor, source, config, with_embedding=with_embedding,
+                                         obs_columns=[config.lower_group] if labeled else []):
+            rows, result, kind, ids = block.rows, block.result, block.kind, block.obs.index
             table = predictions_table(ids, result.labels, result.confidence, result.probabilities, classes,
                                       extra=result.extra_columns(classes))
             totals.add(table)
-            if kept is not None:
-                kept.take(rows, table)
-            if tally is not None and truth_values is not None:
-                block_truth = truth_values[rows]
+            block_truth = None
+            if tally is not None:
+                # a str per distinct label, not per cell
+                block_truth = per_cell_strings(block.obs[config.lower_group], strip=False)
                 in_set = (None if result.sets is None else
                           true_class_in_set(result.sets, pd.Index(classes).get_indexer(block_truth)))
                 tally.add(block_truth, result.labels, result.confidence, in_set,
@@ -343,16 +394,16 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
                 embedding = pd.DataFrame(result.embedding, columns=columns)
                 embedding_csv.write(pd.concat([table[["cell_id"]], embedding], axis=1))
             if annotated:
-                annotated.write(rows, result)
-            sample.take(rows, result, ids)
+                annotated.write(rows, result, table)
+            sample.take(rows, result, ids, block_truth)
     except BaseException:
         for writer in writers:
             writer.close(failed=True)
         raise
     for writer in writers:
         writer.close()
-    if annotated and kept is not None:
-        annotated.finish(source.obs, kept.labels, kept.confidence, classes, kept.extra, predictor.provenance(overlap))
+    if annotated:
+        annotated.finish(classes, predictor.provenance(overlap))
 
     counts = totals.counts()
     summary: dict = {
@@ -365,11 +416,11 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
     }
     if with_sets:
         summary["mean_set_size"] = totals.mean("set_size")
-    if truth is not None and tally is not None:
-        known = truth.isin(classes).to_numpy()
-        if not known.all():
+    if tally is not None:
+        unknown_labels = tally.other_labels()
+        if unknown_labels:
             log.info("%d query cells have labels the model does not know (%s); they count as errors",
-                     int((~known).sum()), ", ".join(sorted(set(truth[~known]))[:5]))
+                     sum(unknown_labels.values()), ", ".join(sorted(unknown_labels)[:5]))
         evaluation = tally.evaluation()
         write_labeled_report(stage, evaluation, f"query vs {config.lower_group!r}")
         metrics = evaluation.metrics
@@ -387,8 +438,8 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
             log.warning("classes found in under half of their query cells: %s", ", ".join(
                 f"{r['class']} {r['recall']:.0%} of {r['support']}" for r in missed))
     summary["seconds"] = round(time.perf_counter() - started, 2)  # model loading to last output block
-    sample.table(truth).to_csv(stage / EMBEDDING_MAP_FILE, index=False)
-    write_prediction_report(stage, summary, config.lower_group if truth is not None else None)
+    sample.table().to_csv(stage / EMBEDDING_MAP_FILE, index=False)
+    write_prediction_report(stage, summary, config.lower_group if tally is not None else None)
     (stage / "prediction_summary.json").write_text(json.dumps(summary, indent=1))
     (stage / (PREDICTIONS_FILE + ".part")).rename(stage / PREDICTIONS_FILE)
     log.info("predicted %d cells: %s", source.n_cells, ", ".join(f"{k} {v}" for k, v in counts.items()))

@@ -13,7 +13,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -181,11 +181,17 @@ class Predictor:
     def single(self) -> Optional[Ensemble]:
         return None if self.routing else self.models[None]
 
-    def prepare(self, genes: pd.Index, obs: pd.DataFrame, source: str) -> GeneOverlap:
+    def prepare(self, genes: pd.Index, query: CellChunks) -> GeneOverlap:
         self.genes = pd.Index(genes)
+        source = query.source
         overlaps = {g: require_overlap(self.genes, m.genes, min_overlap=self.config.min_gene_overlap, what="query",
                                        source=source) for g, m in self.models.items()}
         self.groups: Optional[np.ndarray] = None
+        self.covariates: dict[Any, Optional[np.ndarray]] = {g: None for g in self.models}
+        if not self.routing and not any(m.manifest.get("covariates") for m in self.models.values()):
+            # nothing of the query's metadata is needed per cell: a streamed query's stays in its store
+            return next(iter(overlaps.values()))
+        obs = query.obs
         if self.routing:
             groups = read_groups(obs, self.column, source)
             unseen = ~pd.Index(groups).isin(list(self.models))
@@ -196,7 +202,7 @@ class Predictor:
                     f"models exist for {', '.join(self.models)}: remove those cells or predict them with a "
                     "tissue-independent model")
             self.groups = groups
-        self.covariates = {g: covariates_for(m.manifest, obs, source) for g, m in self.models.items()}
+        self.covariates.update({g: covariates_for(m.manifest, obs, source) for g, m in self.models.items()})
         return next(iter(overlaps.values()))
 
     def fit_query(self, source: CellChunks) -> None:
@@ -353,16 +359,29 @@ def prediction_workers(device) -> int:
     return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
 
 
-def iterate_predictions(predictor: Predictor, source: CellChunks, config: Config, *, with_embedding: bool
-                        ) -> Iterator[tuple[slice, ChunkResult, str]]:
-    """(rows, result, normalization kind) block by block: normalize over the query's genes, then predict."""
+@dataclass
+class PredictedBlock:
+    rows: slice               # the block's cells, positions in the query
+    obs: pd.DataFrame         # their ids (the index) and the metadata columns asked for
+    result: ChunkResult
+    kind: str                 # the query's normalization
+
+
+def iterate_predictions(predictor: Predictor, source: CellChunks, config: Config, *, with_embedding: bool,
+                        obs_columns: Sequence[str] = ()) -> Iterator[PredictedBlock]:
+    """The query block by block: normalize over the query's genes, then predict. Each block's cell ids and
+    ``obs_columns`` are read with its expression (from the store, for a streamed query), so nothing is held per
+    cell of the whole query."""
     kind = query_kind(source, config)
 
-    def normalized() -> Iterator[tuple[slice, sp.csr_matrix]]:
+    def normalized() -> Iterator[tuple[slice, sp.csr_matrix, pd.DataFrame]]:
+        runs = source.runs
         for index, (rows, block) in enumerate(source.chunks(config.prediction_chunk_size)):
             X, _ = normalize(block, config.input_normalization, kind=kind, source=source.source, copy=False,
                              announce=index == 0)
-            yield rows, X
+            obs = pd.DataFrame({name: runs.column(name, rows.start, rows.stop).to_numpy() for name in obs_columns},
+                               index=runs.ids(rows.start, rows.stop), columns=list(obs_columns))
+            yield rows, X, obs
 
     empty = 0
     workers = prediction_workers(predictor.device)
@@ -371,21 +390,21 @@ def iterate_predictions(predictor: Predictor, source: CellChunks, config: Config
         torch.set_num_threads(max(1, torch.get_num_threads() // workers))
         in_flight: deque = deque()
 
-        def oldest() -> tuple[slice, ChunkResult, str]:
-            done_rows, done = in_flight.popleft()
-            return done_rows, done.result(), kind
+        def oldest() -> PredictedBlock:
+            done_rows, obs, done = in_flight.popleft()
+            return PredictedBlock(done_rows, obs, done.result(), kind)
 
         try:
-            for rows, X in in_background(normalized()):   # the next block is read while these are predicted
+            for rows, X, obs in in_background(normalized()):   # the next block is read while these are predicted
                 empty += int((np.diff(X.indptr) == 0).sum())
-                in_flight.append((rows, pool.submit(predictor.predict, rows, X, with_embedding)))
+                in_flight.append((rows, obs, pool.submit(predictor.predict, rows, X, with_embedding)))
                 if len(in_flight) == workers:
                     yield oldest()
                     release_freed_memory()   # the block's arrays are freed: memory stays flat however many cells stream
             while in_flight:
                 yield oldest()
         finally:
-            for _, pending in in_flight:   # a failed or abandoned stream: blocks not yet started are dropped
+            for _, _, pending in in_flight:   # a failed or abandoned stream: blocks not yet started are dropped
                 pending.cancel()
     if empty:
         log.warning("%s: %d cells have no expression at all; their predictions are meaningless", source.source, empty)
@@ -449,9 +468,9 @@ class Predictions:
 
 def predict_in_memory(predictor: Predictor, source: CellChunks, config: Config) -> Predictions:
     """Every block's results gathered into arrays."""
-    overlap = predictor.prepare(query_genes(config, source, predictor.model_genes), source.obs, source.source)
+    overlap = predictor.prepare(query_genes(config, source, predictor.model_genes), source)
     predictor.fit_query(source)
-    parts = [result for _, result, _ in iterate_predictions(predictor, source, config, with_embedding=True)]
+    parts = [block.result for block in iterate_predictions(predictor, source, config, with_embedding=True)]
     classes = list(predictor.classes)
 
     def stack(name):

@@ -1,9 +1,10 @@
 """Cells in chunks: from a matrix in memory, or streamed from an h5ad file on disk.
 
-An h5ad file is read with h5py: gene names and per-cell metadata are loaded, the expression
-matrix (X, a layer, or raw.X) is read a block of rows at a time, so memory is bounded by the
-chunk size whatever the file's size. Matrices stored as CSC are read whole (row blocks of CSC
-are not contiguous on disk).
+An h5ad file (or zarr store) is read with h5py (zarr): gene names are loaded; the expression matrix
+(X, a layer, or raw.X) and the per-cell metadata (ids, the columns asked for) are read a block of rows
+at a time, so memory is bounded by the chunk size whatever the file's size. The whole obs is read only
+when something needs it whole (tissue groups, covariates, training). Matrices stored as CSC are read
+whole (row blocks of CSC are not contiguous on disk).
 """
 
 from __future__ import annotations

@@ -127,3 +127,32 @@ def test_api_calls_give_back_the_callers_thread_count(tmp_path):
         assert adata.obs["scNym"].notna().all()
     finally:
         torch.set_num_threads(found)
+
+
+def test_streamed_prediction_leaves_the_callers_thread_count_between_blocks(tmp_path):
+    """Two blocks are predicted at once on CPU, each on half the threads: the halving is the worker threads'
+    own, so the thread consuming the stream keeps its count while the generator waits between blocks."""
+    from scnym_cli.config import Config
+    from scnym_cli.data.readers import cells_from_anndata
+    from scnym_cli.data.stream import InMemoryChunks
+    from scnym_cli.workflows.predictor import Predictor, iterate_predictions, prediction_workers
+
+    adata = make_counts(n_cells=120, seed=2)
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
+    api.scnym_api(adata, "train", groupby="cell_type", out_path=tmp_path / "m", config=FAST)
+    found = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        config = Config(model_path=str(tmp_path / "m"), prediction_chunk_size=16)
+        predictor = Predictor(tmp_path / "m", config, torch.device("cpu"))
+        assert prediction_workers(predictor.device) == 2
+        source = InMemoryChunks(cells_from_anndata(adata))
+        predictor.prepare(source.genes, source)
+        blocks = 0
+        for block in iterate_predictions(predictor, source, config, with_embedding=False):
+            assert torch.get_num_threads() == 2     # suspended between blocks: the caller's count
+            blocks += 1
+            assert len(block.obs) == len(block.result.labels)
+        assert blocks == 8 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(found)

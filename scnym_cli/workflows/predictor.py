@@ -32,7 +32,7 @@ from ..memory import release_freed_memory
 from ..report import LabeledEvaluation, evaluate_labeled, predictions_table, write_labeled_report
 from ..store import covariates_for, routing_of
 from ..train.conformal import ConformalCalibration, DomainWeights, prediction_sets, set_labels, true_class_in_set
-from ..train.device import inference_dtype, thread_count_restored
+from ..train.device import inference_dtype
 from ..train.novelty import CLUSTER_CELLS, QueryClusters
 from .annotation import annotate
 from .ensemble import Ensemble
@@ -385,9 +385,12 @@ def iterate_predictions(predictor: Predictor, source: CellChunks, config: Config
 
     empty = 0
     workers = prediction_workers(predictor.device)
-    with thread_count_restored(), ThreadPoolExecutor(workers, thread_name_prefix="scnym-predict") as pool:
-        # each block in flight gets its share of the threads: together they use as many as were configured
-        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+    # each block in flight gets its share of the threads: together they use as many as were configured. The count
+    # is set in each worker thread (torch's intra-op count is the calling thread's own, OpenMP's per-thread
+    # setting), so the caller's thread keeps its count, also while this generator waits between blocks
+    share = max(1, torch.get_num_threads() // workers)
+    with ThreadPoolExecutor(workers, thread_name_prefix="scnym-predict", initializer=torch.set_num_threads,
+                            initargs=(share,)) as pool:
         in_flight: deque = deque()
 
         def oldest() -> PredictedBlock:

@@ -228,9 +228,11 @@ class ObsRuns(Protocol):
     def column(self, name: str, start: int, stop: int) -> pd.Series: ...
 
     def id_slices(self) -> Iterator[np.ndarray]:
-        """Every id, ID_READ_SLICE at a time."""
+        """Every id as UTF-8 bytes (one kind from every source, so that ids of shards of either kind hash
+        alike), ID_READ_SLICE at a time: what the uniqueness check on opening reads."""
         for start in range(0, self.n_cells, ID_READ_SLICE):
-            yield np.asarray(self.ids(start, min(start + ID_READ_SLICE, self.n_cells)), dtype=object)
+            ids = self.ids(start, min(start + ID_READ_SLICE, self.n_cells))
+            yield np.array([str(i).encode() for i in ids], dtype=object)
 
 
 @dataclass
@@ -253,19 +255,24 @@ class FrameRuns(ObsRuns):
         return self.frame[name].iloc[start:stop].reset_index(drop=True)
 
 
+def obs_runs(group: Any) -> ObsRuns:
+    """Runs of an AnnData store's obs: read from the store as they are asked for, or, in an older layout, from
+    the whole obs read at once (:func:`read_obs`)."""
+    return StoredRuns(group) if blockwise_obs_layout(group) else FrameRuns(read_obs(group))
+
+
 class StoredRuns(ObsRuns):
-    """Runs of the obs of an AnnData store (h5ad or zarr), read from it when asked: ids as strings, categorical
-    and plain columns a slice at a time; a column in another encoding (nullable integers, ...) is read whole
-    once. An older layout is read whole at once (:func:`read_obs`)."""
+    """Runs of the obs of an AnnData store (h5ad or zarr) in today's layout (:func:`blockwise_obs_layout`), read
+    from it when asked: ids as strings, categorical and plain columns a slice at a time; a column in another
+    encoding (nullable integers, ...) is read whole once."""
 
     def __init__(self, group: Any):
         import anndata.io
 
         self.group = group
-        self.whole: Optional[pd.DataFrame] = None if blockwise_obs_layout(group) else read_obs(group)
         self._read: dict[str, Any] = {}   # categories, or whole columns, read once
         # each column's element and its categories now, so that a damaged store fails on opening, not mid-stream
-        for name in ([] if self.whole is not None else self.columns):
+        for name in self.columns:
             element = group[name]
             if element.attrs.get("encoding-type") == "categorical":
                 self._read[name] = pd.CategoricalDtype(anndata.io.read_elem(element["categories"]),
@@ -273,25 +280,18 @@ class StoredRuns(ObsRuns):
 
     @property
     def n_cells(self) -> int:
-        return len(self.whole) if self.whole is not None else int(self.group[self.group.attrs["_index"]].shape[0])
+        return int(self.group[self.group.attrs["_index"]].shape[0])
 
     @property
     def columns(self) -> list[str]:
-        if self.whole is not None:
-            return [str(c) for c in self.whole.columns]
         return [str(name) for name in self.group.attrs["column-order"]]
 
     def ids(self, start: int, stop: int) -> pd.Index:
-        if self.whole is not None:
-            return FrameRuns(self.whole).ids(start, stop)
         return pd.Index(_strings(self.group[self.group.attrs["_index"]], start, stop), dtype=object)
 
     def id_slices(self) -> Iterator[np.ndarray]:
-        """Every id as UTF-8 bytes, ID_READ_SLICE at a time: h5py reads them undecoded in 3/4 of the time and
-        they hash in a quarter of it (the uniqueness check on opening: 2.2 vs 3.2 s at 5 million cells)."""
-        if self.whole is not None:
-            yield from FrameRuns(self.whole).id_slices()
-            return
+        """Every id as UTF-8 bytes, read as stored: h5py reads them undecoded in 3/4 of the time and they hash in
+        a quarter of it (the uniqueness check on opening: 2.2 vs 3.2 s at 5 million cells)."""
         stored = self.group[self.group.attrs["_index"]]
         for start in range(0, self.n_cells, ID_READ_SLICE):
             values = np.asarray(stored[start:start + ID_READ_SLICE], dtype=object)
@@ -302,8 +302,6 @@ class StoredRuns(ObsRuns):
     def column(self, name: str, start: int, stop: int) -> pd.Series:
         import anndata.io
 
-        if self.whole is not None:
-            return FrameRuns(self.whole).column(name, start, stop)
         element = self.group[name]
         encoding = element.attrs.get("encoding-type")
         if encoding == "categorical":
@@ -343,6 +341,10 @@ class ShardRuns(ObsRuns):
     def ids(self, start: int, stop: int) -> pd.Index:
         pieces = [np.asarray(runs.ids(low, high), dtype=object) for runs, low, high in self._pieces(start, stop)]
         return pd.Index(np.concatenate(pieces) if pieces else np.zeros(0, dtype=object), dtype=object)
+
+    def id_slices(self) -> Iterator[np.ndarray]:
+        for _, runs in self.parts:
+            yield from runs.id_slices()
 
     def column(self, name: str, start: int, stop: int) -> pd.Series:
         pieces = [runs.column(name, low, high) if name in runs.columns else pd.Series(np.full(high - low, np.nan))
@@ -385,7 +387,7 @@ class H5adChunks:
             self._file = open_anndata_store(self.path, "r")
             # per-cell metadata stays in the store: runs of it are read as blocks stream, the whole frame only
             # when something needs it (tissue groups, covariates, the annotated copy)
-            self.runs: ObsRuns = StoredRuns(self._file["obs"])
+            self.runs: ObsRuns = obs_runs(self._file["obs"])
             self._obs: Optional[pd.DataFrame] = None
             var_group = self._file["raw"]["var"] if layer == "raw" else self._file["var"]
             var = anndata.io.read_elem(var_group)
@@ -398,9 +400,8 @@ class H5adChunks:
             self.genes = pd.Index(var[gene_column].astype(str))
         else:
             raise ScnymError(f"gene column {gene_column!r} not in {path} var columns {list(var.columns)}")
-        stored = self.runs
-        require_unique_id_slices(stored.id_slices, stored.n_cells, str(path))
-        self.n_cells = stored.n_cells
+        require_unique_id_slices(self.runs.id_slices, self.runs.n_cells, str(path))
+        self.n_cells = self.runs.n_cells
         encoding = self._element.attrs.get("encoding-type", "array") if hasattr(self._element, "attrs") else "array"
         self._whole: Optional[sp.csr_matrix] = None
         self._rows: Any = None  # a dense h5py / zarr array or CsrRows: rows read on demand
@@ -419,7 +420,7 @@ class H5adChunks:
     def obs(self) -> pd.DataFrame:
         """The whole obs, read on first use (its ids as Arrow strings: :func:`read_obs`)."""
         if self._obs is None:
-            self._obs = read_obs(self._file["obs"])
+            self._obs = self.runs.frame if isinstance(self.runs, FrameRuns) else read_obs(self._file["obs"])
         return self._obs
 
     @obs.setter
@@ -490,12 +491,7 @@ class ShardedH5adChunks:
                                  f"{directory} must have the same genes in the same order")
         self.runs: ObsRuns = ShardRuns([(part.n_cells, part.runs) for part in self.parts])
         self._obs: Optional[pd.DataFrame] = None
-
-        def id_slices() -> Iterator[np.ndarray]:
-            for part in self.parts:
-                yield from part.runs.id_slices()
-
-        require_unique_id_slices(id_slices, self.n_cells, self.source)
+        require_unique_id_slices(self.runs.id_slices, self.n_cells, self.source)
 
     @property
     def obs(self) -> pd.DataFrame:

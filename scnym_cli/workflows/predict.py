@@ -128,7 +128,7 @@ class AnnotatedCopy:
         for attribute, value in (("encoding-type", "dict"), ("encoding-version", "0.1.0")):
             if attribute not in obsm.attrs:
                 obsm.attrs[attribute] = value
-        self.arrays = {name: self._array(obsm, name, (n_cells, width), "float32") for name, width in
+        self.arrays = {name: self.array_element(obsm, name, (n_cells, width), "float32") for name, width in
                        ((f"{key}_probabilities", len(classes)), ("X_scnym", embedding_width))}
         if not blockwise_obs_layout(self.file["obs"]):   # an older layout: rewritten in today's, to add columns to
             obs = read_obs(self.file["obs"])
@@ -138,20 +138,20 @@ class AnnotatedCopy:
         self.obs = self.file["obs"]
         # the obs columns (obs_fields' names): the label and the prediction sets categorical, the others numbers
         self.categorical = {key: ("predicted_label", CategoricalBlocks(self, key, sorted({*classes, UNKNOWN})))}
-        self.numeric = {f"{key}_confidence": ("confidence", self._array(self.obs, f"{key}_confidence", (n_cells,),
-                                                                        "float32"))}
+        new_array = self.array_element
+        self.numeric = {f"{key}_confidence": ("confidence", new_array(self.obs, f"{key}_confidence", (n_cells,),
+                                                                      "float32"))}
         for name, wanted in (("novelty", predictor.scores_novelty), ("disagreement", predictor.has_disagreement)):
             if wanted:
-                self.numeric[f"{key}_{name}"] = (name, self._array(self.obs, f"{key}_{name}", (n_cells,), "float32"))
+                self.numeric[f"{key}_{name}"] = (name, new_array(self.obs, f"{key}_{name}", (n_cells,), "float32"))
         if predictor.set_thresholds is not None:
             self.categorical[f"{key}_prediction_set"] = ("prediction_set",
                                                          CategoricalBlocks(self, f"{key}_prediction_set", []))
-            self.numeric[f"{key}_set_size"] = ("set_size", self._array(self.obs, f"{key}_set_size", (n_cells,),
-                                                                       "int32"))
+            self.numeric[f"{key}_set_size"] = ("set_size", new_array(self.obs, f"{key}_set_size", (n_cells,), "int32"))
         new = [*self.categorical, *self.numeric]
         self.obs.attrs["column-order"] = [str(c) for c in self.obs.attrs["column-order"] if str(c) not in new] + new
 
-    def _array(self, group: Any, name: str, shape: tuple[int, ...], dtype: str) -> Any:
+    def array_element(self, group: Any, name: str, shape: tuple[int, ...], dtype: str) -> Any:
         """A new array element (replacing one of that name), in chunks of 8,192 cells in a zarr store."""
         if name in group:
             del group[name]
@@ -214,7 +214,7 @@ class CategoricalBlocks:
         self.used = np.zeros(len(self.values), dtype=bool)
         # the label's vocabulary is known (the classes and Unknown): its codes as small as they can be
         dtype = "int8" if 0 < len(vocabulary) < 128 else "int16" if 0 < len(vocabulary) < 32768 else "int32"
-        self.codes = copy._array(self.column, "codes", (copy.n_cells,), dtype)
+        self.codes = copy.array_element(self.column, "codes", (copy.n_cells,), dtype)
         self.limit = np.iinfo(dtype).max
 
     def write(self, rows: slice, values: np.ndarray) -> None:

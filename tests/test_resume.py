@@ -69,9 +69,9 @@ def _fit_data():
     return TrainingData(X, codes, split, 3, unlabeled=target, domains=(np.arange(240) % 2).astype(np.int64))
 
 
-def _fit(tmp_path, name, checkpoint=None):
+def _fit(tmp_path, name, checkpoint=None, weight_averaging=0.0):
     config = Config(n_epochs=6, min_epochs=1, batch_size=32, n_hidden=32, patience=0, unsup_mean_teacher=True,
-                    balance_target_classes=True, pseudolabel_alignment=True)
+                    balance_target_classes=True, pseudolabel_alignment=True, weight_averaging=weight_averaging)
     data = _fit_data()
     model = build_model(config, data.X.shape[1], 3, has_target=True)
     trainer = Trainer(training_settings(config), torch.device("cpu"), log_path=tmp_path / f"{name}.csv",
@@ -83,8 +83,9 @@ class Killed(Exception):
     pass
 
 
-def test_a_fit_resumed_from_its_checkpoint_is_bit_identical(tmp_path, monkeypatch):
-    reference, reference_fit = _fit(tmp_path, "reference")
+@pytest.mark.parametrize("weight_averaging", [0.0, 0.9])
+def test_a_fit_resumed_from_its_checkpoint_is_bit_identical(tmp_path, monkeypatch, weight_averaging):
+    reference, reference_fit = _fit(tmp_path, "reference", weight_averaging=weight_averaging)
     policy = CheckpointPolicy(tmp_path / "checkpoints" / "m.pt", every_epochs=2, every_seconds=0)
 
     def die_after_epoch_3(*where):
@@ -93,10 +94,10 @@ def test_a_fit_resumed_from_its_checkpoint_is_bit_identical(tmp_path, monkeypatc
 
     monkeypatch.setattr(trainer_module, "kill_point", die_after_epoch_3)
     with pytest.raises(Killed):
-        _fit(tmp_path, "m", policy)
+        _fit(tmp_path, "m", policy, weight_averaging)
     assert policy.path.is_file()     # the checkpoint of epoch 2
     monkeypatch.undo()
-    resumed, resumed_fit = _fit(tmp_path, "m", policy)
+    resumed, resumed_fit = _fit(tmp_path, "m", policy, weight_averaging)
     for key, value in reference.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
     assert resumed_fit.best_epoch == reference_fit.best_epoch and resumed_fit.temperature == reference_fit.temperature

@@ -12,6 +12,7 @@ from scnym_cli.data.batches import EpochSampler
 from scnym_cli.data.matrix import dense_rows
 from scnym_cli.data.splits import all_data_split, cross_validation_splits, selection_split
 from scnym_cli.train import Trainer, TrainingData
+from scnym_cli.train.averaging import warmed_decay, weight_average
 from scnym_cli.train.inference import forward_rows
 from scnym_cli.train.losses import inverse_frequency_weights, soft_cross_entropy
 from scnym_cli.train.metrics import classification_metrics, expected_calibration_error
@@ -82,6 +83,49 @@ def test_best_epoch_is_restored_and_respects_min_epochs(tmp_path):
     loss = torch.nn.functional.cross_entropy(torch.from_numpy(outputs.logits),
                                              torch.from_numpy(data.codes[data.split.select]))
     assert float(loss) == pytest.approx(eligible["select_loss"].min(), rel=1e-5)
+
+
+def test_weight_average_follows_the_weights_with_a_warmed_up_decay():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    averaged = weight_average(model, 0.9)
+    linear, norm = model[0], model[1]
+    steps = []
+    for _ in range(30):
+        with torch.no_grad():
+            linear.weight.add_(torch.randn(2, 2))
+            norm.num_batches_tracked += 1
+        steps.append(linear.weight.detach().clone())
+        averaged.update_parameters(model)
+        if len(steps) == 5:   # the plain mean of the steps so far while they are fewer than the horizon (10)
+            assert torch.allclose(averaged.module[0].weight, torch.stack(steps).mean(0), atol=1e-6)
+    expected = torch.stack(steps[:10]).mean(0)     # then a moving average with the decay
+    for weight in steps[10:]:
+        expected = 0.9 * expected + 0.1 * weight
+    assert torch.allclose(averaged.module[0].weight, expected, atol=1e-6)
+    assert not torch.allclose(averaged.module[0].weight, linear.weight)
+    assert int(averaged.module[1].num_batches_tracked) == 30        # integer buffers are copied
+    assert warmed_decay(0.999, 0) == 0.0 and warmed_decay(0.999, 3) == 0.75 and warmed_decay(0.9, 1000) == 0.9
+    with pytest.raises(ValueError):
+        weight_average(model, 1.0)
+
+
+def test_weight_averaging_evaluates_and_keeps_the_average(tmp_path):
+    data = synthetic_training_data()
+    config = Config(**{**FAST, "n_epochs": 4, "weight_averaging": 0.95})
+    model = build_model(config, data.X.shape[1], 3)
+    result = Trainer(training_settings(config), torch.device("cpu"), log_path=tmp_path / "log.csv",
+                     show_progress=False).fit(model, data)
+    log = pd.read_csv(tmp_path / "log.csv")
+    # the kept weights give the selection loss logged for the best epoch: the average was evaluated and kept
+    outputs = forward_rows(model, data.X, data.split.select, torch.device("cpu"))
+    loss = torch.nn.functional.cross_entropy(torch.from_numpy(outputs.logits),
+                                             torch.from_numpy(data.codes[data.split.select]))
+    assert float(loss) == pytest.approx(float(log.loc[log["epoch"] == result.best_epoch, "select_loss"].iloc[0]),
+                                        rel=1e-5)
+    plain, _ = fit(Config(**{**FAST, "n_epochs": 4}), data)
+    assert any(not torch.equal(v, plain.state_dict()[k]) for k, v in model.state_dict().items())
+    held_out = forward_rows(model, data.X, data.split.held_out, torch.device("cpu"))
+    assert (held_out.logits.argmax(1) == data.codes[data.split.held_out]).mean() > 0.9
 
 
 def test_early_stopping_with_patience():

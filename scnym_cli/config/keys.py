@@ -177,6 +177,10 @@ class ConfigKeys:
     mixup_alpha: Optional[float] = option(
         0.3, "MixUp with lambda ~ Beta(alpha, alpha), lambda' = max(lambda, 1 - lambda): of labeled cells, and "
         "in MixMatch of labeled and target cells (none = off).", "Training", _TRAIN, min=0.0, min_exclusive=True)
+    weight_averaging: float = option(
+        0.0, "Evaluate and keep an exponential moving average of the weights with this decay per step (Polyak "
+        "averaging; e.g. 0.99 averages over ~100 steps); 0 = the weights of the last step.", "Training", _TRAIN,
+        min=0.0, max=1.0, max_exclusive=True)
     calibrate: bool = option(
         True, "Fit a softmax temperature on the model-selection split so confidences are calibrated.",
         "Training", _TRAIN)

@@ -30,6 +30,7 @@ class TrainingSettings:
     balance_classes: Optional[bool] = None  # class-balanced labeled batches; None: when adapting (see below)
     mixup_alpha: Optional[float] = 0.3     # MixUp of labeled batches in supervised runs
     read_buffer_cells: int = 65536          # cells of disk-backed data shuffled together
+    weight_averaging: float = 0.0          # decay of a moving average of the weights, evaluated and kept; 0: off
     semi_supervised: MixMatchSettings = field(default_factory=MixMatchSettings)
 
     def balances_labeled_classes(self, adapting: bool) -> bool:

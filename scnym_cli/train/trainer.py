@@ -33,6 +33,7 @@ from .inference import forward_rows
 from .losses import inverse_frequency_weights
 from .metrics import classification_metrics
 from . import distributed
+from .averaging import averaged_classifier, weight_average
 from .calibration import fit_temperature
 from .census import TargetCensus
 from .checkpoint import (CheckpointPolicy, StopRequest, kill_point, load_checkpoint, save_checkpoint,
@@ -221,6 +222,9 @@ class Trainer:
         sampler = self._sampler(data, data.split.fit, balance_classes=c.balances_labeled_classes(adapting),
                                 seed=c.seed, min_batches=c.min_steps_per_epoch)
         optimizer, scheduler = build_optimizer(c, objective.parameters(), max(len(sampler), 1))
+        # with weight averaging, the moving average is what each epoch evaluates and what the run keeps
+        averaged = weight_average(model, c.weight_averaging) if c.weight_averaging > 0 else None
+        kept_model = model if averaged is None else averaged_classifier(averaged)
         precision = Precision(self.device)
         ranks = distributed.current()
         step: torch.nn.Module = objective
@@ -259,7 +263,7 @@ class Trainer:
                     "sampler": sampler.state_dict(),
                     "target": None if target_batches is None else target_batches.state_dict(),
                     "census": None if census is None else census.state_dict(), "log": epoch_log.rows,
-                    "epoch": loop.epoch}
+                    "averaged": None if averaged is None else averaged.state_dict(), "epoch": loop.epoch}
 
         if checkpoint is not None and (saved := load_checkpoint(checkpoint, self.name)) is not None:
             objective.load_state_dict(saved["objective"])
@@ -273,6 +277,11 @@ class Trainer:
                 target_batches.load_state_dict(saved["target"])
             if census is not None:
                 census.load_state_dict(saved["census"])
+            if averaged is not None:
+                if saved.get("averaged") is None:
+                    raise ScnymError(f"{self.name}: the checkpoint was written without --weight_averaging; "
+                                     "resume with the settings it was started with")
+                averaged.load_state_dict(saved["averaged"])
             loop = LoopState.restore(saved["loop"])
             epoch_log.restore(saved["log"])
             log.info("%s: resumed from the checkpoint of epoch %d", self.name, loop.epoch)
@@ -306,6 +315,8 @@ class Trainer:
                         if scheduler is not None:
                             scheduler.step()
                         objective.after_step()
+                        if averaged is not None:
+                            averaged.update_parameters(model)
                         if census is not None:
                             census.record(target_rows)
                         if verify:
@@ -321,14 +332,16 @@ class Trainer:
                             totals[key] = totals.get(key, 0.0) + value * n
                     learning_rate = optimizer.param_groups[0]["lr"]
                     distributed.sync_buffers(model)  # identical models, identical evaluations on every rank
-                    evaluation = self._evaluate(model, data)
+                    if averaged is not None:
+                        distributed.sync_buffers(kept_model)
+                    evaluation = self._evaluate(kept_model, data)
                     score = self._score(evaluation, selection)
                     is_best = distributed.agree(epoch >= min_epochs
                                                 and (score > loop.best_score or selection == "last"))
                     loop.epoch = epoch
                     if is_best:
                         loop.best_score, loop.best_epoch = score, epoch
-                        loop.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                        loop.best_state = {k: v.detach().clone() for k, v in kept_model.state_dict().items()}
                     row = {"epoch": epoch, "lr": learning_rate,
                            **{k: v / max(n_seen, 1) for k, v in totals.items()},
                            "train_accuracy": n_correct / max(n_seen, 1), **evaluation,
@@ -361,6 +374,8 @@ class Trainer:
             model.load_state_dict(loop.best_state)
         else:  # no epoch could be scored (no selection split): keep the last one
             best_epoch = epoch
+            if averaged is not None:
+                model.load_state_dict(kept_model.state_dict())
         temperature = self._calibrate(model, data) if c.calibrate else 1.0
         seconds = time.perf_counter() - started
         kept = ("the last" if selection == "last" else

@@ -23,6 +23,7 @@ import argparse
 import json
 import shlex
 import sys
+from typing import Optional
 from pathlib import Path
 
 import numpy as np
@@ -38,14 +39,12 @@ N_FOLDS = 5
 ENSEMBLES = ["all_data", "folds", "all"]
 
 
-def train(split_name: str, seed: int, args) -> tuple[Path, Path, Path]:
-    """(run directory, reference, query) of the split's default semi-supervised run with 5 folds (trained once;
-    reused while its command and scnym's training defaults are unchanged)."""
-    split = SPLITS[split_name]
-    reference, query = materialize(split, args.work / "data", max_cells=200 if args.quick else None)
-    run_dir = args.work / "trust" / split_name / f"seed{seed}"
+def default_run_command(reference: Path, query: Path, label: str, out_path: Path, seed: int, args,
+                        n_folds: int = N_FOLDS) -> list[str]:
+    """The default semi-supervised k-fold training of ``reference`` with ``query`` as target data (the genes both
+    measure, when they differ); quick flags and threads as the benchmark's arguments say."""
     command = [*scnym_command(), "train_tissue_independent", "--input_counts", str(reference),
-               "--lower_group", split.label, "--out_path", str(run_dir / "model"), "--n_folds", str(N_FOLDS),
+               "--lower_group", label, "--out_path", str(out_path), "--n_folds", str(n_folds),
                "--seed", str(seed), "--overwrite", "true", "--quiet", "--unlabeled_counts", str(query)]
     shared = shared_genes_file(reference, query)
     if shared is not None:
@@ -54,13 +53,31 @@ def train(split_name: str, seed: int, args) -> tuple[Path, Path, Path]:
         command += QUICK_FLAGS
     if args.num_threads:
         command += ["--num_threads", str(args.num_threads)]
+    return command
+
+
+def train_once(command: list[str], run_dir: Path, args) -> Optional[float]:
+    """Run ``command`` unless run_dir holds a run of the same command under today's training defaults; its
+    seconds when it ran."""
     stamp = {"command": shlex.join(command[len(scnym_command()):]), "defaults": defaults_fingerprint()}
     marker = run_dir / "trained.json"
     if marker.exists() and json.loads(marker.read_text()) | {"seconds": None} == stamp | {"seconds": None}:
-        return run_dir, reference, query
+        return None
     trained = run(command, run_dir / "train.log", args.in_process)
     write_json(marker, {**stamp, "seconds": trained["seconds"]})
-    print(f"{split_name:28s} seed {seed}: trained in {trained['seconds']:.0f} s", flush=True)
+    return trained["seconds"]
+
+
+def train(split_name: str, seed: int, args) -> tuple[Path, Path, Path]:
+    """(run directory, reference, query) of the split's default semi-supervised run with 5 folds (trained once;
+    reused while its command and scnym's training defaults are unchanged)."""
+    split = SPLITS[split_name]
+    reference, query = materialize(split, args.work / "data", max_cells=200 if args.quick else None)
+    run_dir = args.work / "trust" / split_name / f"seed{seed}"
+    command = default_run_command(reference, query, split.label, run_dir / "model", seed, args)
+    seconds = train_once(command, run_dir, args)
+    if seconds is not None:
+        print(f"{split_name:28s} seed {seed}: trained in {seconds:.0f} s", flush=True)
     return run_dir, reference, query
 
 
@@ -101,7 +118,7 @@ def measure(split_name: str, seed: int, run_dir: Path, reference: Path, query: P
     import anndata as ad
     from sklearn.metrics import roc_auc_score
 
-    from scnym_cli.train.conformal import cross_conformal_sets
+    from scnym_cli.train.conformal import held_out_fold_sets
     from scnym_cli.train.metrics import calibration_error, classification_metrics
 
     split = SPLITS[split_name]
@@ -147,7 +164,7 @@ def measure(split_name: str, seed: int, run_dir: Path, reference: Path, query: P
     # (scnym's sets hold the predicted class too; "exact": plain split conformal, empty sets allowed)
     for per_class in (False, True):
         for with_top_class, prefix in ((True, "cv"), (False, "cv_exact")):
-            sets = cross_conformal_sets(cv_probabilities, cv_codes, held_out["fold"].to_numpy(), COVERAGE, per_class,
+            sets = held_out_fold_sets(cv_probabilities, cv_codes, held_out["fold"].to_numpy(), COVERAGE, per_class,
                                         with_top_class=with_top_class)
             for name, value in query_sets_figures(sets, cv_codes, len(classes)).items():
                 row[f"{prefix}_{'per_class' if per_class else 'all'}_{name}"] = value

@@ -131,6 +131,22 @@ def test_trust_benchmark_quick(tmp_path):
     assert "Kang ctrl -> stim" in report and "## Targets" in report
 
 
+def test_conformal_holdout_benchmark_quick(tmp_path):
+    shared_data("kang2018_ctrl_stim_small.h5ad")
+    holdout = load_bench("conformal_holdout")
+    frame = holdout.main(["--quick", "--splits", "kang_ctrl_to_stim", "--seeds", "0", "--in-process", "--work",
+                          str(tmp_path / "w"), "--out", str(tmp_path / "r")])
+    row = frame.iloc[0]
+    assert row["cells"] > 0 and row["all_method"] == "cross-conformal"
+    for kind in ("all", "per_class"):
+        for name in ("pooled_all_data", "pooled_average", "cross", "written"):
+            assert 0 <= row[f"{kind}_{name}_coverage"] <= 1
+        # the written sets are the cross-conformal sets with the call added: never less coverage
+        assert row[f"{kind}_written_coverage"] >= row[f"{kind}_cross_coverage"]
+    report = (tmp_path / "r" / "conformal_holdout.md").read_text()
+    assert "Kang ctrl -> stim" in report and "cross-conformal" in report
+
+
 def test_precision_benchmark_quick(tmp_path):
     shared_data("kang2018_ctrl_stim_small.h5ad")
     precision = load_bench("precision")

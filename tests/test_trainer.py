@@ -38,6 +38,21 @@ def fit(config, data, device="cpu"):
     return model, result
 
 
+def fit_logged(config, data, log_path):
+    """A fit that writes its epoch log; (model, result, the log)."""
+    model = build_model(config, data.X.shape[1], 3)
+    result = Trainer(training_settings(config), torch.device("cpu"), log_path=log_path,
+                     show_progress=False).fit(model, data)
+    return model, result, pd.read_csv(log_path)
+
+
+def selection_loss(model, data) -> float:
+    """The cross-entropy of the model-selection cells under the model's current weights."""
+    outputs = forward_rows(model, data.X, data.split.select, torch.device("cpu"))
+    return float(torch.nn.functional.cross_entropy(torch.from_numpy(outputs.logits),
+                                                   torch.from_numpy(data.codes[data.split.select])))
+
+
 def test_it_learns_planted_markers():
     data = synthetic_training_data()
     model, result = fit(Config(**FAST), data)
@@ -69,20 +84,13 @@ def test_fit_leaves_the_callers_rng_alone():
 
 def test_best_epoch_is_restored_and_respects_min_epochs(tmp_path):
     data = synthetic_training_data()
-    config = Config(**{**FAST, "n_epochs": 6, "min_epochs": 4})
-    model = build_model(config, data.X.shape[1], 3)
-    result = Trainer(training_settings(config), torch.device("cpu"), log_path=tmp_path / "log.csv",
-                     show_progress=False).fit(model, data)
-    log = pd.read_csv(tmp_path / "log.csv")
+    model, result, log = fit_logged(Config(**{**FAST, "n_epochs": 6, "min_epochs": 4}), data, tmp_path / "log.csv")
     assert len(log) == 6 and result.best_epoch >= 4
     eligible = log[log["epoch"] >= 4]
     assert result.best_epoch == int(eligible.loc[eligible["select_loss"].idxmin(), "epoch"])
     assert log.loc[log["epoch"] < 4, "is_best"].sum() == 0
     # the restored weights give the logged selection loss of the best epoch
-    outputs = forward_rows(model, data.X, data.split.select, torch.device("cpu"))
-    loss = torch.nn.functional.cross_entropy(torch.from_numpy(outputs.logits),
-                                             torch.from_numpy(data.codes[data.split.select]))
-    assert float(loss) == pytest.approx(eligible["select_loss"].min(), rel=1e-5)
+    assert selection_loss(model, data) == pytest.approx(eligible["select_loss"].min(), rel=1e-5)
 
 
 def test_weight_average_follows_the_weights_with_a_warmed_up_decay():
@@ -111,16 +119,10 @@ def test_weight_average_follows_the_weights_with_a_warmed_up_decay():
 
 def test_weight_averaging_evaluates_and_keeps_the_average(tmp_path):
     data = synthetic_training_data()
-    config = Config(**{**FAST, "n_epochs": 4, "weight_averaging": 0.95})
-    model = build_model(config, data.X.shape[1], 3)
-    result = Trainer(training_settings(config), torch.device("cpu"), log_path=tmp_path / "log.csv",
-                     show_progress=False).fit(model, data)
-    log = pd.read_csv(tmp_path / "log.csv")
+    model, result, log = fit_logged(Config(**{**FAST, "n_epochs": 4, "weight_averaging": 0.95}), data,
+                                    tmp_path / "log.csv")
     # the kept weights give the selection loss logged for the best epoch: the average was evaluated and kept
-    outputs = forward_rows(model, data.X, data.split.select, torch.device("cpu"))
-    loss = torch.nn.functional.cross_entropy(torch.from_numpy(outputs.logits),
-                                             torch.from_numpy(data.codes[data.split.select]))
-    assert float(loss) == pytest.approx(float(log.loc[log["epoch"] == result.best_epoch, "select_loss"].iloc[0]),
+    assert selection_loss(model, data) == pytest.approx(float(log.loc[log["epoch"] == result.best_epoch, "select_loss"].iloc[0]),
                                         rel=1e-5)
     plain, _ = fit(Config(**{**FAST, "n_epochs": 4}), data)
     assert any(not torch.equal(v, plain.state_dict()[k]) for k, v in model.state_dict().items())

@@ -23,7 +23,7 @@ from ..errors import ScnymError
 from ..report import evaluate_labeled, write_labeled_report
 from ..staging import staged_directory
 from ..store import ALL_DATA_DIR, MANIFEST_FILE, WEIGHTS_FILE
-from ..train.conformal import coverage_summary, cross_conformal_sets, true_class_in_set
+from ..train.conformal import coverage_summary, held_out_fold_sets, true_class_in_set
 from .runtime import writes_outputs
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def summarize_run(directory: Path, command: str, seconds: float) -> dict:
         probabilities = pooled[[f"prob_{c}" for c in classes]].to_numpy()
         # prediction sets of each fold's cells, calibrated on the other folds' cells: the coverage a query like
         # the reference gets (cross-conformal), over all cells and per class
-        sets = {per_class: cross_conformal_sets(probabilities, codes, pooled["fold"].to_numpy(), REPORTED_COVERAGE,
+        sets = {per_class: held_out_fold_sets(probabilities, codes, pooled["fold"].to_numpy(), REPORTED_COVERAGE,
                                                 per_class) for per_class in (False, True)}
         evaluation = evaluate_labeled(truth, pooled["predicted_label"].astype(str), pooled["confidence"].to_numpy(),
                                       classes, true_class_in_set(sets[False], codes), sets[False].sum(axis=1))

@@ -25,7 +25,7 @@ import torch
 from ..errors import ScnymError
 from ..nn.classifier import REFERENCE, TARGET
 from ..store import ALL_DATA_DIR, MANIFEST_FILE, LoadedModel, load_calibration, load_model
-from ..train.conformal import ConformalCalibration
+from ..train.conformal import ConformalCalibration, CrossConformal
 from ..train.inference import forward_rows
 from ..train.novelty import NoveltyReference
 
@@ -42,6 +42,7 @@ class EnsembleOutputs:
     logits: np.ndarray                    # the primary member's
     embedding: Optional[np.ndarray]       # the primary member's
     disagreement: Optional[np.ndarray]    # share of members whose own call differs (None: one member)
+    fold_probabilities: Optional[list[np.ndarray]] = None   # each fold model's, in fold order (cross-conformal)
 
 
 def is_run_directory(path: Path) -> bool:
@@ -121,6 +122,13 @@ class Ensemble:
         self.calibration: Optional[ConformalCalibration] = (
             ConformalCalibration.concatenate(present) if len(present) == len(parts) else None)
         self.calibration_source = "out-of-fold cells of the folds" if folds else "model-selection cells"
+        # when every fold model predicts, sets rank each fold model's scores among its own held-out cells'
+        # (cross-conformal); otherwise the pooled calibration set serves whichever model predicts
+        self.fold_members: list[int] = []
+        self.cross_conformal: Optional[CrossConformal] = None
+        if folds and all(d in directories for d in folds) and self.calibration is not None:
+            self.fold_members = [directories.index(d) for d in folds]
+            self.cross_conformal = CrossConformal.from_folds(present)
 
     def shift_reference(self) -> tuple[ConformalCalibration, np.ndarray]:
         """(the calibration cells the primary model embedded at training, their embedding): what a query is
@@ -180,10 +188,12 @@ class Ensemble:
         def forward(model: LoadedModel, embed: bool):
             return _forward(model, X, device, covariates, embed, self.dtype)
 
+        each: list[np.ndarray] = []
         for member in self.members:
             primary = member is self.primary
             outputs = forward(member, with_embedding and primary)
             probabilities = outputs.probabilities(member.temperature)
+            each.append(probabilities)
             total = probabilities if total is None else total + probabilities
             calls.append(probabilities.argmax(axis=1))
             if primary:
@@ -197,7 +207,8 @@ class Ensemble:
         disagreement = None
         if len(self.members) > 1:
             disagreement = (np.stack(calls) != probabilities.argmax(axis=1)).mean(axis=0).astype(np.float32)
-        return EnsembleOutputs(probabilities.astype(np.float32), logits, embedding, disagreement)
+        fold_probabilities = [each[i] for i in self.fold_members] if self.cross_conformal is not None else None
+        return EnsembleOutputs(probabilities.astype(np.float32), logits, embedding, disagreement, fold_probabilities)
 
 
 def _forward(model: LoadedModel, X, device, covariates: Optional[np.ndarray], embed: bool, dtype: torch.dtype):

@@ -31,7 +31,8 @@ from ..errors import ScnymError
 from ..memory import release_freed_memory
 from ..report import LabeledEvaluation, evaluate_labeled, predictions_table, write_labeled_report
 from ..store import covariates_for, routing_of
-from ..train.conformal import ConformalCalibration, DomainWeights, prediction_sets, set_labels, true_class_in_set
+from ..train.conformal import (ConformalCalibration, DomainWeights, prediction_sets, set_labels, true_class_in_set,
+                               with_predicted_class)
 from ..train.device import inference_dtype
 from ..train.novelty import CLUSTER_CELLS, QueryClusters
 from .annotation import annotate
@@ -156,7 +157,12 @@ class Predictor:
                 clusters = self.clusters.get(group)
                 entry["novelty_clusters"] = 0 if clusters is None else len(clusters.novelty)
             if self.set_thresholds is not None:
-                entry["calibration"] = {"cells": model.calibration_source, "n_cells": len(model.calibration or ())}
+                # cross-conformal: each fold model's scores ranked among its own held-out cells'; pooled: one
+                # calibration set for whichever model predicts (weighted sets are always pooled)
+                method = ("cross-conformal" if model.cross_conformal is not None and not self.config.weighted_sets
+                          else "split conformal")
+                entry["calibration"] = {"cells": model.calibration_source, "n_cells": len(model.calibration or ()),
+                                        "method": method}
                 domain = self.domain_weights.get(group)
                 if domain is not None:
                     w = domain.calibration_weights
@@ -335,7 +341,13 @@ class Predictor:
                     thresholds = calibration.weighted_thresholds(
                         domain.calibration_weights, domain.weights(outputs.embedding), self.config.coverage,
                         self.config.coverage_per_class)
-                sets[np.ix_(local, columns)] = prediction_sets(outputs.probabilities, thresholds)
+                    sets[np.ix_(local, columns)] = prediction_sets(outputs.probabilities, thresholds)
+                elif model.cross_conformal is not None and outputs.fold_probabilities is not None:
+                    member_sets = model.cross_conformal.sets(outputs.fold_probabilities, self.config.coverage,
+                                                             self.config.coverage_per_class)
+                    sets[np.ix_(local, columns)] = with_predicted_class(member_sets, outputs.probabilities)
+                else:
+                    sets[np.ix_(local, columns)] = prediction_sets(outputs.probabilities, thresholds)
             if with_embedding and outputs.embedding is not None:
                 if embedding is None:
                     embedding = np.zeros((n, outputs.embedding.shape[1]), dtype=np.float32)

@@ -165,7 +165,7 @@ def measure(split_name: str, seed: int, run_dir: Path, reference: Path, query: P
     for per_class in (False, True):
         for with_top_class, prefix in ((True, "cv"), (False, "cv_exact")):
             sets = held_out_fold_sets(cv_probabilities, cv_codes, held_out["fold"].to_numpy(), COVERAGE, per_class,
-                                        with_top_class=with_top_class)
+                                      with_top_class=with_top_class)
             for name, value in query_sets_figures(sets, cv_codes, len(classes)).items():
                 row[f"{prefix}_{'per_class' if per_class else 'all'}_{name}"] = value
     row["cv_accuracy"] = float((cv_probabilities.argmax(1) == cv_codes).mean())
@@ -207,8 +207,9 @@ def report(frame: pd.DataFrame, command: str, info: dict) -> list[str]:
                  f"{m.all_balanced_accuracy:.3f} | {m.all_balanced_accuracy - m.all_data_balanced_accuracy:+.3f} | "
                  f"{m.all_data_ece:.3f} | {m.folds_ece:.3f} | {m.all_ece:.3f} |")
     lines += ["", "## Conformal sets on cross-validation", "",
-              "Each fold's held-out cells get sets calibrated on the other folds' held-out cells: the coverage a "
-              "query exchangeable with the reference gets. *exact*: plain split conformal (a set may be empty); "
+              "Each fold's held-out cells get sets calibrated on the other folds' held-out cells: the coverage "
+              "pooled split conformal gets on a query exchangeable with the reference (the default ensemble's "
+              "cross-conformal sets need cells no model was fit on: conformal_holdout.md). *exact*: plain split conformal (a set may be empty); "
               "*scnym*: the sets scnym writes, which also hold the predicted class (never empty). *lowest*: the class "
               "covered least. *accuracy*: of the held-out calls (a set holding the call covers at least that).", "",
               "| split | accuracy | exact: coverage | lowest class | scnym: coverage | lowest class | mean size | "

@@ -349,7 +349,7 @@ def test_cross_validated_conformal_coverage_on_kang(runner, tmp_path):
     probabilities = held_out[[f"prob_{c}" for c in classes]].to_numpy()
     for coverage, with_top_class in ((0.9, False), (0.97, True)):
         sets = held_out_fold_sets(probabilities, codes, held_out["fold"].to_numpy(), coverage,
-                                    with_top_class=with_top_class)
+                                  with_top_class=with_top_class)
         covered = sets[np.arange(len(codes)), codes].mean()
         assert abs(covered - coverage) <= 0.02, (coverage, covered)
     per_class = pd.read_csv(tmp_path / "run" / "per_class_metrics.csv")

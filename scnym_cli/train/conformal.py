@@ -308,7 +308,7 @@ def coverage_summary(sets: np.ndarray, codes: np.ndarray, n_classes: int) -> dic
 
 
 def held_out_fold_sets(probabilities: np.ndarray, codes: np.ndarray, folds: np.ndarray, coverage: float,
-                         per_class: bool = False, with_top_class: bool = True) -> np.ndarray:
+                       per_class: bool = False, with_top_class: bool = True) -> np.ndarray:
     """Sets of out-of-fold predictions, each fold's calibrated on the other folds' cells: cross-validation's
     measure of the coverage of pooled split conformal (one model's scores among other models'). The
     cross-conformal sets of a full ensemble (:class:`CrossConformal`) cannot be measured so: every other fold

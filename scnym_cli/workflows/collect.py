@@ -75,10 +75,11 @@ def summarize_run(directory: Path, command: str, seconds: float) -> dict:
         truth = pooled["true_label"].astype(str)
         codes = pd.Index(classes).get_indexer(truth)
         probabilities = pooled[[f"prob_{c}" for c in classes]].to_numpy()
-        # prediction sets of each fold's cells, calibrated on the other folds' cells: the coverage a query like
-        # the reference gets (cross-conformal), over all cells and per class
+        # prediction sets of each fold's cells, calibrated on the other folds' cells: cross-validation's measure
+        # of pooled split conformal (the default's cross-conformal sets need cells no model was fit on:
+        # bench/conformal_holdout.py), over all cells and per class
         sets = {per_class: held_out_fold_sets(probabilities, codes, pooled["fold"].to_numpy(), REPORTED_COVERAGE,
-                                                per_class) for per_class in (False, True)}
+                                              per_class) for per_class in (False, True)}
         evaluation = evaluate_labeled(truth, pooled["predicted_label"].astype(str), pooled["confidence"].to_numpy(),
                                       classes, true_class_in_set(sets[False], codes), sets[False].sum(axis=1))
         write_labeled_report(directory, evaluation, f"held-out predictions, {len(folds)} folds")

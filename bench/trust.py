@@ -209,7 +209,8 @@ def report(frame: pd.DataFrame, command: str, info: dict) -> list[str]:
     lines += ["", "## Conformal sets on cross-validation", "",
               "Each fold's held-out cells get sets calibrated on the other folds' held-out cells: the coverage "
               "pooled split conformal gets on a query exchangeable with the reference (the default ensemble's "
-              "cross-conformal sets need cells no model was fit on: conformal_holdout.md). *exact*: plain split conformal (a set may be empty); "
+              "cross-conformal sets need cells no model was fit on: conformal_holdout.md). *exact*: plain split "
+              "conformal (a set may be empty); "
               "*scnym*: the sets scnym writes, which also hold the predicted class (never empty). *lowest*: the class "
               "covered least. *accuracy*: of the held-out calls (a set holding the call covers at least that).", "",
               "| split | accuracy | exact: coverage | lowest class | scnym: coverage | lowest class | mean size | "

@@ -103,7 +103,10 @@ class Ensemble:
     the logits and the novelty, and weighs calibration cells for weighted prediction sets.
     """
 
-    def __init__(self, path: Path, choice: str, device, dtype: torch.dtype = torch.float32):
+    def __init__(self, path: Path, choice: str, device, dtype: torch.dtype = torch.float32, *,
+                 cross_conformal: bool = False):
+        """``cross_conformal``: prediction sets are wanted (unweighted), so each block's outputs carry every fold
+        model's own probabilities when all of them predict."""
         self.path, self.dtype = Path(path), dtype   # dtype: of the matrix products (--inference_precision)
         directories, folds = member_directories(path, choice)
         final = [self.path / ALL_DATA_DIR] if is_run_directory(self.path) else []
@@ -124,11 +127,11 @@ class Ensemble:
         self.calibration_source = "out-of-fold cells of the folds" if folds else "model-selection cells"
         # when every fold model predicts, sets rank each fold model's scores among its own held-out cells'
         # (cross-conformal); otherwise the pooled calibration set serves whichever model predicts
-        self.fold_members: list[int] = []
         self.cross_conformal: Optional[CrossConformal] = None
-        if folds and all(d in directories for d in folds) and self.calibration is not None:
-            self.fold_members = [directories.index(d) for d in folds]
+        if cross_conformal and folds and all(d in directories for d in folds) and self.calibration is not None:
             self.cross_conformal = CrossConformal.from_folds(present)
+        # which members are the fold models (members hold them in fold order)
+        self.fold_members = frozenset(directories.index(d) for d in folds) if self.cross_conformal else frozenset()
 
     def shift_reference(self) -> tuple[ConformalCalibration, np.ndarray]:
         """(the calibration cells the primary model embedded at training, their embedding): what a query is
@@ -188,12 +191,13 @@ class Ensemble:
         def forward(model: LoadedModel, embed: bool):
             return _forward(model, X, device, covariates, embed, self.dtype)
 
-        each: list[np.ndarray] = []
-        for member in self.members:
+        fold_probabilities: Optional[list[np.ndarray]] = [] if self.cross_conformal is not None else None
+        for index, member in enumerate(self.members):
             primary = member is self.primary
             outputs = forward(member, with_embedding and primary)
             probabilities = outputs.probabilities(member.temperature)
-            each.append(probabilities)
+            if fold_probabilities is not None and index in self.fold_members:
+                fold_probabilities.append(probabilities)
             total = probabilities if total is None else total + probabilities
             calls.append(probabilities.argmax(axis=1))
             if primary:
@@ -207,7 +211,6 @@ class Ensemble:
         disagreement = None
         if len(self.members) > 1:
             disagreement = (np.stack(calls) != probabilities.argmax(axis=1)).mean(axis=0).astype(np.float32)
-        fold_probabilities = [each[i] for i in self.fold_members] if self.cross_conformal is not None else None
         return EnsembleOutputs(probabilities.astype(np.float32), logits, embedding, disagreement, fold_probabilities)
 
 

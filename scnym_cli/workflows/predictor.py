@@ -12,6 +12,7 @@ import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -77,15 +78,17 @@ class Predictor:
     def __init__(self, model_path: Path, config: Config, device):
         self.config, self.device = config, device
         self.dtype = inference_dtype(device, config.inference_precision)
+        # unweighted sets of a run whose fold models all predict are cross-conformal (train/conformal.py)
+        ensemble = partial(Ensemble, choice=config.ensemble, device=device, dtype=self.dtype,
+                           cross_conformal=config.coverage is not None and not config.weighted_sets)
         self.routing = routing_of(model_path)
         if self.routing:
             self.column = self.routing["column"]
-            self.models = {g: Ensemble(Path(model_path) / d, config.ensemble, device, self.dtype)
-                           for g, d in self.routing["models"].items()}
+            self.models = {g: ensemble(Path(model_path) / d) for g, d in self.routing["models"].items()}
             self.classes = sorted(set().union(*(m.classes for m in self.models.values())))
         else:
             self.column = None
-            self.models = {None: Ensemble(model_path, config.ensemble, device, self.dtype)}
+            self.models = {None: ensemble(model_path)}
             self.classes = list(self.models[None].classes)
         single = None if self.routing else self.models[None]
         self.description = str(single.directory if single and len(single.members) == 1 else model_path)
@@ -159,8 +162,7 @@ class Predictor:
             if self.set_thresholds is not None:
                 # cross-conformal: each fold model's scores ranked among its own held-out cells'; pooled: one
                 # calibration set for whichever model predicts (weighted sets are always pooled)
-                method = ("cross-conformal" if model.cross_conformal is not None and not self.config.weighted_sets
-                          else "split conformal")
+                method = "cross-conformal" if model.cross_conformal is not None else "split conformal"
                 entry["calibration"] = {"cells": model.calibration_source, "n_cells": len(model.calibration or ()),
                                         "method": method}
                 domain = self.domain_weights.get(group)

@@ -5,7 +5,8 @@ query as target data, as a user would), then the query is predicted with each ``
 (all_data: the single final model; folds: the 5 fold models; all: the 6 models averaged), with
 ``--coverage 0.9`` sets over all cells and per class (Mondrian). Figures:
 
-* balanced accuracy and ECE of each ensemble choice on the query (cells of types the reference has);
+* balanced accuracy and ECE of each ensemble choice on the query (cells of types the reference has), and the
+  ECE a perfectly calibrated model would show at the same confidences and query size (the sampling floor);
 * conformal coverage on cross-validation: the out-of-fold predictions, each fold's sets calibrated on the
   other folds (what a query like the reference gets), overall and per class;
 * coverage and mean set size on the (shifted) query, without and with weighting by a domain classifier
@@ -119,7 +120,8 @@ def measure(split_name: str, seed: int, run_dir: Path, reference: Path, query: P
     from sklearn.metrics import roc_auc_score
 
     from scnym_cli.train.conformal import held_out_fold_sets
-    from scnym_cli.train.metrics import calibration_error, classification_metrics
+    from scnym_cli.train.metrics import (calibration_error, calibration_error_floor, classification_metrics,
+                                         confidence_bins)
 
     split = SPLITS[split_name]
     classes = json.loads((run_dir / "model" / "all_data" / "model.json").read_text())["classes"]
@@ -139,7 +141,11 @@ def measure(split_name: str, seed: int, run_dir: Path, reference: Path, query: P
         metrics = classification_metrics(truth.to_numpy()[known], called[known])
         row[f"{ensemble}_balanced_accuracy"] = metrics["balanced_accuracy"]
         row[f"{ensemble}_accuracy"] = metrics["accuracy"]
-        row[f"{ensemble}_ece"] = calibration_error(probabilities.max(1)[known], called[known] == truth.to_numpy()[known])
+        confidence, correct = probabilities.max(1)[known], called[known] == truth.to_numpy()[known]
+        row[f"{ensemble}_ece"] = calibration_error(confidence, correct)
+        # what a perfectly calibrated model would show at these confidences and this many cells
+        row[f"{ensemble}_ece_floor"] = calibration_error_floor(confidence_bins(confidence, correct, 15))
+        row[f"{ensemble}_overconfidence"] = float(confidence.mean() - correct.mean())
         for name, value in query_sets_figures(set_matrix(table, classes), codes, len(classes)).items():
             row[f"query_{ensemble}_{name}"] = value
     out = predict(run_dir, query, "query_all_per_class", args, "--coverage", str(COVERAGE), "--coverage_per_class",
@@ -193,19 +199,23 @@ def report(frame: pd.DataFrame, command: str, info: dict) -> list[str]:
              f"The default semi-supervised run with {N_FOLDS}-fold cross-validation (the query as target data), per "
              f"split; mean over seeds ({', '.join(map(str, sorted(frame['seed'].unique())))}). Balanced accuracy and "
              "ECE on the query cells of types the reference has; sets at coverage "
-             f"{COVERAGE}.", "",
+             f"{COVERAGE}. *floor*: the ECE a perfectly calibrated model would show at the default's confidences "
+             "and the query's size (median of simulated label draws; sampling alone puts it there); "
+             "*conf. − acc.*: the default's mean confidence minus its accuracy (> 0: overconfident).", "",
              "## Ensembles", "",
-             "| split | seeds | bal. acc. all_data | folds | all (default) | Δ all − all_data | ECE all_data | folds | all |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| split | seeds | bal. acc. all_data | folds | all (default) | Δ all − all_data | ECE all_data | folds | all "
+             "| floor | conf. − acc. |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for split, r in mean.iterrows():
         lines.append(f"| {names[split]} | {seeds[split]} | {r.all_data_balanced_accuracy:.3f} | "
                      f"{r.folds_balanced_accuracy:.3f} | {r.all_balanced_accuracy:.3f} | "
                      f"{r.all_balanced_accuracy - r.all_data_balanced_accuracy:+.3f} | {r.all_data_ece:.3f} | "
-                     f"{r.folds_ece:.3f} | {r.all_ece:.3f} |")
+                     f"{r.folds_ece:.3f} | {r.all_ece:.3f} | {r.all_ece_floor:.3f} | {r.all_overconfidence:+.3f} |")
     m = mean.mean()
     lines.append(f"| **mean** | | {m.all_data_balanced_accuracy:.3f} | {m.folds_balanced_accuracy:.3f} | "
                  f"{m.all_balanced_accuracy:.3f} | {m.all_balanced_accuracy - m.all_data_balanced_accuracy:+.3f} | "
-                 f"{m.all_data_ece:.3f} | {m.folds_ece:.3f} | {m.all_ece:.3f} |")
+                 f"{m.all_data_ece:.3f} | {m.folds_ece:.3f} | {m.all_ece:.3f} | {m.all_ece_floor:.3f} | "
+                 f"{m.all_overconfidence:+.3f} |")
     lines += ["", "## Conformal sets on cross-validation", "",
               "Each fold's held-out cells get sets calibrated on the other folds' held-out cells: the coverage "
               "pooled split conformal gets on a query exchangeable with the reference (the default ensemble's "
@@ -264,7 +274,11 @@ def report(frame: pd.DataFrame, command: str, info: dict) -> list[str]:
               f"{m.all_data_balanced_accuracy:.3f} ({'met' if delta.mean() >= 0 else 'missed'}; worst split "
               f"{delta.min():+.3f}, {names[delta.idxmin()]}).",
               f"- ECE <= 0.02 on every visible query (ensemble all): {(mean.all_ece <= 0.02).sum()} of {len(mean)} "
-              f"splits; worst {mean.all_ece.max():.3f} ({names[mean.all_ece.idxmax()]}).",
+              f"splits; worst {mean.all_ece.max():.3f} ({names[mean.all_ece.idxmax()]}). More than 0.01 above what "
+              f"a calibrated model would show at the query's size: "
+              + (", ".join(f"{names[s]} ({r.all_ece:.3f} vs {r.all_ece_floor:.3f}, conf. − acc. "
+                           f"{r.all_overconfidence:+.3f})" for s, r in mean.iterrows()
+                           if r.all_ece > r.all_ece_floor + 0.01) or "none") + ".",
               f"- Coverage on cross-validation within 0.02 of {COVERAGE} (exact split conformal): "
               f"{((mean.cv_exact_all_coverage - COVERAGE).abs() <= 0.02).sum()} of {len(mean)} splits "
               f"({mean.cv_exact_all_coverage.min():.3f}..{mean.cv_exact_all_coverage.max():.3f}); scnym's sets (holding "

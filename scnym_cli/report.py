@@ -159,9 +159,10 @@ def plot_confusion_matrix(table: pd.DataFrame, path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def plot_reliability_diagram(table: pd.DataFrame, path: Path, title: str, ece: float) -> None:
+def plot_reliability_diagram(table: pd.DataFrame, path: Path, title: str, ece: float,
+                             ece_floor: Optional[float] = None) -> None:
     """Accuracy against confidence per bin (bars, width = bin), the diagonal of perfect calibration, and
-    how many cells each bin holds."""
+    how many cells each bin holds; ``ece_floor``: what a calibrated model would show at this many cells."""
     fig = _figure((4.8, 5.6))
     ax, ax_count = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     filled = table[table["n_cells"] > 0]
@@ -174,7 +175,8 @@ def plot_reliability_diagram(table: pd.DataFrame, path: Path, title: str, ece: f
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, loc="upper left")
-    ax.set_title(f"{title}\nECE {ece:.3f}", fontsize=9)
+    floor = "" if ece_floor is None else f" (a calibrated model: ~{ece_floor:.3f} at this many cells)"
+    ax.set_title(f"{title}\nECE {ece:.3f}{floor}", fontsize=9)
     ax_count.bar(table["bin_low"], table["n_cells"], width=width, align="edge", edgecolor="black", color="#bbbbbb")
     ax_count.set_xlabel("confidence")
     ax_count.set_ylabel("cells")
@@ -266,8 +268,8 @@ class LabeledTally:
         return {self.names[i]: int(self.counts[i].sum()) for i in range(k, len(self.names)) if self.counts[i].sum()}
 
     def evaluation(self) -> LabeledEvaluation:
-        from .train.metrics import (LabelCounts, calibration_error_of, per_class_table, reliability_table_of,
-                                    summary_metrics)
+        from .train.metrics import (LabelCounts, calibration_error_floor, calibration_error_of, per_class_table,
+                                    reliability_table_of, summary_metrics)
 
         # the vocabulary LabelCounts.of gives: classes, other true labels, other predicted labels (each sorted)
         k = len(self.classes)
@@ -276,7 +278,8 @@ class LabeledTally:
         order = list(range(k)) + true_others + sorted((i for i in others if i not in set(true_others)),
                                                       key=lambda i: self.names[i])
         table = LabelCounts([self.names[i] for i in order], self.counts[np.ix_(order, order)])
-        metrics = {**summary_metrics(table), "ece": calibration_error_of(self.ece_bins)}
+        metrics = {**summary_metrics(table), "ece": calibration_error_of(self.ece_bins),
+                   "ece_floor": calibration_error_floor(self.ece_bins)}
         per_class = per_class_table(table, k)
         if self.with_sets:
             cells, covered, sizes = self.set_sums[:, order][:, :len(per_class)]
@@ -300,7 +303,7 @@ def write_labeled_report(directory: Path, evaluation: LabeledEvaluation, title: 
     plot_confusion_matrix(evaluation.confusion, directory / "confusion_matrix.png", f"{title} ({n_cells} cells)")
     evaluation.reliability.to_csv(directory / "reliability.csv", index=False)
     plot_reliability_diagram(evaluation.reliability, directory / "reliability_diagram.png", title,
-                             evaluation.metrics["ece"])
+                             evaluation.metrics["ece"], evaluation.metrics.get("ece_floor"))
 
 
 def plot_marker_heatmap(top_markers: dict[str, list[str]], genes: Sequence[str], cells, labels, path: Path,

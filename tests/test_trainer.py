@@ -242,6 +242,28 @@ def test_metrics():
     assert calibration_error(np.full(10, 0.99), np.arange(10) < 5) == pytest.approx(0.49)
 
 
+def test_calibration_error_floor_is_what_a_calibrated_model_shows_at_that_size():
+    from scnym_cli.train.metrics import calibration_error, calibration_error_floor, confidence_bins
+    rng = np.random.default_rng(3)
+    confidence = np.clip(rng.beta(20, 1.5, size=300), 0.05, 1.0)   # mostly near 0.95, like a query's calls
+    calibrated = [calibration_error(confidence, rng.random(300) < confidence) for _ in range(400)]
+    bins = confidence_bins(confidence, rng.random(300) < confidence, 15)
+    floor = calibration_error_floor(bins)
+    # the floor is the median of a calibrated model's ECE at this size: far from 0 for 300 cells
+    assert floor == pytest.approx(np.median(calibrated), abs=0.004)
+    assert floor > 0.01
+    # seeded, its own generator: the same figure every time, the caller's global state untouched
+    state = np.random.get_state()
+    assert calibration_error_floor(bins) == floor
+    assert np.array_equal(np.random.get_state()[1], state[1])
+    # an overconfident model (accuracy 0.1 below its confidence) stands well above it; more cells, lower floor
+    overconfident = calibration_error(confidence, rng.random(300) < confidence - 0.1)
+    assert overconfident > floor + 0.05
+    big = np.tile(confidence, 100)
+    assert calibration_error_floor(confidence_bins(big, rng.random(big.size) < big, 15)) < floor / 5
+    assert np.isnan(calibration_error_floor(np.zeros((3, 15))))
+
+
 def test_small_data_epochs_make_at_least_min_steps_each():
     sampler = EpochSampler(np.arange(100), 32, seed=0, min_batches=10)
     batches = list(sampler.epoch())

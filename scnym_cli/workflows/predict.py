@@ -426,9 +426,10 @@ def _predict_to(stage: Path, config: Config, predictor: Predictor, source: CellC
         metrics = evaluation.metrics
         summary["metrics_vs_" + config.lower_group] = metrics
         summary["per_class_vs_" + config.lower_group] = evaluation.per_class.to_dict(orient="records")
-        log.info("vs query column %r: accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f, ECE %.4f (per class: "
-                 "per_class_metrics.csv)", config.lower_group, metrics["accuracy"], metrics["balanced_accuracy"],
-                 metrics["macro_f1"], metrics["ece"])
+        log.info("vs query column %r: accuracy %.4f, balanced accuracy %.4f, macro-F1 %.4f, ECE %.4f (a calibrated "
+                 "model ~%.4f at this many cells; per class: per_class_metrics.csv)", config.lower_group,
+                 metrics["accuracy"], metrics["balanced_accuracy"], metrics["macro_f1"], metrics["ece"],
+                 metrics["ece_floor"])
         if with_sets:
             log.info("prediction sets at coverage %g: %.1f%% hold the true class, %.2f classes on average",
                      config.coverage, 100 * metrics["coverage"], metrics["mean_set_size"])

@@ -29,10 +29,8 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import run  # noqa: E402
-from common import (RESULTS, SPLITS, WORK, machine, materialize, provenance, scnym_command,  # noqa: E402
-                    write_json, write_markdown)
-from trust import default_run_command, train_once  # noqa: E402
+from common import RESULTS, SPLITS, WORK, machine, materialize, provenance, write_json, write_markdown  # noqa: E402
+from trust import default_run_command, predict_once, train_once  # noqa: E402
 
 COVERAGE = 0.9
 N_FOLDS = 5
@@ -84,15 +82,7 @@ def measure(split_name: str, seed: int, args) -> dict:
     folds = sorted(p for p in run_dir.glob("fold[0-9][0-9]") if p.is_dir())
 
     def predict(model: Path, name: str, *flags: str) -> Path:
-        out = work / name
-        if not (out / "predictions.csv").exists():
-            predict_command = [*scnym_command(), "predict_cell_types", "--model_path", str(model), "--input_counts",
-                               str(aside), "--out_path", str(out), "--overwrite", "true", "--write_h5ad", "false",
-                               "--quiet", *flags]
-            if args.num_threads:
-                predict_command += ["--num_threads", str(args.num_threads)]
-            run(predict_command, out.with_suffix(".log"), args.in_process)
-        return out
+        return predict_once(model, aside, work / name, work / "trained.json", args, *flags)
 
     truth = ad.read_h5ad(aside, backed="r").obs[split.label].astype(str).to_numpy()
     codes = pd.Index(classes).get_indexer(truth)

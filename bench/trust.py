@@ -84,12 +84,16 @@ def train(split_name: str, seed: int, args) -> tuple[Path, Path, Path]:
 
 def predict(run_dir: Path, data: Path, name: str, args, *flags: str) -> Path:
     """The predictions of ``data`` by the run with ``flags``, in run_dir/<name> (made once per training)."""
-    out = run_dir / name
-    trained = (run_dir / "trained.json").stat().st_mtime
-    if not ((out / "predictions.csv").exists() and (out / "predictions.csv").stat().st_mtime > trained):
-        command = [*scnym_command(), "predict_cell_types", "--model_path", str(run_dir / "model"),
-                   "--input_counts", str(data), "--out_path", str(out), "--overwrite", "true", "--write_h5ad",
-                   "false", "--quiet", *flags]
+    return predict_once(run_dir / "model", data, run_dir / name, run_dir / "trained.json", args, *flags)
+
+
+def predict_once(model: Path, data: Path, out: Path, trained_marker: Path, args, *flags: str) -> Path:
+    """``predict_cell_types`` of ``data`` by ``model`` with ``flags`` into ``out``, unless ``out`` already holds
+    predictions newer than the training's marker (:func:`train_once`)."""
+    predictions = out / "predictions.csv"
+    if not (predictions.exists() and predictions.stat().st_mtime > trained_marker.stat().st_mtime):
+        command = [*scnym_command(), "predict_cell_types", "--model_path", str(model), "--input_counts", str(data),
+                   "--out_path", str(out), "--overwrite", "true", "--write_h5ad", "false", "--quiet", *flags]
         if args.num_threads:
             command += ["--num_threads", str(args.num_threads)]
         run(command, out.with_suffix(".log"), args.in_process)

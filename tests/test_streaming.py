@@ -169,7 +169,7 @@ def test_a_sample_of_cells_is_runs_of_rows_read_without_a_pass(tmp_path):
 def test_obs_is_read_as_anndata_reads_it_with_compact_ids(tmp_path, store, monkeypatch):
     from scnym_cli.data import stream
 
-    monkeypatch.setattr(stream, "ID_READ_SLICE", 7)   # ids read in several slices
+    monkeypatch.setattr(stream, "ID_SLICE", 7)   # ids read in several slices
     adata = make_counts(n_cells=30, seed=3)
     adata.obs_names = [f"cell-{i}-é" for i in range(adata.n_obs)]   # non-ASCII ids survive the slices
     adata.obs["depth"] = np.arange(adata.n_obs, dtype=np.float32)

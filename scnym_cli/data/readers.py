@@ -169,7 +169,8 @@ def _numbered(names: pd.Index) -> bool:
     return bool((pd.Index(names).astype(str) == pd.Index(map(str, range(len(names))))).all())
 
 
-# cell ids hashed at a time when checking that they are unique: each slice is briefly a list of Python strings
+# cell ids handled at a time (hashed when checking that they are unique, read from an AnnData store by
+# data/stream.py): each slice is briefly a list of Python strings
 ID_SLICE = 262_144
 
 

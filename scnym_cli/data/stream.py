@@ -21,7 +21,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from ..errors import ScnymError
-from .readers import CellMatrix, as_csr32, is_zarr_store, require_unique_id_slices
+from .readers import ID_SLICE, CellMatrix, as_csr32, is_zarr_store, require_unique_id_slices
 
 
 T = TypeVar("T")
@@ -168,10 +168,6 @@ def open_anndata_store(path: Path, mode: Literal["r", "r+"] = "r") -> Any:
     return h5py.File(path, mode)
 
 
-# cell ids read from an AnnData store at a time (Python strings only for the slice being converted)
-ID_READ_SLICE = 262_144
-
-
 def blockwise_obs_layout(group: Any) -> bool:
     """Whether an obs group is in the layout of anndata >= 0.8 (dataframe 0.2.0: each column a self-describing
     element, the ids a string array), whose ids and columns can be read a run of cells at a time. Anything older
@@ -197,8 +193,8 @@ def read_obs(group: Any) -> pd.DataFrame:
         frame.index = pd.Index(pd.array(frame.index.astype(str), dtype="string[pyarrow]"))
         return frame
     stored = group[group.attrs["_index"]]
-    parts = [pa.array(_strings(stored, start, min(start + ID_READ_SLICE, stored.shape[0])), type=pa.large_string())
-             for start in range(0, stored.shape[0], ID_READ_SLICE)]
+    parts = [pa.array(_strings(stored, start, min(start + ID_SLICE, stored.shape[0])), type=pa.large_string())
+             for start in range(0, stored.shape[0], ID_SLICE)]
     ids = pd.Index(pd.arrays.ArrowStringArray(pa.chunked_array(parts, type=pa.large_string())))
     columns = [str(name) for name in group.attrs.get("column-order", [])]
     return pd.DataFrame({name: anndata.io.read_elem(group[name]) for name in columns}, index=ids, columns=columns)
@@ -229,9 +225,9 @@ class ObsRuns(Protocol):
 
     def id_slices(self) -> Iterator[np.ndarray]:
         """Every id as UTF-8 bytes (one kind from every source, so that ids of shards of either kind hash
-        alike), ID_READ_SLICE at a time: what the uniqueness check on opening reads."""
-        for start in range(0, self.n_cells, ID_READ_SLICE):
-            ids = self.ids(start, min(start + ID_READ_SLICE, self.n_cells))
+        alike), ID_SLICE at a time: what the uniqueness check on opening reads."""
+        for start in range(0, self.n_cells, ID_SLICE):
+            ids = self.ids(start, min(start + ID_SLICE, self.n_cells))
             yield np.array([str(i).encode() for i in ids], dtype=object)
 
 
@@ -293,8 +289,8 @@ class StoredRuns(ObsRuns):
         """Every id as UTF-8 bytes, read as stored: h5py reads them undecoded in 3/4 of the time and they hash in
         a quarter of it (the uniqueness check on opening: 2.2 vs 3.2 s at 5 million cells)."""
         stored = self.group[self.group.attrs["_index"]]
-        for start in range(0, self.n_cells, ID_READ_SLICE):
-            values = np.asarray(stored[start:start + ID_READ_SLICE], dtype=object)
+        for start in range(0, self.n_cells, ID_SLICE):
+            values = np.asarray(stored[start:start + ID_SLICE], dtype=object)
             if len(values) and not isinstance(values[0], bytes):   # zarr gives str
                 values = np.array([str(v).encode() for v in values], dtype=object)
             yield values

@@ -226,31 +226,44 @@ class Predictor:
         return np.arange(len(rows)) if group is None or self.groups is None \
             else np.flatnonzero(self.groups[rows] == group)
 
-    def fit_clusters(self, source: CellChunks) -> None:
-        """Each model's clusters of a sample of the query's cells in gene space, each cluster scored by the mean
-        novelty of its cells (train/novelty.py)."""
+    def _sample(self, source: CellChunks, cells: int) -> tuple[np.ndarray, sp.csr_matrix, pd.Index]:
+        """(rows, normalized matrix, its genes) of a seeded sample of at most ``cells`` query cells
+        (:func:`sample_cells`: runs of consecutive cells, no pass over the query). Each run is normalized over the
+        query's genes, then only the models' genes are kept (the first of a duplicated name, as reindex_columns
+        takes it)."""
         config = self.config
         kind = query_kind(source, config, announce=False)
-        # each run of sampled cells is normalized over the query's genes, then only the models' genes are kept
-        # (the first of a duplicated gene name, as reindex_columns takes it)
         columns = np.flatnonzero(self.genes.isin(self.model_genes) & ~self.genes.duplicated())
-        used = self.genes[columns]
 
         def normalized(block: sp.csr_matrix) -> sp.csr_matrix:
             X, _ = normalize(block, config.input_normalization, kind=kind, source=source.source, copy=False,
                              announce=False)
             return X[:, columns]
 
-        rows, X = sample_cells(source, CLUSTER_CELLS, config.seed, normalized)
+        rows, X = sample_cells(source, cells, config.seed, normalized)
+        return rows, X, self.genes[columns]
+
+    def _embed_sample(self, group: Any, rows: np.ndarray, X: sp.csr_matrix, genes: pd.Index,
+                      mine: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
+        """The sampled cells ``mine`` (positions in ``rows``) on the genes of the model of ``group``, and its
+        embedding of them."""
+        model = self.models[group]
+        aligned = reindex_columns(X[mine], genes, pd.Index(model.genes))
+        covariates = self.covariates[group]
+        return aligned, model.embed(aligned, self.device, covariates=None if covariates is None
+                                    else covariates[rows[mine]])
+
+    def fit_clusters(self, source: CellChunks) -> None:
+        """Each model's clusters of a sample of the query's cells in gene space, each cluster scored by the mean
+        novelty of its cells (train/novelty.py)."""
+        config = self.config
+        rows, X, genes = self._sample(source, CLUSTER_CELLS)
         self.clusters = {}
         for group, model in self.models.items():
             mine = self._group_rows(group, rows)
             if model.novelty is None or len(mine) == 0:
                 continue
-            aligned = reindex_columns(X[mine], used, pd.Index(model.genes))
-            covariates = self.covariates[group]
-            embedding = model.embed(aligned, self.device, covariates=None if covariates is None
-                                    else covariates[rows[mine]])
+            aligned, embedding = self._embed_sample(group, rows, X, genes, mine)
             clusters = QueryClusters.fit(aligned, model.novelty.score(embedding, self.dtype),
                                          config.novelty_clusters, config.seed)
             if clusters is None:
@@ -260,40 +273,21 @@ class Predictor:
             self.clusters[group] = clusters
 
     def fit_shift(self, source: CellChunks) -> None:
-        """Weighted sets (a first pass over the query): each model's embedding of a random sample of the query's
-        cells, and a domain classifier of those against the model's calibration sample."""
+        """Weighted sets: each model's embedding of a seeded sample of the query's cells, and a domain classifier
+        of those against the model's calibration sample."""
         config, shift = self.config, self.shift
         if shift is None:
             raise ValueError("fit_shift is for weighted sets: the Predictor was built without --weighted_sets")
-        rng = np.random.default_rng(config.seed)
-        sample = np.sort(rng.choice(source.n_cells, size=min(SHIFT_QUERY_CELLS, source.n_cells), replace=False))
-        embedded: dict = {group: [] for group in self.models}
-        kind = query_kind(source, config, announce=False)
-        for rows, block in source.chunks(config.prediction_chunk_size):
-            local = sample[(sample >= rows.start) & (sample < rows.stop)] - rows.start
-            if len(local) == 0:
-                continue
-            X, _ = normalize(block[local], config.input_normalization, kind=kind, source=source.source, copy=True,
-                             announce=False)
-            for group, model in self.models.items():
-                mine = self._group_rows(group, rows.start + local)
-                if len(mine) == 0:
-                    continue
-                model_genes = pd.Index(model.genes)
-                part = X[mine]
-                aligned = part if self.genes.equals(model_genes) else reindex_columns(part, self.genes, model_genes)
-                covariates = self.covariates[group]
-                if covariates is not None:
-                    covariates = covariates[rows][local][mine]
-                embedded[group].append(model.embed(aligned, self.device, covariates=covariates))
+        rows, X, genes = self._sample(source, SHIFT_QUERY_CELLS)
         self.domain_weights = {}
-        for group, parts in embedded.items():
-            query = np.concatenate(parts) if parts else np.zeros((0, 1))
-            if len(query) < MIN_SHIFT_QUERY_CELLS:
+        for group in self.models:
+            mine = self._group_rows(group, rows)
+            if len(mine) < MIN_SHIFT_QUERY_CELLS:
                 log.warning("%s: %d query cells are too few to weigh calibration cells by their likeness; its sets "
-                            "are unweighted", self.models[group].path, len(query))
+                            "are unweighted", self.models[group].path, len(mine))
                 self.domain_weights[group] = None
                 continue
+            _, query = self._embed_sample(group, rows, X, genes, mine)
             _, reference = shift[group]
             self.domain_weights[group] = DomainWeights.fit(reference, query, config.seed)
 

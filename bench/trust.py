@@ -124,7 +124,7 @@ def measure(split_name: str, seed: int, run_dir: Path, reference: Path, query: P
     from sklearn.metrics import roc_auc_score
 
     from scnym_cli.train.conformal import held_out_fold_sets
-    from scnym_cli.train.metrics import (calibration_error, calibration_error_floor, classification_metrics,
+    from scnym_cli.train.metrics import (calibration_error_floor, calibration_error_of, classification_metrics,
                                          confidence_bins)
 
     split = SPLITS[split_name]
@@ -146,9 +146,10 @@ def measure(split_name: str, seed: int, run_dir: Path, reference: Path, query: P
         row[f"{ensemble}_balanced_accuracy"] = metrics["balanced_accuracy"]
         row[f"{ensemble}_accuracy"] = metrics["accuracy"]
         confidence, correct = probabilities.max(1)[known], called[known] == truth.to_numpy()[known]
-        row[f"{ensemble}_ece"] = calibration_error(confidence, correct)
+        bins = confidence_bins(confidence, correct, 15)
+        row[f"{ensemble}_ece"] = calibration_error_of(bins)
         # what a perfectly calibrated model would show at these confidences and this many cells
-        row[f"{ensemble}_ece_floor"] = calibration_error_floor(confidence_bins(confidence, correct, 15))
+        row[f"{ensemble}_ece_floor"] = calibration_error_floor(bins)
         row[f"{ensemble}_overconfidence"] = float(confidence.mean() - correct.mean())
         for name, value in query_sets_figures(set_matrix(table, classes), codes, len(classes)).items():
             row[f"query_{ensemble}_{name}"] = value

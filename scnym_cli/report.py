@@ -159,8 +159,7 @@ def plot_confusion_matrix(table: pd.DataFrame, path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def plot_reliability_diagram(table: pd.DataFrame, path: Path, title: str, ece: float,
-                             ece_floor: Optional[float] = None) -> None:
+def plot_reliability_diagram(table: pd.DataFrame, path: Path, title: str, ece: float, ece_floor: float) -> None:
     """Accuracy against confidence per bin (bars, width = bin), the diagonal of perfect calibration, and
     how many cells each bin holds; ``ece_floor``: what a calibrated model would show at this many cells."""
     fig = _figure((4.8, 5.6))
@@ -175,8 +174,7 @@ def plot_reliability_diagram(table: pd.DataFrame, path: Path, title: str, ece: f
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, loc="upper left")
-    floor = "" if ece_floor is None else f" (a calibrated model: ~{ece_floor:.3f} at this many cells)"
-    ax.set_title(f"{title}\nECE {ece:.3f}{floor}", fontsize=9)
+    ax.set_title(f"{title}\nECE {ece:.3f} (a calibrated model: ~{ece_floor:.3f} at this many cells)", fontsize=9)
     ax_count.bar(table["bin_low"], table["n_cells"], width=width, align="edge", edgecolor="black", color="#bbbbbb")
     ax_count.set_xlabel("confidence")
     ax_count.set_ylabel("cells")
@@ -303,7 +301,7 @@ def write_labeled_report(directory: Path, evaluation: LabeledEvaluation, title: 
     plot_confusion_matrix(evaluation.confusion, directory / "confusion_matrix.png", f"{title} ({n_cells} cells)")
     evaluation.reliability.to_csv(directory / "reliability.csv", index=False)
     plot_reliability_diagram(evaluation.reliability, directory / "reliability_diagram.png", title,
-                             evaluation.metrics["ece"], evaluation.metrics.get("ece_floor"))
+                             evaluation.metrics["ece"], evaluation.metrics["ece_floor"])
 
 
 def plot_marker_heatmap(top_markers: dict[str, list[str]], genes: Sequence[str], cells, labels, path: Path,

@@ -272,9 +272,15 @@ def markdown(summary: pd.DataFrame, info: dict, command: str, peers: pd.DataFram
     for (split, method), r in table.iterrows():
         lines.append(f"| {SPLITS[split].description} | {method} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | "
                      f"{r['ece']:.3f} | {r['novel_auroc']:.3f} | {r['train_seconds']:.0f} |")
-    if frame is not None and any(m in ABLATIONS for m in methods):
+    if frame is not None and any(m not in ("supervised", "semi_supervised") for m in methods):
         lines += ablation_table(frame, methods)
     return "\n".join(lines) + "\n"
+
+
+def variant_flags(method: str) -> str:
+    """A --variant's flags as the table names it: what it sets beyond the target data."""
+    flags = " ".join(METHODS[method]).replace("--unlabeled_counts QUERY", "").strip()
+    return f"`{flags}`" if flags else ""
 
 
 def ablation_table(frame: pd.DataFrame, methods: list[str]) -> list[str]:
@@ -296,7 +302,8 @@ def ablation_table(frame: pd.DataFrame, methods: list[str]) -> list[str]:
         paired = paired[paired.index.isin(base.index)]
         delta = (paired - base[paired.index]).groupby(level="split").mean().reindex(splits)
         what = ABLATIONS[method][1] if method in ABLATIONS else {"semi_supervised": "**the defaults**",
-                                                                  "supervised": "no target data"}.get(method, "")
+                                                                  "supervised": "no target data"}.get(
+            method, variant_flags(method))
         worst = "" if method == "semi_supervised" or delta.isna().all() else \
             f"{delta.min():+.3f} ({SPLITS[delta.idxmin()].description})"
         seeds = ", ".join(map(str, sorted(set(mine["seed"]))))

@@ -29,8 +29,8 @@ def test_accuracy_benchmark_quick(tmp_path, monkeypatch):
     accuracy = load_bench("accuracy")
     rows = accuracy.main(["--quick", "--splits", "kang_ctrl_to_stim", "--seeds", "0", "--out", str(tmp_path / "r"),
                           "--work", str(tmp_path / "w"), "--tag", "t", "--methods", "supervised", "semi_supervised",
-                          "no_adversary"])
-    assert list(rows["method"]) == ["supervised", "semi_supervised", "no_adversary"]
+                          "no_adversary", "--variant", "wide=--unlabeled_counts QUERY --n_hidden 64"])
+    assert list(rows["method"]) == ["supervised", "semi_supervised", "no_adversary", "wide"]
     table = pd.read_csv(tmp_path / "r" / "t.csv")
     assert {"balanced_accuracy", "accuracy", "macro_f1", "ece", "train_seconds", "novel_auroc"} <= set(table.columns)
     assert table["balanced_accuracy"].between(0, 1).all()
@@ -39,6 +39,8 @@ def test_accuracy_benchmark_quick(tmp_path, monkeypatch):
     assert (tmp_path / "r" / "t.png").stat().st_size > 0
     report = (tmp_path / "r" / "t.md").read_text()
     assert "Kang ctrl -> stim" in report and "## Ablation" in report and "MixMatch only" in report
+    # a --variant's row names what it sets beyond the target data
+    assert "| wide | `--n_hidden 64` | 0 |" in report
     # --resume reuses finished runs with the same command
     again = accuracy.main(["--quick", "--splits", "kang_ctrl_to_stim", "--seeds", "0", "--out", str(tmp_path / "r"),
                            "--work", str(tmp_path / "w"), "--tag", "t2", "--methods", "supervised", "--resume"])

@@ -61,7 +61,7 @@ class MixMatchSettings:
     balance_target_classes: bool = False
     mixup_alpha: Optional[float] = 0.3
     augmentation: str = "log1p_drop"
-    augmentation_rate: float = 0.1
+    augmentation_rate: float = 0.2
     augment_pseudolabels: bool = False
     n_augmentations: int = 1
     unsup_mean_teacher: bool = False

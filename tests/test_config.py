@@ -26,7 +26,9 @@ def test_the_2021_config_file_brings_back_the_published_settings():
     changed = {k for k, v in published.to_dict().items() if v != c.to_dict()[k]}
     assert changed == {"n_epochs", "patience", "min_epochs", "min_steps_per_epoch", "unsup_ramp_epochs",
                        "dan_ramp_epochs", "n_top_genes", "shared_genes", "dan_on_mixes",
-                       "pseudolabel_min_confidence", "adaptive_thresholds", "balance_classes"}
+                       "pseudolabel_min_confidence", "adaptive_thresholds", "balance_classes", "augmentation_rate"}
+    # the file keeps the augmentation rate its benchmark figures were measured with
+    assert published.augmentation_rate == 0.1 and c.augmentation_rate == 0.2
     assert published.balance_classes is False and c.balance_classes is None   # auto: balanced when adapting
     assert load_config(None, [], {"balance_classes": "auto"}).balance_classes is None
     assert load_config(None, [], {"balance_classes": "no"}).balance_classes is False

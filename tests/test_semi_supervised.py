@@ -312,3 +312,59 @@ def test_temperature_of_a_perfectly_classified_selection_split_does_not_collapse
     wrong = rng.choice(150, 5, replace=False)
     logits[wrong, (labels[wrong] + 1) % 5] += 16
     assert fit_temperature(logits, labels) > 1.2
+
+
+def test_profile_divergence_is_zero_for_the_cells_own_profile_at_any_depth():
+    from scnym_cli.nn.decoder import profile_divergence
+    from scnym_cli.nn.expression import log_cpm
+
+    counts = torch.tensor([[5.0, 3.0, 0.0, 2.0], [0.0, 1.0, 1.0, 8.0]])
+    shares = torch.log(counts / counts.sum(1, keepdim=True)).clamp_min(-60.0)
+    assert float(profile_divergence(log_cpm(counts), shares)) == pytest.approx(0.0, abs=1e-5)
+    # a cell's depth does not change its profile; another profile scores above 0
+    assert float(profile_divergence(log_cpm(counts * 7), shares)) == pytest.approx(0.0, abs=1e-5)
+    uniform = torch.full((2, 4), -np.log(4.0))
+    assert float(profile_divergence(log_cpm(counts), uniform)) > 0.1
+    # a cell with no counts adds nothing
+    empty = torch.cat([log_cpm(counts), torch.zeros(1, 4)])
+    assert float(profile_divergence(empty, torch.cat([shares, uniform[:1]]))) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_the_expression_decoder_reconstructs_each_domain_from_its_one_hot():
+    """With reconstruction_weight the objective owns a decoder that trains with the model: its term is logged,
+    every part gets gradients, and two domains with the same cells but different gene baselines are told apart
+    through the domain one-hot (a decoder that ignored it could not fit both)."""
+    from scnym_cli.nn import CellTypeClassifier
+    from scnym_cli.nn.expression import log_cpm
+
+    torch.manual_seed(0)
+    model = CellTypeClassifier(n_genes=12, n_classes=3, n_hidden=16, dropout=0.0)
+    settings = MixMatchSettings(reconstruction_weight=1.0, dan_ramp_epochs=0, augmentation="none")
+    objective = SemiSupervisedObjective(model, settings, n_domains=2)
+    assert objective.decoder is not None and objective.decoder.output.out_features == 12
+    assert SemiSupervisedObjective(model, MixMatchSettings(), n_domains=2).decoder is None
+    classes = torch.arange(16) % 3
+    profiles = torch.rand(3, 12) + torch.eye(3, 12) * 4
+    counts = 200 * profiles[classes]
+    baseline = torch.ones(12)
+    baseline[6:] = 6.0  # the target's technology reads the second half of the genes 6x higher
+    batch = LabeledBatch(log_cpm(counts), torch.eye(3)[classes], domains=torch.zeros(16, dtype=torch.long))
+    target = UnlabeledBatch(log_cpm(counts * baseline), domains=torch.ones(16, dtype=torch.long))
+    optimizer = torch.optim.Adam(objective.parameters(), lr=0.01)
+    first = None
+    for _ in range(150):
+        optimizer.zero_grad()
+        loss, terms, _ = objective(batch, epoch=3, unlabeled=target)
+        loss.backward()
+        assert all(p.grad is not None for p in objective.decoder.parameters())
+        optimizer.step()
+        first = terms["reconstruction_loss"] if first is None else first
+    assert terms["reconstruction_loss"] < 0.1 * first
+    with torch.no_grad():
+        objective.eval()
+        embedding = model.embed(batch.x)
+        as_reference = objective.decoder(embedding, torch.eye(2)[[0] * 16]).exp()
+        as_target = objective.decoder(embedding, torch.eye(2)[[1] * 16]).exp()
+    # the same embedding decodes to the second half's larger share only with the target's one-hot
+    ratio = (as_target[:, 6:].sum(1) / as_reference[:, 6:].sum(1))
+    assert float(ratio.min()) > 1.5

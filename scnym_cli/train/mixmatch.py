@@ -10,7 +10,9 @@ One step, for a labeled batch (reference cells) and an unlabeled batch (target c
    the larger share, lambda' = max(lambda, 1 - lambda), so its identity dominates its mix.
 3. Loss = cross-entropy(labeled mixes) + w_unsup(t) x MSE(softmax(target mixes), mixed guesses)
    + cross-entropy of a domain classifier on the (unmixed) embedding, behind a gradient-reversal
-   layer whose weight ramps up to ``dan_max_weight``.
+   layer whose weight ramps up to ``dan_max_weight``
+   [+ ``reconstruction_weight`` x the divergence of the mixes' un-augmented expression profiles from
+   what an expression decoder makes of their embedding and domain (nn/decoder.py)].
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 from ..nn.adversary import DomainClassifier
 from ..nn.classifier import REFERENCE, TARGET, CellTypeClassifier, DomainRows
+from ..nn.decoder import ExpressionDecoder, profile_divergence
 from .augment import AUGMENTATIONS
 from .losses import soft_cross_entropy
 from .objectives import LabeledBatch, Objective, mixup
@@ -38,8 +41,9 @@ class UnlabeledBatch:
     covariates: Optional[torch.Tensor] = None
 
 
-# what MixUp mixes, per cell: inputs, targets, covariates, domain one-hots (the last two may be None)
-MixPart = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
+# what MixUp mixes, per cell: inputs, targets, covariates, domain one-hots, un-augmented inputs (the decoder's
+# targets); the last three may be None
+MixPart = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class MixMatchSettings:
     dan_on_mixes: bool = True
     domain_batch_norm: bool = False
     domain_norm_by_class: bool = True
+    reconstruction_weight: float = 0.0
 
     @property
     def needs_target_census(self) -> bool:
@@ -167,6 +172,8 @@ class SemiSupervisedObjective(Objective):
         width = model.n_hidden * (model.n_classes if settings.dan_conditional else 1)
         self.domain_classifier = (DomainClassifier(width, n_domains, settings.dan_n_layers, n_hidden=model.n_hidden)
                                   if settings.dan_max_weight > 0 else None)
+        self.decoder = (ExpressionDecoder(model.n_hidden, model.n_genes, n_domains)
+                        if settings.reconstruction_weight > 0 else None)
         prior = (torch.full((model.n_classes,), 1.0 / model.n_classes) if labeled_prior is None
                  else labeled_prior.float() / labeled_prior.float().sum())
         # distribution alignment: the labeled prior and a running mean of the target's guesses
@@ -270,6 +277,19 @@ class SemiSupervisedObjective(Objective):
             counts = np.bincount(guessed, minlength=self.model.n_classes)[: self.model.n_classes]
             self.target_composition.copy_(torch.from_numpy(counts / counts.sum()).float())
 
+    def _domain_onehots(self, batch: LabeledBatch, unlabeled: Optional[UnlabeledBatch]
+                        ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """One-hot domains of the labeled and the target rows (a batch without domains: the reference's and the
+        target's)."""
+        def onehot(domains: Optional[torch.Tensor], n_rows: int, default: int, device) -> torch.Tensor:
+            if domains is None:
+                domains = torch.full((n_rows,), default, dtype=torch.long, device=device)
+            return F.one_hot(domains, self.n_domains).float()
+        domains_l = onehot(batch.domains, batch.x.shape[0], REFERENCE, batch.x.device)
+        domains_u = (None if unlabeled is None
+                     else onehot(unlabeled.domains, unlabeled.x.shape[0], TARGET, unlabeled.x.device))
+        return domains_l, domains_u
+
     def _norm_domains(self, targets_l: torch.Tensor, n_target: int) -> dict:
         """The ``domain`` argument of a mixed batch's forward pass: the row domains and, with
         domain_norm_by_class once a census exists, weights on the reference rows that give each class the
@@ -326,27 +346,30 @@ class SemiSupervisedObjective(Objective):
             x_u = self._augment(unlabeled.x)
             terms["confident_fraction"] = float(confident.float().mean())
 
-        domains_l = domains_u = None
-        if self.domain_classifier is not None and s.dan_on_mixes and batch.domains is not None:
-            domains_l = F.one_hot(batch.domains, self.n_domains).float()
-            domains_u = (None if unlabeled is None or unlabeled.domains is None
-                         else F.one_hot(unlabeled.domains, self.n_domains).float())
+        domains_l = domains_u = None  # domain one-hots of the rows, for the adversary on mixes and the decoder
+        adversary_on_mixes = (self.domain_classifier is not None and s.dan_on_mixes and batch.domains is not None
+                              and (unlabeled is None or unlabeled.domains is not None))
+        if adversary_on_mixes or self.decoder is not None:
+            domains_l, domains_u = self._domain_onehots(batch, unlabeled)
         mixed_embedding: Optional[torch.Tensor] = None
         mixed_logits: Optional[torch.Tensor] = None
         mixed_domains: Optional[torch.Tensor] = None
+        reconstruction_loss: Optional[torch.Tensor] = None
         if (unlabeled is not None and x_u is not None and confident is not None and targets_u is not None
                 and s.unsup_max_weight > 0 and bool(confident.any())):
             rows = confident
+            clean = self.decoder is not None
             unlabeled_part: MixPart = (x_u[rows], targets_u[rows],
                               None if unlabeled.covariates is None else unlabeled.covariates[rows],
-                              None if domains_u is None else domains_u[rows])
-            labeled_part: MixPart = (x_l, batch.target, batch.covariates, domains_l)
+                              None if domains_u is None else domains_u[rows],
+                              unlabeled.x[rows] if clean else None)
+            labeled_part: MixPart = (x_l, batch.target, batch.covariates, domains_l, batch.x if clean else None)
             if s.mixup_alpha:
                 mixed_l, mixed_u = mix_with_pool(labeled_part, unlabeled_part, s.mixup_alpha)
                 # None stays None, so inputs and targets are still tensors
                 labeled_part, unlabeled_part = cast(MixPart, tuple(mixed_l)), cast(MixPart, tuple(mixed_u))
-            xl, yl, cl, dl = labeled_part
-            xu, yu, cu, du = unlabeled_part
+            xl, yl, cl, dl, clean_l = labeled_part
+            xu, yu, cu, du, clean_u = unlabeled_part
             # a mix keeps the domain of its dominant part (lambda' >= 0.5), the row's own
             logits, embedding = model(torch.cat([xl, xu]), None if cl is None or cu is None else torch.cat([cl, cu]),
                                       return_embedding=True, **self._norm_domains(yl, xu.shape[0]))
@@ -355,17 +378,29 @@ class SemiSupervisedObjective(Objective):
             # divided by all target cells of the batch: those below the threshold add exactly 0
             unsup_loss = per_cell.sum() / unlabeled.x.shape[0]
             if dl is not None and du is not None:
-                mixed_embedding, mixed_logits, mixed_domains = embedding, logits, torch.cat([dl, du])
+                if adversary_on_mixes:
+                    mixed_embedding, mixed_logits, mixed_domains = embedding, logits, torch.cat([dl, du])
+                if self.decoder is not None and clean_l is not None and clean_u is not None:
+                    reconstruction_loss = profile_divergence(torch.cat([clean_l, clean_u]),
+                                                             self.decoder(embedding, torch.cat([dl, du])))
         else:
             xl, yl, cl = mixup(x_l, batch.target, batch.covariates, s.mixup_alpha) if s.mixup_alpha \
                 else (x_l, batch.target, batch.covariates)
-            logits_l = model(xl, cl)
+            if self.decoder is not None and domains_l is not None:
+                # the labeled cells alone: their mixes (domains of the dominant part unmixed) are the targets
+                logits_l, embedding_l = model(xl, cl, return_embedding=True)
+                reconstruction_loss = profile_divergence(xl, self.decoder(embedding_l, domains_l))
+            else:
+                logits_l = model(xl, cl)
             unsup_loss = torch.zeros((), device=xl.device)
         weight = None if self.class_weight is None else self.class_weight.to(logits_l.device)
         sup_loss = soft_cross_entropy(logits_l, yl, weight)
         loss = sup_loss + unsup_weight * unsup_loss
         terms.update(supervised_loss=float(sup_loss.detach()), unsupervised_loss=float(unsup_loss.detach()),
                      unsup_weight=unsup_weight)
+        if reconstruction_loss is not None:
+            loss = loss + s.reconstruction_weight * reconstruction_loss
+            terms.update(reconstruction_loss=float(reconstruction_loss.detach()))
         if self.domain_classifier is not None:
             if mixed_embedding is not None and mixed_domains is not None:  # the adversary on the mixed batch: no second forward pass
                 domain_logits = self.domain_classifier(

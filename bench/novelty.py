@@ -17,7 +17,11 @@ Scores, each higher = more novel:
 * ``profile by cluster``: 1 - the highest correlation of the cluster's mean expression with a reference
   type's (each gene standardized within its own dataset), over the model's genes;
 * ``knn + profile``: the sum of the two clusters' ranks among the query's cells (no absolute scale: no
-  threshold can be set from the reference for it).
+  threshold can be set from the reference for it);
+* ``markers by cluster``: the share of the reference's marker fold change (the type the model calls most of
+  the cluster's cells: its 20 genes most above every other reference type) that the cluster lacks against
+  the rest of the query;
+* ``knn + markers``: the sum of the ranks of ``knn by cluster`` and ``markers by cluster``.
 The reference embeddings are those of the training reference (at most 2,000 cells, drawn per class as scnym
 draws the bank it keeps with a model). For the two scores that ``--unknown_rate`` could use (``knn``, the
 default before query clusters, and ``knn by cluster``, the default now), the share of known and of novel
@@ -45,7 +49,8 @@ from common import (RESULTS, SPLITS, WORK, machine, materialize, provenance, scn
                     shared_genes_file, write_json, write_markdown)
 from scnym_cli.train.novelty import BANK_CELLS, K_NEAREST as K  # noqa: E402
 
-SCORES = ["1 - confidence", "energy", "knn", "prototype", "knn by cluster", "profile by cluster", "knn + profile"]
+SCORES = ["1 - confidence", "energy", "knn", "prototype", "knn by cluster", "profile by cluster", "knn + profile",
+          "markers by cluster", "knn + markers"]
 # the scores with a threshold from the reference's held-out cells: (score, the cell-level score thresholded)
 CALLED = {"knn": "knn", "knn by cluster": "knn"}
 RATE = 0.05
@@ -70,10 +75,18 @@ def novelty_scores(logits: np.ndarray, confidence: np.ndarray, embedding: np.nda
     return {"1 - confidence": 1 - confidence, "energy": energy, "knn": knn, "prototype": prototype}
 
 
-def profile_by_cluster(model: Path, reference: Path, query: Path, label: str, cell_ids: pd.Index,
-                       seed: int = 0) -> np.ndarray:
-    """Each query cell's cluster's 1 - highest correlation of its mean standardized expression with a reference
-    type's, over the model's genes (each dataset standardized on its own)."""
+def cluster_scores(model: Path, reference: Path, query: Path, label: str, cell_ids: pd.Index,
+                   predicted: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    """Scores of each query cell's cluster (16 k-means clusters of the query in its own gene space, as scnym's),
+    over the model's genes:
+
+    * ``profile by cluster``: 1 - the highest correlation of the cluster's mean standardized expression (each
+      gene standardized within its own dataset) with a reference type's;
+    * ``markers by cluster``: the share of the reference's marker fold change the cluster lacks, for the type the
+      model calls most of its cells: that type's markers (the 20 genes most above every other reference type,
+      ln(CPM+1)) and their fold change over the rest of the reference, against the cluster's over the rest of
+      the query (a known type's cluster shows its markers, ~0; a new type called a known one lacks them, ~1).
+    """
     import anndata as ad
 
     from scnym_cli.data.genes import reindex_columns
@@ -82,30 +95,63 @@ def profile_by_cluster(model: Path, reference: Path, query: Path, label: str, ce
 
     genes = pd.Index(json.loads((model / "all_data" / "model.json").read_text())["genes"])
 
-    def standardized(path: Path, cells=None):
-        """(expression standardized per gene over the dataset, the AnnData, ln(CPM+1) over the model's genes)"""
+    def expression(path: Path, cells=None):
+        """(ln(CPM+1) over the model's genes, dense; its sparse form; the AnnData)"""
         adata = ad.read_h5ad(path)
         if cells is not None:
             adata = adata[adata.obs_names.get_indexer(cells)]
         X, _ = normalize(adata.X, "auto", source=str(path), copy=True, announce=False)
         X = reindex_columns(X.tocsr(), adata.var_names, genes)
-        dense = X.toarray()
-        return (dense - dense.mean(0)) / np.maximum(dense.std(0), 1e-3), adata, X
+        return X.toarray(), X, adata
 
-    reference_z, reference_data, _ = standardized(reference)
+    def standardized(dense: np.ndarray) -> np.ndarray:
+        return (dense - dense.mean(0)) / np.maximum(dense.std(0), 1e-3)
+
+    reference_dense, _, reference_data = expression(reference)
     labels = reference_data.obs[label].astype(str).to_numpy()
-    profiles = np.stack([reference_z[labels == c].mean(0) for c in np.unique(labels)])
-    query_z, _, query_X = standardized(query, cell_ids)
+    types = np.unique(labels)
+    reference_z = standardized(reference_dense)
+    profiles = np.stack([reference_z[labels == c].mean(0) for c in types])
+    query_dense, query_X, _ = expression(query, cell_ids)
+    query_z = standardized(query_dense)
     clusters = QueryClusters.fit(query_X, np.zeros(query_X.shape[0]), 16, seed)
     assigned = clusters.assign(query_X)
+    n_clusters = len(clusters.novelty)
     means = np.stack([query_z[assigned == c].mean(0) if (assigned == c).any() else np.zeros(query_z.shape[1])
-                      for c in range(len(clusters.novelty))])
+                      for c in range(n_clusters)])
 
     def centred(rows: np.ndarray) -> np.ndarray:
         rows = rows - rows.mean(axis=1, keepdims=True)
         return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
-    return (1 - (centred(means) @ centred(profiles).T).max(axis=1))[assigned]
+    profile = (1 - (centred(means) @ centred(profiles).T).max(axis=1))[assigned]
+
+    # markers of each reference type: most above the highest other type's mean
+    type_means = np.stack([reference_dense[labels == c].mean(0) for c in types])
+    markers, reference_change = {}, {}
+    for i, kind in enumerate(types):
+        others = np.delete(type_means, i, axis=0)
+        specificity = type_means[i] - (others.max(0) if len(others) else 0)
+        top = np.argsort(-specificity)[:20]
+        top = top[specificity[top] > 0]
+        if len(top) == 0:
+            top = np.argsort(-specificity)[:1]
+        rest = reference_dense[labels != kind][:, top].mean(0) if (labels != kind).any() else 0
+        markers[kind], reference_change[kind] = top, type_means[i, top] - rest
+    marker_score = np.zeros(n_clusters)
+    for c in range(n_clusters):
+        cells = assigned == c
+        if not cells.any():
+            continue
+        called = pd.Series(predicted[cells]).value_counts().index[0]
+        if called not in markers:
+            continue
+        top = markers[called]
+        inside = query_dense[cells][:, top].mean(0)
+        outside = query_dense[~cells][:, top].mean(0) if (~cells).any() else np.zeros(len(top))
+        expected = float(np.maximum(reference_change[called], 0).sum())
+        marker_score[c] = float((reference_change[called] - (inside - outside)).sum()) / max(expected, 1e-6)
+    return {"profile by cluster": profile, "markers by cluster": marker_score[assigned]}
 
 
 def bank_of(reference: Path, label: str, cells: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +198,10 @@ def score_run(model: Path, reference: Path, query: Path, label: str, novel: list
     scores = novelty_scores(logits, table["confidence"].to_numpy(), embedding, reference_embedding[rows],
                             bank_labels)
     scores["knn by cluster"] = table["novelty"].to_numpy()
-    scores["profile by cluster"] = profile_by_cluster(model, reference, query, label, pd.Index(table["cell_id"].astype(str)))
+    scores.update(cluster_scores(model, reference, query, label, pd.Index(table["cell_id"].astype(str)),
+                                 table["predicted_label"].astype(str).to_numpy()))
+    scores["knn + markers"] = (pd.Series(scores["knn by cluster"]).rank().to_numpy()
+                               + pd.Series(scores["markers by cluster"]).rank().to_numpy())
     scores["knn + profile"] = (pd.Series(scores["knn by cluster"]).rank().to_numpy()
                                + pd.Series(scores["profile by cluster"]).rank().to_numpy())
     threshold = NoveltyReference.load(model / "all_data").threshold(RATE)

@@ -136,7 +136,7 @@ def cluster_scores(model: Path, reference: Path, query: Path, label: str, cell_i
         top = top[specificity[top] > 0]
         if len(top) == 0:
             top = np.argsort(-specificity)[:1]
-        rest = reference_dense[labels != kind][:, top].mean(0) if (labels != kind).any() else 0
+        rest = reference_dense[:, top][labels != kind].mean(0) if (labels != kind).any() else 0
         markers[kind], reference_change[kind] = top, type_means[i, top] - rest
     marker_score = np.zeros(n_clusters)
     for c in range(n_clusters):
@@ -147,8 +147,9 @@ def cluster_scores(model: Path, reference: Path, query: Path, label: str, cell_i
         if called not in markers:
             continue
         top = markers[called]
-        inside = query_dense[cells][:, top].mean(0)
-        outside = query_dense[~cells][:, top].mean(0) if (~cells).any() else np.zeros(len(top))
+        genes_of_type = query_dense[:, top]   # the type's markers only: no copy of the whole query per cluster
+        inside = genes_of_type[cells].mean(0)
+        outside = genes_of_type[~cells].mean(0) if (~cells).any() else np.zeros(len(top))
         expected = float(np.maximum(reference_change[called], 0).sum())
         marker_score[c] = float((reference_change[called] - (inside - outside)).sum()) / max(expected, 1e-6)
     return {"profile by cluster": profile, "markers by cluster": marker_score[assigned]}

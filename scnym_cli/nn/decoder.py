@@ -48,5 +48,5 @@ def profile_divergence(log_expression: torch.Tensor, log_shares: torch.Tensor) -
     """
     values = torch.expm1(log_expression.float()).clamp_min(0.0)
     profile = values / values.sum(dim=1, keepdim=True).clamp_min(1e-12)
-    entropy_part = torch.where(profile > 0, profile * torch.log(profile.clamp_min(1e-30)), torch.zeros_like(profile))
-    return (entropy_part - profile * log_shares).sum(dim=1).mean()
+    # xlogy: p log p with 0 log 0 = 0 (genes a cell lacks)
+    return (torch.xlogy(profile, profile) - profile * log_shares).sum(dim=1).mean()

@@ -163,7 +163,7 @@ def measure(split_name: str, seed: int, run_dir: Path, reference: Path, query: P
     table, probabilities = tables["all"]
     if known.any() and (~known).any():
         for name, score in (("1 - confidence", 1 - probabilities.max(1)), ("disagreement", table["disagreement"]),
-                            ("knn", table["novelty"])):
+                            ("novelty", table["novelty"])):
             row[f"novel_auroc_{name}"] = float(roc_auc_score(~known, np.asarray(score, dtype=float)))
 
     # cross-validation: each fold's held-out cells, calibrated on the other folds

@@ -210,8 +210,10 @@ def scnym_api(
 
     - ``obs[key_added]``: predicted cell type (categorical)
     - ``obs[key_added + "_confidence"]``: calibrated probability of that type
-    - ``obs[key_added + "_novelty"]``: distance to the nearest reference cells in the embedding (higher = less
-      like any reference cell; ``config={"unknown_rate": 0.05}`` calls cells above the threshold Unknown)
+    - ``obs[key_added + "_novelty"]``: how unlike the reference's known cells the cell's query cluster is, in
+      [0, 1]: the mean of two quantiles among the model-selection cells' own, its distance to the nearest
+      reference cells in the embedding and its share of query cells among its neighbours there (higher = less
+      like any reference type; ``config={"unknown_rate": 0.05}`` calls cells above the threshold Unknown)
     - ``obs[key_added + "_disagreement"]``: share of a run's models (cross-validation folds and all_data,
       ``config={"ensemble": ...}``) whose own call differs from the averaged one; only for runs with folds
     - ``obs[key_added + "_prediction_set"]``, ``obs[key_added + "_set_size"]`` with

@@ -20,6 +20,8 @@ def load_bench(name):
     sys.path.insert(0, str(REPO / "bench"))
     spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    # registered as importing it would (a dataclass of the script looks its module up there)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -101,13 +103,31 @@ def test_normalization_probes_quick(tmp_path):
 def test_novelty_benchmark_quick(tmp_path):
     shared_data("kang2018_ctrl_stim_small.h5ad")
     novelty = load_bench("novelty")
-    frame = novelty.main(["--quick", "--splits", "kang_ctrl_to_stim", "--min_cells", "30", "--work",
-                          str(tmp_path / "w"), "--out", str(tmp_path / "r"), "--tag", "n"])
+    frame = novelty.main(["--quick", "--splits", "kang_ctrl_to_stim", "--min_cells", "30", "--seeds", "0", "1",
+                          "--work", str(tmp_path / "w"), "--out", str(tmp_path / "r"), "--tag", "n"])
     assert set(frame["protocol"]) == {"left out"} and len(frame) >= 3
-    for score in novelty.SCORES:
+    together = [name.format(n=2) for name in novelty.ENSEMBLE_SCORES]
+    for score in [*novelty.SCORES, *together]:
         assert frame[score].between(0, 1).all()
+    assert (frame["novelty: lowest"] <= frame["novelty"] + 1e-12).all()
+    assert (frame["novelty"] <= frame["novelty: highest"] + 1e-12).all()
+    for name in novelty.CALLED:
+        assert frame[f"{name}: known Unknown"].between(0, 1).all()
     report = (tmp_path / "r" / "n.md").read_text()
-    assert "Kang ctrl -> stim" in report and "knn" in report
+    assert "Kang ctrl -> stim" in report and "knn" in report and together[0] in report
+    # the seeds' models together: a cell far from the reference in every model is the most novel, and calls
+    # that differ between the models are disagreement
+    def scored(knn, probabilities):
+        return novelty.ScoredRun(np.arange(3).astype(str), np.array(["a", "a", "new"]), np.array([True, True, False]),
+                                 {"knn by cluster": np.asarray(knn, float), "novelty": 2 * np.asarray(knn, float)},
+                                 np.asarray(probabilities, float), {"knn": 1.0}, np.array([0, 0, 1]))
+    runs = [scored([0.1, 0.2, 0.9], [[0.9, 0.1], [0.8, 0.2], [0.6, 0.4]]),
+            scored([0.2, 0.1, 0.5], [[0.9, 0.1], [0.7, 0.3], [0.3, 0.7]])]
+    combined = novelty.together(runs)
+    assert np.allclose(combined[together[0]], [0.3, 0.3, 1.4])
+    assert np.allclose(combined[together[1]], [0.15, 0.15, 0.7])
+    assert np.allclose(combined[together[2]], [0.1, 0.25, 0.45])
+    assert np.allclose(combined[together[3]], [0.0, 0.0, 0.5])
     # the scores on made-up embeddings: a cell far from every reference cell is the most novel
     rng = np.random.default_rng(0)
     bank = rng.normal(size=(40, 8)) + np.repeat(np.eye(8)[:2] * 5, 20, axis=0)

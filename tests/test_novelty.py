@@ -1,7 +1,9 @@
-"""Novelty scores: distance to the nearest reference cells, thresholds from known held-out cells."""
+"""Novelty scores: distance to the nearest reference cells and mixing with them, thresholds from known held-out
+cells."""
 
 import numpy as np
 import pytest
+import torch
 
 from scnym_cli.train.novelty import NoveltyReference, bank_rows
 
@@ -35,6 +37,72 @@ def test_scores_thresholds_and_a_saved_reference(tmp_path):
     np.testing.assert_allclose(again.score(novel), reference.score(novel), rtol=1e-6)
     assert again.k == 5 and again.threshold(0.1) == pytest.approx(reference.threshold(0.1), rel=1e-6)
     assert NoveltyReference.load(tmp_path / "nowhere") is None
+    np.testing.assert_array_equal(again.selection.numpy(), reference.selection.numpy())
+    assert again.selection.shape == (60, 16)
+
+
+def _adapted(seed=0, shift=0.3):
+    """A reference of three types (bank and model-selection cells), and a query of the same types a little shifted
+    (as adaptation leaves them) with a new type: a tight group next to type 1, about as far from it as type 1's
+    own cells spread, with no reference cell among it."""
+    rng = np.random.default_rng(seed)
+    centres = np.eye(16)[:3] * 10
+    bank = np.repeat(centres, 60, axis=0) + rng.normal(size=(180, 16))
+    selection = np.repeat(centres, 40, axis=0) + rng.normal(size=(120, 16))
+    known = np.repeat(centres, 60, axis=0) + rng.normal(size=(180, 16)) + shift * np.eye(16)[5]
+    new = centres[1] + 4 * np.eye(16)[8] + 0.3 * rng.normal(size=(60, 16))
+    return NoveltyReference.build(bank, selection, k=5), np.vstack([known, new]), np.r_[np.zeros(180, bool),
+                                                                                       np.ones(60, bool)]
+
+
+def test_query_novelty_ranks_a_new_type_by_distance_and_mixing():
+    from scnym_cli.train.novelty import QueryNovelty
+
+    reference, query, is_new = _adapted()
+    scale = QueryNovelty.fit(reference, query, seed=0)
+    assert scale.pool is not None and scale.describe()["pool_cells"] == 180
+    novelty = scale.score(query)
+    assert novelty.min() >= 0 and novelty.max() <= 1
+    # the new type is near type 1 (its distance to reference cells overlaps the known cells') but sits among its
+    # own cells: mixing tells it apart where the distance alone does not
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(is_new, reference.score(query)) < 0.8
+    assert roc_auc_score(is_new, novelty) > 0.9
+    mixing = scale.own_share(torch.as_tensor(query, dtype=torch.float32), from_query=True)
+    assert mixing[is_new].min() > np.quantile(mixing[~is_new], 0.9)
+    # the known query cells are scaled as the model-selection cells are: about a share `rate` above the threshold
+    for rate in (0.05, 0.2, 0.5):
+        threshold = scale.threshold(rate)
+        assert np.mean(scale.selection_novelty > threshold) <= rate + 1 / 120
+        assert np.mean(novelty[~is_new] > threshold) <= rate + 0.1
+    assert np.mean(novelty[is_new] > scale.threshold(0.05)) > 0.5
+    # seeded; a block is scored as the whole is
+    again = QueryNovelty.fit(reference, query, seed=0)
+    np.testing.assert_array_equal(again.score(query), novelty)
+    np.testing.assert_array_equal(scale.score(query[100:]), novelty[100:])
+
+
+def test_a_query_cell_of_the_pool_is_not_its_own_neighbour():
+    from scnym_cli.train.novelty import MIN_POOL_CELLS, QueryNovelty
+
+    rng = np.random.default_rng(0)
+    centres = np.eye(16)[:2] * 10
+    bank = centres[0] + rng.normal(size=(60, 16))
+    reference = NoveltyReference.build(bank, centres[0] + rng.normal(size=(30, 16)), k=5)
+    # one query cell among the reference cells, the rest far away: its neighbours are reference cells only
+    query = np.vstack([centres[0] + rng.normal(size=(1, 16)), centres[1] + rng.normal(size=(59, 16))])
+    scale = QueryNovelty.fit(reference, query, seed=0)
+    shares = scale.own_share(torch.as_tensor(query, dtype=torch.float32), from_query=True)
+    assert shares[0] == 0 and (shares[1:] == 1).all()
+    # a query too small for a pool: the distance's quantile alone; a model saved without model-selection
+    # embeddings (older scnym): no scale at all
+    small = QueryNovelty.fit(reference, query[:MIN_POOL_CELLS - 1], seed=0)
+    assert small.pool is None and small.describe()["views"] == "distance"
+    np.testing.assert_allclose(small.score(query[:5]), np.searchsorted(
+        small.selection_distance, reference.score(query[:5]), side="right") / 30)
+    reference.selection = None
+    assert QueryNovelty.fit(reference, query, seed=0) is None
 
 
 def _two_populations(n_known=300, n_new=60, genes=50, seed=0):

@@ -107,13 +107,20 @@ def test_novelty_scores_and_unknown_at_a_chosen_rate(runner, trained_run, tmp_pa
     # float32 products: in bfloat16 (the default on CPUs that have it) near cells' distances can round alike
     own = predict(runner, trained_run, tmp_path / "b.h5ad", tmp_path / "own", "--novelty_clusters", "0",
                   "--inference_precision", "float32")
-    assert own["novelty"].nunique() > 100
+    # each cell's own: quantiles among the model-selection cells', so steps of 1 / (2 x their number)
+    assert own["novelty"].nunique() > 2 * table["novelty"].nunique()
+    assert own["novelty"].between(0, 1).all()
     assert own["novelty"][is_novel].median() > own["novelty"][~is_novel].median()
     summary = json.loads((tmp_path / "p" / "prediction_summary.json").read_text())
     assert summary["novelty_clusters"] == table["novelty"].nunique()
+    assert summary["novelty"]["views"] == "distance and mixing"
+    assert summary["novelty"]["selection_cells"] == min(len(loaded.novelty.selection_scores), 2000)
     unknown = table["predicted_label"].to_numpy() == "Unknown"
-    # Unknown exactly where the novelty is above the rate's threshold, and far more often for the new type
-    np.testing.assert_array_equal(unknown, table["novelty"].to_numpy() > loaded.novelty.threshold(0.2))
+    # Unknown exactly where the novelty is above the rate's threshold (the model-selection cells' novelty against
+    # this query), and far more often for the new type
+    threshold = summary["novelty"]["unknown_above"]
+    assert 0 < threshold < 1
+    np.testing.assert_array_equal(unknown, table["novelty"].to_numpy() > threshold)
     assert unknown[is_novel].mean() > unknown[~is_novel].mean() + 0.5
     annotated = ad.read_h5ad(tmp_path / "p" / "annotated.h5ad")
     np.testing.assert_allclose(annotated.obs["scNym_novelty"], table["novelty"], rtol=1e-5)
@@ -144,6 +151,32 @@ def test_novelty_reference_is_checked_and_required_for_unknown_rate(runner, trai
                     "--out_path", tmp_path / "p3", "--unknown_rate", "0.05")
     assert_one_line_error(result, "--unknown_rate", "--unknown_threshold")
     assert not (tmp_path / "p3").exists()
+
+
+def test_a_model_saved_before_the_mixing_view_scores_the_distance(runner, trained_run, tmp_path, query):
+    from scnym_cli.store import file_sha256, load_model, meaning_sha256
+    from scnym_cli.train.novelty import NoveltyReference
+
+    data = write_h5ad(query, tmp_path / "q.h5ad")
+    earlier = tmp_path / "earlier"          # its novelty reference keeps no model-selection embeddings
+    shutil.copytree(trained_run / "all_data", earlier)
+    reference = NoveltyReference.load(earlier)
+    reference.selection = None
+    reference.save(earlier)
+    manifest = json.loads((earlier / "model.json").read_text())
+    manifest["novelty"]["sha256"] = file_sha256(earlier / "novelty_reference.safetensors")
+    manifest["meaning_sha256"] = meaning_sha256(manifest)
+    (earlier / "model.json").write_text(json.dumps(manifest))
+    table = predict(runner, earlier, data, tmp_path / "p", "--unknown_rate", "0.2", "--novelty_clusters", "0",
+                    "--inference_precision", "float32")
+    summary = json.loads((tmp_path / "p" / "prediction_summary.json").read_text())
+    assert summary["novelty"]["views"] == "distance (unscaled)"
+    # each cell's distance to the reference, Unknown above the model-selection cells' distance at the rate
+    loaded = load_model(earlier)
+    assert loaded.novelty.selection is None
+    assert summary["novelty"]["unknown_above"] == pytest.approx(loaded.novelty.threshold(0.2))
+    unknown = table["predicted_label"].to_numpy() == "Unknown"
+    np.testing.assert_array_equal(unknown, table["novelty"].to_numpy() > loaded.novelty.threshold(0.2))
 
 
 def test_annotated_h5ad(runner, trained_run, tmp_path, query):

@@ -286,15 +286,15 @@ class ConfigKeys:
         0.0, "Call cells 'Unknown' when their confidence is below this (0 = always call a class).",
         "Prediction", PREDICT_COMMANDS, min=0.0, max=1.0, max_exclusive=True)
     unknown_rate: Optional[float] = option(
-        None, "Call cells 'Unknown' when their novelty (mean distance to the 10 nearest reference cells in the "
-        "embedding, averaged over the cell's query cluster, see novelty_clusters) is above what this share of the "
-        "reference's held-out cells reach on their own: at most about this share of the known cells of a query "
-        "like the reference become Unknown, e.g. 0.05 (none = off).",
+        None, "Call cells 'Unknown' when their novelty (how unlike the reference's known cells, from their distance "
+        "to reference cells and their mixing with them in the embedding, averaged over the cell's query cluster, see "
+        "novelty_clusters) is above what this share of the reference's held-out cells reach on their own: at most "
+        "about this share of the known cells of a query like the reference become Unknown, e.g. 0.05 (none = off).",
         "Prediction", PREDICT_COMMANDS, min=0.0, max=1.0, min_exclusive=True, max_exclusive=True)
     novelty_clusters: int = option(
         16, "A cell's novelty is the mean of its group of query cells: the query is split into this many "
         "clusters in its own gene space (k-means on a sample of 10,000 cells), which tells cell types the "
-        "reference lacks far better than each cell alone. 0 = each cell's own distance.",
+        "reference lacks far better than each cell alone. 0 = each cell's own novelty.",
         "Prediction", PREDICT_COMMANDS, min=0)
     ensemble: str = option(
         "all", "Which models of a training run predict, their calibrated probabilities averaged: all (the "

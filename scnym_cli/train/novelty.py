@@ -1,20 +1,26 @@
-"""Novelty: how unlike every reference cell a cell is, and "Unknown" at a chosen rate of false Unknowns.
+"""Novelty: how unlike the reference's known types a cell is, and "Unknown" at a chosen rate of false Unknowns.
 
-A cell's own score is the mean cosine distance from its embedding to its ``k`` nearest reference cells.
-Left-one-class-out on the visible splits it separates cells of a type the model was not trained on
-from known ones far better than 1 - confidence, which a model trained to be confident about every
-reference type gives away for neighbours of a known type (bench/results/novelty.md).
+Two views of a cell in the model's embedding, each read as a quantile among the model-selection cells (known
+types the weights were not fit on):
 
-A classifier's embedding keeps only what tells the reference's types apart, so a cell of a new type lands
-close to a known type, and one cell's distance is a noisy signal. A new type is a group of query cells,
-though, and the query's own gene expression still shows that group: :class:`QueryClusters` groups the query's
-cells in gene space (k-means on principal components of a sample of them) and gives every cell the mean
-distance of its group, which separates new types from known ones markedly better on the visible splits.
+* **distance**: the mean cosine distance to the ``k`` nearest reference cells of a bank kept with the model;
+* **mixing**: the share of the cell's own dataset among its 10 nearest neighbours in a pool of reference and
+  query cells in equal numbers. Adaptation pulls a new type towards the reference, so its distance can be small;
+  it still sits among its own cells rather than among reference cells. A known type's query cells, once
+  adapted, sit among reference cells as a model-selection cell sits among query cells: the two datasets'
+  shares are read the same way from either side, so the model-selection cells' shares set the scale.
 
-At training a bank of reference embeddings (fit cells, at most ``BANK_CELLS``, drawn per class) is
-kept beside the model, with the sorted scores of the model-selection cells: known types the weights
-were not fit on. ``--unknown_rate r`` calls a query cell Unknown when its score is above the
-(1 - r) quantile of theirs, so about r of the known cells of a query like the reference are lost.
+A cell's novelty is the mean of its two quantiles (:class:`QueryNovelty`; 0: less unusual than every known
+held-out cell, 1: more than every one). A classifier's embedding keeps only what tells the reference's types
+apart, so one cell's score is a noisy signal; a new type is a group of query cells, and the query's own gene
+expression still shows that group: :class:`QueryClusters` groups the query's cells in gene space (k-means on
+principal components of a sample of them) and gives every cell the mean novelty of its group. Leave one class
+out on the visible splits this ranks the cells of a type the model was not trained on above known ones far
+better than 1 - confidence, or the distance alone (bench/results/novelty.md).
+
+``--unknown_rate r`` calls a query cell Unknown when its novelty is above the (1 - r) quantile of the
+model-selection cells' own, so about r of the known cells of a query like the reference are lost. A model saved
+before the mixing view (no model-selection embeddings kept) scores the distance alone, unscaled.
 """
 
 from __future__ import annotations
@@ -36,6 +42,14 @@ BANK_CELLS = 2000
 K_NEAREST = 10
 # model-selection cells whose scores set the thresholds (a random draw of them on large data)
 SELECTION_CELLS = 5000
+# of those, the cells whose embeddings are kept with the model, to set the mixing view's scale against a query
+SELECTION_KEPT = 2000
+# a cell's neighbours in the pool of reference and query cells whose share from its own dataset is its mixing
+MIXING_NEIGHBOURS = 10
+# cells of each dataset in the pool at the least: fewer (a query of a few dozen cells) and the distance alone is used
+MIN_POOL_CELLS = 50
+# a query cell of the pool is not its own neighbour: pool cells this similar to it are itself
+SELF_SIMILARITY = 1 - 1e-5
 NOVELTY_FILE = "novelty_reference.safetensors"
 # query rows scored against the bank at once: 1,024 x 2,000 distances = 8 MB
 SCORE_ROWS = 1024
@@ -69,17 +83,21 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class NoveltyReference:
-    """The reference bank (unit-length embeddings) and the model-selection cells' sorted scores."""
+    """The reference bank (unit-length embeddings), the model-selection cells' sorted distances, and (models
+    of this scnym) the unit-length embeddings of up to SELECTION_KEPT model-selection cells."""
 
     bank: torch.Tensor
     selection_scores: np.ndarray
     k: int = K_NEAREST
+    selection: Optional[torch.Tensor] = None
 
     @classmethod
-    def build(cls, bank_embedding: np.ndarray, selection_embedding: np.ndarray,
-              k: int = K_NEAREST) -> "NoveltyReference":
+    def build(cls, bank_embedding: np.ndarray, selection_embedding: np.ndarray, k: int = K_NEAREST,
+              seed: int = 0) -> "NoveltyReference":
         reference = cls(_unit(torch.as_tensor(bank_embedding, dtype=torch.float32)), np.zeros(0), k)
         reference.selection_scores = np.sort(reference.score(selection_embedding))
+        kept = np.sort(np.random.default_rng(seed).permutation(len(selection_embedding))[:SELECTION_KEPT])
+        reference.selection = _unit(torch.as_tensor(np.asarray(selection_embedding)[kept], dtype=torch.float32))
         return reference
 
     def score(self, embedding: np.ndarray, dtype: torch.dtype = torch.float32) -> np.ndarray:
@@ -107,9 +125,11 @@ class NoveltyReference:
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / NOVELTY_FILE
-        save_file({"bank": self.bank.contiguous(), "selection_scores": torch.from_numpy(
-            np.ascontiguousarray(self.selection_scores, dtype=np.float32)), "k": torch.tensor([self.k])},
-                  str(path), metadata={"format": "pt"})
+        tensors = {"bank": self.bank.contiguous(), "selection_scores": torch.from_numpy(
+            np.ascontiguousarray(self.selection_scores, dtype=np.float32)), "k": torch.tensor([self.k])}
+        if self.selection is not None:
+            tensors["selection"] = self.selection.contiguous()
+        save_file(tensors, str(path), metadata={"format": "pt"})
         return path
 
     @classmethod
@@ -120,7 +140,89 @@ class NoveltyReference:
             return None
         tensors = load_file(str(path))
         return cls(tensors["bank"].float(), tensors["selection_scores"].numpy().astype(np.float64),
-                   int(tensors["k"][0]))
+                   int(tensors["k"][0]), tensors["selection"].float() if "selection" in tensors else None)
+
+
+def _quantile_of(values: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """The share of the (sorted) ``known`` values at or below each of ``values``."""
+    return np.searchsorted(known, values, side="right") / max(len(known), 1)
+
+
+@dataclass
+class QueryNovelty:
+    """A query's novelty for one model: the mean of a cell's distance quantile and (with a pool) its mixing
+    quantile among the model-selection cells' (see the module docstring).
+
+    Fit once per query (:meth:`fit`) on the embedding of a sample of its cells; every block is then scored
+    against the same pool and scale (:meth:`score`).
+    """
+
+    reference: NoveltyReference
+    pool: Optional[torch.Tensor]       # unit embeddings: n bank cells, then n query cells (None: distance alone)
+    selection_distance: np.ndarray     # sorted, of the kept model-selection cells
+    selection_mixing: np.ndarray       # sorted (empty without a pool)
+    selection_novelty: np.ndarray      # sorted: the model-selection cells' own novelty, which sets thresholds
+
+    @classmethod
+    def fit(cls, reference: NoveltyReference, query_embedding: np.ndarray, seed: int) -> Optional["QueryNovelty"]:
+        """The scale of ``reference``'s model against a query (``query_embedding``: a sample of its cells); None
+        for a model saved without model-selection embeddings."""
+        selection = reference.selection
+        if selection is None or len(selection) == 0:
+            return None
+        n = min(len(reference.bank), len(query_embedding))
+        pool = None
+        if n >= MIN_POOL_CELLS:
+            rng = np.random.default_rng(seed)
+            drawn_bank = np.sort(rng.permutation(len(reference.bank))[:n])
+            drawn_query = np.sort(rng.permutation(len(query_embedding))[:n])
+            query = torch.as_tensor(np.asarray(query_embedding)[drawn_query], dtype=torch.float32)
+            pool = torch.cat([reference.bank[drawn_bank], _unit(query)])
+        distance = np.sort(reference.score(selection.numpy()))
+        scale = cls(reference, pool, distance, np.zeros(0), np.zeros(0))
+        if pool is not None:
+            scale.selection_mixing = np.sort(scale.own_share(selection, from_query=False))
+        scale.selection_novelty = np.sort(scale.score(selection.numpy(), from_query=False))
+        return scale
+
+    def own_share(self, cells: torch.Tensor, from_query: bool) -> np.ndarray:
+        """The mixing view: the share of each cell's MIXING_NEIGHBOURS nearest pool cells that come from its own
+        dataset (the query's for query cells, the reference's for model-selection cells)."""
+        pool = self.pool
+        if pool is None:
+            raise ValueError("mixing needs a pool of reference and query cells")
+        n_reference = len(pool) // 2
+        k = min(MIXING_NEIGHBOURS, len(pool) - 1)
+        shares = []
+        for start in range(0, len(cells), SCORE_ROWS):
+            similarity = _unit(cells[start:start + SCORE_ROWS]) @ pool.T
+            if from_query:   # a query cell drawn into the pool is not its own neighbour
+                similarity[:, n_reference:] = similarity[:, n_reference:].masked_fill(
+                    similarity[:, n_reference:] >= SELF_SIMILARITY, -2.0)
+            nearest = similarity.topk(k, dim=1).indices
+            own = nearest >= n_reference if from_query else nearest < n_reference
+            shares.append(own.float().mean(dim=1).numpy())
+        return np.concatenate(shares) if shares else np.zeros(0, dtype=np.float32)
+
+    def score(self, embedding: np.ndarray, dtype: torch.dtype = torch.float32, *,
+              from_query: bool = True) -> np.ndarray:
+        """Each cell's novelty in [0, 1]. ``dtype``: of the distance's matrix product (prediction's
+        --inference_precision); the mixing view's is float32 (a pool of at most 2 x BANK_CELLS cells)."""
+        distance = _quantile_of(self.reference.score(embedding, dtype), self.selection_distance)
+        if self.pool is None:
+            return distance.astype(np.float32)
+        mixing = _quantile_of(self.own_share(torch.as_tensor(embedding, dtype=torch.float32), from_query),
+                              self.selection_mixing)
+        return ((distance + mixing) / 2).astype(np.float32)
+
+    def threshold(self, rate: float) -> float:
+        """The novelty above which a share ``rate`` of the kept model-selection cells lies."""
+        return float(np.quantile(self.selection_novelty, 1.0 - rate))
+
+    def describe(self) -> dict:
+        return {"views": "distance and mixing" if self.pool is not None else "distance",
+                "pool_cells": 0 if self.pool is None else len(self.pool) // 2,
+                "selection_cells": len(self.selection_novelty)}
 
 
 @dataclass

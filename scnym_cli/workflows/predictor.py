@@ -35,7 +35,7 @@ from ..store import covariates_for, routing_of
 from ..train.conformal import (ConformalCalibration, DomainWeights, prediction_sets, set_labels, true_class_in_set,
                                with_predicted_class)
 from ..train.device import inference_dtype
-from ..train.novelty import CLUSTER_CELLS, QueryClusters
+from ..train.novelty import CLUSTER_CELLS, QueryClusters, QueryNovelty
 from .annotation import annotate
 from .ensemble import Ensemble
 from .inputs import query_genes, query_kind
@@ -54,7 +54,7 @@ class ChunkResult:
     labels: np.ndarray              # predicted class names ('Unknown' below the threshold)
     confidence: np.ndarray
     embedding: Optional[np.ndarray]
-    novelty: Optional[np.ndarray] = None  # distance to the nearest reference cells (None: a model has no reference)
+    novelty: Optional[np.ndarray] = None  # how unlike known reference cells (None: a model has no reference)
     disagreement: Optional[np.ndarray] = None  # share of an ensemble's models calling another class (None: one model)
     sets: Optional[np.ndarray] = None     # cells x classes, True in the cell's conformal set (None: no --coverage)
 
@@ -103,7 +103,9 @@ class Predictor:
         if config.unknown_rate is not None:
             self.unknown_above = {g: m.novelty.threshold(config.unknown_rate) for g, m in self.models.items()
                                   if m.novelty is not None}
-        # each model's clusters of the query that novelty is averaged over (fit_query; none: each cell alone)
+        # each model's novelty scale against this query (fit_query; none: a model saved without one scores the
+        # distance alone) and its clusters of the query that novelty is averaged over (none: each cell alone)
+        self.novelty_scales: dict[Any, QueryNovelty] = {}
         self.clusters: dict[Any, QueryClusters] = {}
         # each model's conformal score threshold per class (none: no --coverage)
         self.set_thresholds: Optional[dict[Any, np.ndarray]] = None
@@ -156,9 +158,14 @@ class Predictor:
         for group, model in self.models.items():
             entry: dict[str, Any] = {"models": model.names, "temperature": {m.directory.name: m.temperature for m in model.members}}
             if self.scores_novelty:
-                # how many query clusters novelty is averaged over (0: each cell's own)
+                # how many query clusters novelty is averaged over (0: each cell's own), the views it reads, and
+                # the novelty above which a cell is Unknown
                 clusters = self.clusters.get(group)
                 entry["novelty_clusters"] = 0 if clusters is None else len(clusters.novelty)
+                scale = self.novelty_scales.get(group)
+                entry["novelty"] = scale.describe() if scale is not None else {"views": "distance (unscaled)"}
+                if self.unknown_above is not None:
+                    entry["novelty"]["unknown_above"] = float(self.unknown_above[group])
             if self.set_thresholds is not None:
                 # cross-conformal: each fold model's scores ranked among its own held-out cells'; pooled: one
                 # calibration set for whichever model predicts (weighted sets are always pooled)
@@ -215,11 +222,11 @@ class Predictor:
 
     def fit_query(self, source: CellChunks) -> None:
         """What needs the query as a whole, before its blocks are predicted: the domain classifier of weighted
-        sets (--weighted_sets) and the clusters novelty is averaged over (--novelty_clusters)."""
+        sets (--weighted_sets), the novelty's scale and the clusters it is averaged over (--novelty_clusters)."""
         if self.shift is not None:
             self.fit_shift(source)
-        if self.scores_novelty and self.config.novelty_clusters > 0:
-            self.fit_clusters(source)
+        if self.scores_novelty:
+            self.fit_novelty(source)
 
     def _group_rows(self, group: Any, rows: np.ndarray) -> np.ndarray:
         """The positions in ``rows`` (cells of the query) of the cells the model of ``group`` predicts."""
@@ -253,19 +260,28 @@ class Predictor:
         return aligned, model.embed(aligned, self.device, covariates=None if covariates is None
                                     else covariates[rows[mine]])
 
-    def fit_clusters(self, source: CellChunks) -> None:
-        """Each model's clusters of a sample of the query's cells in gene space, each cluster scored by the mean
-        novelty of its cells (train/novelty.py)."""
+    def fit_novelty(self, source: CellChunks) -> None:
+        """Each model's novelty against a sample of the query's cells (its scale: train/novelty.py QueryNovelty,
+        and the Unknown threshold of --unknown_rate on it), then its clusters of the sample in gene space, each
+        scored by the mean novelty of its cells (QueryClusters; with --novelty_clusters > 0)."""
         config = self.config
         rows, X, genes = self._sample(source, CLUSTER_CELLS)
-        self.clusters = {}
+        self.novelty_scales, self.clusters = {}, {}
         for group, model in self.models.items():
             mine = self._group_rows(group, rows)
             if model.novelty is None or len(mine) == 0:
                 continue
             aligned, embedding = self._embed_sample(group, rows, X, genes, mine)
-            clusters = QueryClusters.fit(aligned, model.novelty.score(embedding, self.dtype),
-                                         config.novelty_clusters, config.seed)
+            scale = QueryNovelty.fit(model.novelty, embedding, config.seed)
+            if scale is not None:
+                self.novelty_scales[group] = scale
+                if self.unknown_above is not None and config.unknown_rate is not None:
+                    self.unknown_above[group] = scale.threshold(config.unknown_rate)
+            if config.novelty_clusters <= 0:
+                continue
+            cell_novelty = scale.score(embedding, self.dtype) if scale is not None \
+                else model.novelty.score(embedding, self.dtype)
+            clusters = QueryClusters.fit(aligned, cell_novelty, config.novelty_clusters, config.seed)
             if clusters is None:
                 log.info("%s: %d sampled query cells are too few to cluster; each cell's novelty is its own",
                          model.path, len(mine))
@@ -318,10 +334,12 @@ class Predictor:
             outputs = model.predict(aligned, self.device, covariates=covariates,
                                     with_embedding=with_embedding or cell_novelty or domain is not None)
             if novelty is not None and model.novelty is not None:
+                scale = self.novelty_scales.get(group)
                 if clusters is not None:
                     novelty[local] = clusters.score(aligned)
                 elif outputs.embedding is not None:
-                    novelty[local] = model.novelty.score(outputs.embedding, self.dtype)
+                    novelty[local] = scale.score(outputs.embedding, self.dtype) if scale is not None \
+                        else model.novelty.score(outputs.embedding, self.dtype)
                 if self.unknown_above is not None:
                     unknown[local] = novelty[local] > self.unknown_above[group]
             if disagreement is not None:

@@ -95,7 +95,7 @@ def build_novelty_reference(model: CellTypeClassifier, data: TrainingData, devic
     select = np.sort(rng.choice(select, size=SELECTION_CELLS, replace=False)) if len(select) > SELECTION_CELLS \
         else select
     embed = partial(embed_rows, model, data.X, device=device, covariates=data.covariates)
-    return NoveltyReference.build(embed(bank), embed(select))
+    return NoveltyReference.build(embed(bank), embed(select), seed=seed)
 
 
 def shift_reference(model: CellTypeClassifier, data: TrainingData, device: torch.device,

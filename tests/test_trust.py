@@ -359,7 +359,7 @@ def test_cross_validated_conformal_coverage_on_kang(runner, tmp_path):
 @pytest.mark.real_data
 def test_a_type_removed_from_the_reference_is_scored_more_novel(runner, tmp_path):
     """Kang cross-donor without B cells in the reference: the query's B cells get higher novelty scores than
-    the types the model knows (AUROC 0.90 in bench/results/novelty.md with the default run)."""
+    the types the model knows (AUROC 0.996 in bench/results/novelty.md with the default semi-supervised run)."""
     from sklearn.metrics import roc_auc_score
 
     full = ad.read_h5ad(shared_data("kang2018_ctrl_8donors.h5ad"))

@@ -83,6 +83,28 @@ def test_query_novelty_ranks_a_new_type_by_distance_and_mixing():
     np.testing.assert_array_equal(scale.score(query[100:]), novelty[100:])
 
 
+def test_a_query_apart_from_the_reference_as_a_whole_is_not_read_as_novel():
+    """A model not adapted to the query (supervised, or adapted to another) leaves every query cell a little apart
+    from the reference: the query's median own share above the model-selection cells' is taken off."""
+    from scnym_cli.train.novelty import QueryNovelty
+
+    reference, query, is_new = _adapted(shift=1.5)
+    scale = QueryNovelty.fit(reference, query, seed=0)
+    assert scale.mixing_offset > 0 and scale.describe()["mixing_offset"] == scale.mixing_offset
+    novelty, threshold = scale.score(query), scale.threshold(0.05)
+    offset, scale.mixing_offset = scale.mixing_offset, 0.0
+    uncorrected = scale.score(query)
+    assert np.mean(novelty[~is_new] > threshold) < np.mean(uncorrected[~is_new] > threshold)
+    assert np.median(novelty[~is_new]) < np.median(uncorrected[~is_new])
+    # the new type still ranks above the known ones, and the model-selection cells' own scale is untouched
+    assert novelty[is_new].mean() > novelty[~is_new].mean() + 0.2
+    scale.mixing_offset = offset
+    np.testing.assert_array_equal(np.sort(scale.score(reference.selection.numpy(), from_query=False)),
+                                  scale.selection_novelty)
+    # a query already among the reference cells (the adapted default) gets no offset
+    assert QueryNovelty.fit(*_adapted(shift=0.3)[:2], seed=0).mixing_offset == 0
+
+
 def test_a_query_cell_of_the_pool_is_not_its_own_neighbour():
     from scnym_cli.train.novelty import MIN_POOL_CELLS, QueryNovelty
 

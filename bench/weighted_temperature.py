@@ -35,33 +35,6 @@ from common import RESULTS, SPLITS, WORK, machine, materialize, provenance, writ
 QUERY_SAMPLE = 5000
 
 
-def weighted_temperature(logits: np.ndarray, codes: np.ndarray, weights: np.ndarray) -> float:
-    """scnym's temperature fit (train/calibration.py: likelihood + normal prior on log T) with each cell's
-    log-likelihood weighted (weights rescaled to sum to the number of cells, so the prior weighs the same)."""
-    import torch
-    import torch.nn.functional as F
-
-    from scnym_cli.train.calibration import LOG_TEMPERATURE_PRIOR_SD, MAX_TEMPERATURE, MIN_TEMPERATURE
-
-    if len(codes) < 2 or len(np.unique(codes)) < 2:
-        return 1.0
-    w = torch.as_tensor(weights / weights.mean(), dtype=torch.float64)
-    z = torch.as_tensor(logits, dtype=torch.float64)
-    y = torch.as_tensor(codes, dtype=torch.long)
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = log_t.square() / (2 * LOG_TEMPERATURE_PRIOR_SD ** 2) + (
-            w * F.cross_entropy(z / log_t.exp(), y, reduction="none")).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return float(np.clip(float(log_t.detach().exp()), MIN_TEMPERATURE, MAX_TEMPERATURE))
-
-
 def expression(path: Path, genes: pd.Index):
     """ln(CPM+1) over the model's genes (CSR) and the AnnData's obs."""
     import anndata as ad
@@ -110,7 +83,7 @@ def measure(split_name: str, seed: int, args) -> dict:
         on_query = _forward(member, query_X, torch.device("cpu"), None, True, torch.float32)
         weights = DomainWeights.fit(calibration.embedding, on_query.embedding[sample], seed).calibration_weights
         fitted = {"stored": member.temperature, "refit": fit_temperature(calibration.logits, ref_codes[rows]),
-                  "weighted": weighted_temperature(calibration.logits, ref_codes[rows], weights)}
+                  "weighted": fit_temperature(calibration.logits, ref_codes[rows], weights=weights)}
         for name, temperature in fitted.items():
             temperatures[name].append(temperature)
             averaged[name] = averaged[name] + on_query.probabilities(temperature) / len(loaded)

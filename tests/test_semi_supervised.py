@@ -150,6 +150,11 @@ def test_temperature_scaling_lowers_ece_of_an_overconfident_model():
     assert temperature == pytest.approx(4.0, rel=0.15)
     assert after < before / 3
     assert fit_temperature(overconfident[:1], labels[:1]) == 1.0
+    # weighted (importance-weighted calibration): equal weights change nothing; weight on the misclassified cells
+    # asks for a softer scale
+    assert fit_temperature(overconfident, labels, weights=np.full(4000, 3.0)) == pytest.approx(temperature, rel=1e-6)
+    wrong = overconfident.argmax(1) != labels
+    assert fit_temperature(overconfident, labels, weights=np.where(wrong, 5.0, 1.0)) > temperature * 1.2
 
 
 def test_presets_are_read_only_and_unchanged_by_runs():

@@ -11,6 +11,7 @@ scale), while a few hundred cells with errors outweigh it."""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,9 +27,11 @@ LOG_TEMPERATURE_PRIOR_SD = 1.0
 TEMPERATURE_CHUNK_ROWS = 65_536
 
 
-def fit_temperature(logits: np.ndarray, codes: np.ndarray, max_iter: int = 200) -> float:
+def fit_temperature(logits: np.ndarray, codes: np.ndarray, max_iter: int = 200,
+                    weights: Optional[np.ndarray] = None) -> float:
     """The T > 0 minimizing the negative log-likelihood of ``codes`` under softmax(logits / T) plus
-    (log T)^2 / (2 sd^2), the log-density of the prior on log T.
+    (log T)^2 / (2 sd^2), the log-density of the prior on log T. ``weights``: each cell's log-likelihood
+    weighted (rescaled to mean 1, so the prior weighs as much as unweighted; importance-weighted calibration).
 
     Returns 1.0 when there is nothing to fit on (no cells, or a single class present).
     """
@@ -36,6 +39,7 @@ def fit_temperature(logits: np.ndarray, codes: np.ndarray, max_iter: int = 200) 
         return 1.0
     z = torch.as_tensor(logits, dtype=torch.float64)
     y = torch.as_tensor(codes, dtype=torch.long)
+    w = None if weights is None else torch.as_tensor(np.asarray(weights) / np.mean(weights), dtype=torch.float64)
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
 
@@ -48,8 +52,11 @@ def fit_temperature(logits: np.ndarray, codes: np.ndarray, max_iter: int = 200) 
         loss.backward()
         total = loss.detach()
         for start in range(0, len(y), TEMPERATURE_CHUNK_ROWS):
-            chunk = F.cross_entropy(z[start:start + TEMPERATURE_CHUNK_ROWS] / log_t.exp(),
-                                    y[start:start + TEMPERATURE_CHUNK_ROWS], reduction="sum")
+            rows = slice(start, start + TEMPERATURE_CHUNK_ROWS)
+            if w is None:
+                chunk = F.cross_entropy(z[rows] / log_t.exp(), y[rows], reduction="sum")
+            else:
+                chunk = (w[rows] * F.cross_entropy(z[rows] / log_t.exp(), y[rows], reduction="none")).sum()
             chunk.backward()
             total = total + chunk.detach()
         return total

@@ -279,14 +279,24 @@ class Predictor:
                     self.unknown_above[group] = scale.threshold(config.unknown_rate)
             if config.novelty_clusters <= 0:
                 continue
-            cell_novelty = scale.score(embedding, self.dtype) if scale is not None \
-                else model.novelty.score(embedding, self.dtype)
-            clusters = QueryClusters.fit(aligned, cell_novelty, config.novelty_clusters, config.seed)
+            clusters = QueryClusters.fit(aligned, self._cell_novelty(group, embedding), config.novelty_clusters,
+                                         config.seed)
             if clusters is None:
                 log.info("%s: %d sampled query cells are too few to cluster; each cell's novelty is its own",
                          model.path, len(mine))
                 continue
             self.clusters[group] = clusters
+
+    def _cell_novelty(self, group: Any, embedding: np.ndarray) -> np.ndarray:
+        """Each cell's own novelty by the model of ``group``: on the query's scale (fit_novelty), or the distance
+        alone for a model saved without one."""
+        scale = self.novelty_scales.get(group)
+        if scale is not None:
+            return scale.score(embedding, self.dtype)
+        reference = self.models[group].novelty
+        if reference is None:
+            raise ValueError("novelty needs a model with a novelty reference")
+        return reference.score(embedding, self.dtype)
 
     def fit_shift(self, source: CellChunks) -> None:
         """Weighted sets: each model's embedding of a seeded sample of the query's cells, and a domain classifier
@@ -334,12 +344,10 @@ class Predictor:
             outputs = model.predict(aligned, self.device, covariates=covariates,
                                     with_embedding=with_embedding or cell_novelty or domain is not None)
             if novelty is not None and model.novelty is not None:
-                scale = self.novelty_scales.get(group)
                 if clusters is not None:
                     novelty[local] = clusters.score(aligned)
                 elif outputs.embedding is not None:
-                    novelty[local] = scale.score(outputs.embedding, self.dtype) if scale is not None \
-                        else model.novelty.score(outputs.embedding, self.dtype)
+                    novelty[local] = self._cell_novelty(group, outputs.embedding)
                 if self.unknown_above is not None:
                     unknown[local] = novelty[local] > self.unknown_above[group]
             if disagreement is not None:
